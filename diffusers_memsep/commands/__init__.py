@@ -1,0 +1,1 @@
+"""Sub-commands of the ``memsep`` command line (see ``diffusers_memsep.cli``)."""
