@@ -1,0 +1,133 @@
+"""One-shot pruning (the paper's Algorithm 1): score heads, remove the floor(eta * H) least important, fine-tune.
+
+Fine-tuning reuses :func:`diffusers_memsep.training.train_dit`, the loop that trains the base model: one loop,
+not two. The input model is never modified: :func:`one_shot_prune` works on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.utils import BaseOutput
+
+from ..models import PrunableDiTTransformer2DModel
+from ..training import TrainingConfig, TrainResult, train_dit
+from .importance import (
+    SMALL_TIME,
+    UNIFORM_TIME,
+    BetaTime,
+    HeadImportance,
+    ablation_head_importance,
+    random_head_importance,
+    small_time_head_importance,
+)
+
+METHODS = ("small_t", "uniform_t", "ablation", "random")
+
+
+def number_of_heads_to_prune(ratio: float, num_heads: int) -> int:
+    """``floor(eta * H)``, after checking that eta lies in [0, 1) and that there is a head to keep."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"pruning ratio eta must lie in [0, 1), got {ratio!r} (0.2 prunes 20% of the heads).")
+    if num_heads < 1:
+        raise ValueError("the model has no attention heads left to prune; start from a less pruned model.")
+    return math.floor(ratio * num_heads)  # < num_heads for eta < 1: at least one head always stays
+
+
+def select_heads_to_prune(scores: torch.Tensor | HeadImportance, ratio: float) -> dict[int, list[int]]:
+    """The ``floor(ratio * H)`` heads with the lowest score, ranked over the whole model (Algorithm 1, step 3).
+
+    ``H`` counts the heads still present (finite scores; NaN marks heads pruned before). Ties break by (layer, head)
+    so the choice is deterministic. Returns ``{layer: [head, ...]}`` in the original numbering, ready for
+    :meth:`PrunableDiTTransformer2DModel.prune_heads`.
+    """
+    if isinstance(scores, HeadImportance):
+        scores = scores.scores
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
+        raise TypeError("scores must be a (num_layers, num_attention_heads) tensor or a HeadImportance.")
+    present = ~torch.isnan(scores)
+    num_to_prune = number_of_heads_to_prune(ratio, int(present.sum()))
+    candidates = sorted((float(scores[layer, head]), layer, head) for layer, head in present.nonzero().tolist())
+    selected: dict[int, list[int]] = {}
+    for _, layer, head in candidates[:num_to_prune]:
+        selected.setdefault(layer, []).append(head)
+    return {layer: sorted(heads) for layer, heads in sorted(selected.items())}
+
+
+def head_importance(method: str, model: PrunableDiTTransformer2DModel, data, scheduler, num_batches: int = 16,
+                    batch_size: int = 64, generator: torch.Generator | None = None,
+                    time_distribution: BetaTime | None = None) -> HeadImportance:
+    """Scores by name: ``small_t`` (Algorithm 2, Beta(0.8, 2)), ``uniform_t`` (Algorithm 2, uniform time),
+    ``ablation`` (drop-one-head loss increase at small t) or ``random``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method == "random":
+        return random_head_importance(model, generator=generator)
+    scoring = ablation_head_importance if method == "ablation" else small_time_head_importance
+    default_time = UNIFORM_TIME if method == "uniform_t" else SMALL_TIME
+    return scoring(model, data, scheduler, time_distribution=time_distribution or default_time,
+                   num_batches=num_batches, batch_size=batch_size, generator=generator)
+
+
+@dataclass
+class PruneResult(BaseOutput):
+    """What :func:`one_shot_prune` returns.
+
+    Attributes:
+        model: the pruned, fine-tuned model (EMA weights when the fine-tuning used EMA).
+        pruned_heads: the heads removed in this call, ``{layer: [head, ...]}`` (original numbering).
+        importance: the scores the selection used.
+        finetune: the fine-tuning run (losses, steps), or None when ``finetune_config`` was None.
+    """
+
+    model: PrunableDiTTransformer2DModel
+    pruned_heads: dict
+    importance: HeadImportance
+    finetune: TrainResult | None
+
+
+def one_shot_prune(
+    model: DiTTransformer2DModel,
+    data,
+    scheduler,
+    ratio: float = 0.2,
+    method: str = "small_t",
+    finetune_config: TrainingConfig | None = None,
+    num_batches: int = 16,
+    batch_size: int = 64,
+    time_distribution: BetaTime | None = None,
+    generator: torch.Generator | None = None,
+) -> PruneResult:
+    """Algorithm 1: importance scores -> remove ``floor(ratio * H)`` heads globally -> fine-tune.
+
+    Args:
+        model: a trained DiT (stock ``DiTTransformer2DModel`` or prunable); it is copied, never modified.
+        data: the training data (``images``, ``labels``), e.g. :class:`diffusers_memsep.data.TrainingData`; used for
+            the scores and the fine-tuning.
+        scheduler: the noise scheduler of the training run.
+        ratio: eta, the fraction of the remaining heads to remove (the paper uses 0.2).
+        method: how heads are scored (see :func:`head_importance`).
+        finetune_config: the fine-tuning settings (M = ``max_train_steps``); None skips fine-tuning.
+        num_batches, batch_size, time_distribution: passed to the scoring.
+        generator: CPU generator for the scoring (random method included).
+    """
+    if not isinstance(model, DiTTransformer2DModel):
+        raise TypeError(f"one_shot_prune needs a DiT (diffusers DiTTransformer2DModel), got {type(model).__name__}.")
+    if isinstance(model, PrunableDiTTransformer2DModel):
+        pruned = copy.deepcopy(model)
+    else:
+        pruned = PrunableDiTTransformer2DModel.from_dit(model)
+    number_of_heads_to_prune(ratio, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work
+    importance = head_importance(method, pruned, data, scheduler, num_batches=num_batches, batch_size=batch_size,
+                                 generator=generator, time_distribution=time_distribution)
+    heads = select_heads_to_prune(importance, ratio)
+    pruned.prune_heads(heads)
+    finetune = None
+    if finetune_config is not None:
+        finetune = train_dit(pruned, data, scheduler, finetune_config)
+        pruned = finetune.ema_model if finetune.ema_model is not None else finetune.model
+    return PruneResult(model=pruned.eval(), pruned_heads=heads, importance=importance, finetune=finetune)
