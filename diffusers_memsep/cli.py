@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         # Build only the parser of the requested command, so one command's imports never slow another.
         command, argv = argv[0], argv[1:]
     args = build_parser(command).parse_args(argv)
+    from .hub import HubPushError  # light: the Hub client is imported only when a push happens
+
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, HubPushError) as error:
         # Bad input: one clear line, no traceback. Programming errors still raise.
         print(f"memsep: error: {error}", file=sys.stderr)
         return 2

@@ -95,7 +95,8 @@ def time_grid(t_max: float, t_min: float, num_steps: int, spacing: str = "geomet
     _check_time(t_min, "t_min", allow_zero=False)
     _check_time(t_max, "t_max", allow_zero=False)
     if not t_max > t_min:
-        raise ValueError(f"t_max must exceed t_min (got t_max={t_max}, t_min={t_min}); sampling runs from noise to data.")
+        raise ValueError(f"t_max must exceed t_min (got t_max={t_max}, t_min={t_min}); "
+                         "sampling runs from noise to data.")
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be a positive integer (got {num_steps}).")
     if spacing == "geometric":
@@ -114,7 +115,8 @@ def timesteps_from_fraction(fraction: TimeLike, num_train_timesteps: int) -> tor
     """
     fraction = torch.as_tensor(fraction, dtype=torch.float64)
     if not ((fraction >= 0) & (fraction <= 1)).all():
-        raise ValueError(f"normalised times must lie in [0, 1] (got {fraction!r}); they are fractions of the timesteps.")
+        raise ValueError(f"normalised times must lie in [0, 1] (got {fraction!r}); "
+                         "they are fractions of the timesteps.")
     if int(num_train_timesteps) < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}.")
     return (fraction * num_train_timesteps).floor().long().clamp_max(int(num_train_timesteps) - 1)

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Exact top-2 nearest-neighbour search: NearestNeighborIndex vs faiss-cpu IndexFlatL2 vs torch.cdist + topk.
+
+    .venv/bin/pip install faiss-cpu   # optional; the faiss row is skipped without it
+    .venv/bin/python benchmarks/bench_nearest_neighbors.py [--num_train 50000 --num_queries 1000 --dim 3072]
+
+What is measured, how, against what:
+- data: ``num_train`` synthetic CIFAR-size images (3x32x32 = 3072 float32 values in [-1, 1]: smooth random colour
+  fields, i.e. 3x8x8 Gaussian noise upsampled bilinearly to 32x32, plus fine noise, squashed by tanh, so neighbours
+  are neither trivially far nor tied) and ``num_queries`` queries, half near copies of training images (noise
+  sd 0.05, what a memorizing model produces) and half fresh fields;
+- speed: each method searches all queries for k = 2; methods run interleaved (ours, faiss, cdist, ours, ...) for
+  ``--repeats`` rounds in one process, so they share the same CPU load; the report gives the median and best
+  queries/s and the ratio of medians;
+- peak memory: each method runs once more in a fresh subprocess; the number is the growth of the process's peak
+  resident set (``ru_maxrss``) during index build and during search, above the loaded data;
+- correctness: every method's neighbours are compared with an exact float64 brute force (chunked).
+Nothing is asserted; the numbers are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffusers_memsep.memorization import NearestNeighborIndex
+
+
+def make_data(num_train: int, num_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def fields(n):
+        out = []
+        for start in range(0, n, 5000):
+            m = min(5000, n - start)
+            coarse = torch.randn(m, 3, 8, 8, generator=generator)
+            fine = F.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+            out.append(torch.tanh(fine + 0.1 * torch.randn(m, 3, 32, 32, generator=generator)).reshape(m, -1))
+        return torch.cat(out)
+
+    train = fields(num_train)
+    half = num_queries // 2
+    copies = train[torch.randint(0, num_train, (half,), generator=generator)]
+    copies = copies + 0.05 * torch.randn(copies.shape, generator=generator)
+    queries = torch.cat([copies, fields(num_queries - half)])
+    return train.numpy(), queries.numpy()
+
+
+# ------------------------------------------------------------------------------------------------------- methods
+def build(method: str, train: np.ndarray):
+    if method == "ours":
+        return NearestNeighborIndex(torch.from_numpy(train))
+    if method == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatL2(train.shape[1])
+        index.add(train)
+        return index
+    if method == "cdist":
+        return torch.from_numpy(train)
+    raise ValueError(method)
+
+
+def search(method: str, index, queries: np.ndarray) -> np.ndarray:
+    if method == "ours":
+        return index.search(torch.from_numpy(queries), k=2)[1].numpy()
+    if method == "faiss":
+        return index.search(queries, 2)[1]
+    if method == "cdist":
+        return torch.cdist(torch.from_numpy(queries), index).topk(2, dim=1, largest=False).indices.numpy()
+    raise ValueError(method)
+
+
+def exact_neighbors(train: np.ndarray, queries: np.ndarray, chunk: int = 5000) -> np.ndarray:
+    """Float64 brute force, the ground truth."""
+    q = torch.from_numpy(queries).double()
+    best_d = best_i = None
+    for start in range(0, train.shape[0], chunk):
+        block = torch.from_numpy(train[start : start + chunk]).double()
+        d = torch.cdist(q, block).square()
+        d, i = d.topk(2, dim=1, largest=False)
+        i += start
+        if best_d is not None:
+            d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+            d, order = d.topk(2, dim=1, largest=False)
+            i = i.gather(1, order)
+        best_d, best_i = d, i
+    return best_i.numpy()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def memory_child(method: str, data_file: str) -> None:
+    """Run in a fresh process: peak-RSS growth of build and of search, above the loaded data."""
+    data = np.load(data_file)
+    train, queries = np.ascontiguousarray(data["train"]), np.ascontiguousarray(data["queries"])
+    base = peak_rss_mb()
+    index = build(method, train)
+    after_build = peak_rss_mb()
+    search(method, index, queries)
+    after_search = peak_rss_mb()
+    print(json.dumps({"build_mb": after_build - base, "search_mb": after_search - after_build}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_train", type=int, default=50_000)
+    parser.add_argument("--num_queries", type=int, default=1_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's thread count")
+    parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        methods = ["ours", "faiss", "cdist"]
+    except ImportError:
+        print("faiss not installed: `pip install faiss-cpu` for the faiss row")
+        methods = ["ours", "cdist"]
+    if args._memory_child:
+        memory_child(*args._memory_child)
+        return
+
+    print(f"machine: {os.cpu_count()} CPUs, {threads} threads for torch and faiss; torch {torch.__version__}")
+    if hasattr(os, "getloadavg"):
+        print(f"load average before the run: {os.getloadavg()[0]:.1f} (other jobs share this CPU)")
+    train, queries = make_data(args.num_train, args.num_queries)
+    print(f"data: {train.shape[0]} training x {train.shape[1]} float32, {queries.shape[0]} queries, top-2")
+
+    truth = exact_neighbors(train, queries)
+    indexes, build_seconds = {}, {}
+    for method in methods:
+        start = time.perf_counter()
+        indexes[method] = build(method, train)
+        build_seconds[method] = time.perf_counter() - start
+    times = {m: [] for m in methods}
+    results = {}
+    for _ in range(args.repeats):
+        for method in methods:
+            start = time.perf_counter()
+            results[method] = search(method, indexes[method], queries)
+            times[method].append(time.perf_counter() - start)
+
+    memory = {}
+    if not args.skip_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_file = os.path.join(tmp, "data.npz")
+            np.savez(data_file, train=train, queries=queries)
+            for method in methods:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--threads", str(threads), "--_memory_child", method, data_file],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                memory[method] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    print()
+    header = f"{'method':<34}{'build s':>9}{'median q/s':>12}{'best q/s':>10}{'x faiss':>9}{'x cdist':>9}"
+    header += f"{'build MB':>10}{'search MB':>11}  {'top-2 = exact':>14}"
+    print(header)
+    names = {
+        "ours": "NearestNeighborIndex (torch)",
+        "faiss": "faiss-cpu IndexFlatL2",
+        "cdist": "torch.cdist + topk",
+    }
+    median_qps = {m: args.num_queries / statistics.median(times[m]) for m in methods}
+    for method in methods:
+        best = args.num_queries / min(times[method])
+        vs_faiss = f"{median_qps[method] / median_qps['faiss']:.2f}" if "faiss" in methods else "-"
+        vs_cdist = f"{median_qps[method] / median_qps['cdist']:.2f}"
+        mem = memory.get(method, {})
+        same = int((results[method] == truth).all(1).sum())
+        print(
+            f"{names[method]:<34}{build_seconds[method]:>9.2f}{median_qps[method]:>12.0f}{best:>10.0f}{vs_faiss:>9}"
+            f"{vs_cdist:>9}{mem.get('build_mb', float('nan')):>10.0f}{mem.get('search_mb', float('nan')):>11.0f}"
+            f"  {same:>6}/{args.num_queries}"
+        )
+    print("\nq/s = queries per second over all queries (median and best of the rounds); x = ratio of medians;")
+    print("MB = growth of peak RSS in a fresh process (build: the index's own copy of the data; search: workspace);")
+    print("top-2 = exact: queries whose two neighbours equal a float64 brute force (order included).")
+
+
+if __name__ == "__main__":
+    main()

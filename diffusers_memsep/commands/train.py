@@ -1,0 +1,176 @@
+"""``memsep train`` = ``accelerate launch training/train_dit.py``: train a DiT, leave a ``MemSepPipeline`` folder.
+
+The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. With no data flag
+the embedded digits are used (offline); the defaults are the documented fast-memorizing setting
+(``docs/training.md``): 64 digits, a 4-layer DiT with 4 heads of 32, memorized within a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+#: n of the documented default run on the embedded digits (see docs/training.md).
+EMBEDDED_DEFAULT_N = 64
+
+
+def _num_train_images(args) -> int | None:
+    if args.max_train_samples is None:
+        return None if (args.dataset_name or args.train_data_dir) else EMBEDDED_DEFAULT_N
+    return args.max_train_samples or None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from diffusers_memsep.training import TrainingConfig
+
+    d = TrainingConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None,
+                      help="Hub dataset name (datasets.load_dataset). Default: the embedded digits (offline).")
+    data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
+    data.add_argument("--train_data_dir", default=None,
+                      help="Local folder of images (imagefolder; sub-folders are classes, column 'label').")
+    data.add_argument("--cache_dir", default=None, help="Where datasets are cached.")
+    data.add_argument("--image_column", default="image", help="Column holding the images.")
+    data.add_argument("--label_column", default=None,
+                      help="Column holding class labels (class-conditional model); unset: unconditional.")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Side of the square training images (default: the data's own size, 8 for digits).")
+    data.add_argument("--center_crop", action="store_true",
+                      help="Resize the shorter side and crop the centre (default: resize to a square).")
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips while training.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on this many images, chosen by --seed (n, the variable of memorization). "
+                           f"Default: {EMBEDDED_DEFAULT_N} for the embedded digits, all images otherwise; 0 = all.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_config_name_or_path", default=None,
+                       help="A DiT config (config.json, its folder, or a pipeline folder); overrides the size flags.")
+    model.add_argument("--num_layers", type=int, default=4, help="Transformer blocks.")
+    model.add_argument("--num_attention_heads", type=int, default=4, help="Heads per block.")
+    model.add_argument("--attention_head_dim", type=int, default=32, help="Width of each head.")
+    model.add_argument("--patch_size", type=int, default=2, help="Patch side (must divide the resolution).")
+
+    diffusion = parser.add_argument_group("diffusion")
+    diffusion.add_argument("--ddpm_num_steps", type=int, default=1000, help="DDPM training timesteps.")
+    diffusion.add_argument("--ddpm_beta_schedule", default="linear", help="DDPM beta schedule.")
+    diffusion.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--max_train_steps", type=int, default=d.max_train_steps, help="Optimizer steps.")
+    opt.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="Batch size per device.")
+    opt.add_argument("--learning_rate", type=float, default=d.learning_rate, help="AdamW learning rate.")
+    opt.add_argument("--lr_scheduler", default=d.lr_scheduler,
+                     choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                              "constant_with_warmup"])
+    opt.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps, help="Warm-up steps.")
+    opt.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
+    opt.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
+    opt.add_argument("--adam_weight_decay", "--weight_decay", dest="adam_weight_decay", type=float,
+                     default=d.adam_weight_decay, help="AdamW weight decay (a remedy the paper studies).")
+    opt.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    opt.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="Gradient clipping (0: off).")
+    opt.add_argument("--mixed_precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
+    opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=d.use_ema,
+                     help="Keep an EMA of the weights and save/sample it (default on).")
+    opt.add_argument("--ema_max_decay", type=float, default=d.ema_max_decay)
+    opt.add_argument("--ema_min_decay", type=float, default=d.ema_min_decay)
+    opt.add_argument("--ema_inv_gamma", type=float, default=d.ema_inv_gamma)
+    opt.add_argument("--ema_power", type=float, default=d.ema_power)
+    opt.add_argument("--seed", type=int, default=d.seed, help="Seed of the subset, the weights and the noise.")
+
+    run = parser.add_argument_group("checkpoints, logging, output")
+    run.add_argument("--output_dir", default="outputs/dit-digits", help="Where the pipeline folder is written.")
+    run.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Replace a previous run in --output_dir (refused otherwise).")
+    run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0: off).")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most N checkpoints.")
+    run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint-<step> folder or 'latest'.")
+    run.add_argument("--logging_dir", default="logs", help="TensorBoard folder, inside --output_dir.")
+    run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+    run.add_argument("--validation_steps", type=int, default=500,
+                     help="Sample a grid and measure the memorization ratio every N steps (always at the end).")
+    run.add_argument("--validation_num_samples", type=int, default=64,
+                     help="Samples per validation (0: no validation, no ratio in the card).")
+    run.add_argument("--validation_inference_steps", type=int, default=1000, help="DDPM steps per validation.")
+    run.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
+    run.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
+    run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    run.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
+    run.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusers_memsep.data import load_training_data
+    from diffusers_memsep.hub import HubPushError
+    from diffusers_memsep.training import (
+        TrainingConfig,
+        check_output_dir,
+        load_dit_config,
+        make_dit,
+        make_noise_scheduler,
+        resolve_checkpoint,
+        train_pipeline,
+    )
+
+    # Cheap checks first, so bad input fails before data loading and long before any training step.
+    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    config = TrainingConfig(
+        max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay,
+        adam_epsilon=args.adam_epsilon, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm or None, mixed_precision=args.mixed_precision,
+        random_flip=args.random_flip, use_ema=args.use_ema, ema_max_decay=args.ema_max_decay,
+        ema_min_decay=args.ema_min_decay, ema_inv_gamma=args.ema_inv_gamma, ema_power=args.ema_power,
+        seed=args.seed, checkpointing_steps=args.checkpointing_steps or None,
+        checkpoints_total_limit=args.checkpoints_total_limit or None,
+        validation_steps=args.validation_steps or None, show_progress=not args.no_progress,
+    )
+    model_config = load_dit_config(args.model_config_name_or_path) if args.model_config_name_or_path else None
+    if model_config is None:  # fail on a bad patch size before loading any data
+        resolution = args.resolution or (8 if not (args.dataset_name or args.train_data_dir) else None)
+        if resolution and resolution % args.patch_size:
+            make_dit(sample_size=resolution, patch_size=args.patch_size)  # raises the explanatory ValueError
+
+    data = load_training_data(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir, image_column=args.image_column, label_column=args.label_column,
+        resolution=args.resolution, center_crop=args.center_crop, max_train_samples=_num_train_images(args),
+        seed=args.seed, cache_dir=args.cache_dir,
+    )
+    import torch
+
+    torch.manual_seed(args.seed)  # the initial weights
+    if model_config is not None:
+        from diffusers_memsep.models import PrunableDiTTransformer2DModel
+
+        model = PrunableDiTTransformer2DModel.from_config(model_config)
+    else:
+        model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
+                         num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+                         attention_head_dim=args.attention_head_dim, patch_size=args.patch_size)
+    noise_scheduler = make_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
+    try:
+        trained = train_pipeline(
+            args.output_dir, data, model, noise_scheduler, config,
+            overwrite_output_dir=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
+            report_to=args.report_to, logging_dir=args.logging_dir,
+            validation_num_samples=args.validation_num_samples,
+            validation_inference_steps=args.validation_inference_steps,
+            push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
+            hub_token=args.hub_token,
+        )
+    except HubPushError as error:
+        print(f"memsep: error: {error}", file=sys.stderr)
+        return 1
+    ratio = trained.metrics.get("memorization_ratio")
+    print(f"Saved a MemSepPipeline to {trained.output_dir} ({trained.result.steps} steps, "
+          f"{trained.images_per_second:.0f} images/s"
+          + (f", memorization ratio {100 * ratio:.1f}%" if ratio is not None else "") + ").")
+    if trained.hub_url:
+        print(f"Pushed to {trained.hub_url}")
+    return 0

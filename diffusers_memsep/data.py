@@ -1,0 +1,253 @@
+"""One loader for every training set: a Hub dataset, a local ``imagefolder``, or the embedded default (digits).
+
+The memorization metric compares generated samples with *exactly* the images the model was trained on, so the
+loader returns the training set itself as one tensor (``TrainingData.images``), already resized, cropped and scaled
+to ``[-1, 1]``, and never augmented: random flips are applied in the training loop, on the fly, and never stored.
+
+The embedded default is scikit-learn's ``load_digits`` (1,797 grey 8x8 images of the digits 0-9, bundled with
+scikit-learn, so it works offline): small enough that a DiT memorizes a subset of it in minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Name used in ``TrainingData.source`` for the embedded data set.
+EMBEDDED_DATASET = "sklearn-digits"
+
+# Extensions the ``imagefolder`` builder of ``datasets`` reads; used only to give a clear error on an empty folder.
+_IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+_GREY_MODES = {"1", "L", "I", "I;16", "F"}
+
+
+@dataclass
+class TrainingData:
+    """The training set as tensors: exactly the images a model is trained on.
+
+    Attributes:
+        images: float tensor ``[n, C, H, W]`` in ``[-1, 1]``, unaugmented. This is the memorization reference.
+        labels: ``LongTensor[n]`` of class indices in ``[0, num_classes)``, or ``None`` (unconditional).
+        num_classes: number of classes when ``labels`` is set, else ``None``.
+        source: where the images came from and which subset, e.g. ``"sklearn-digits (64 of 1797, seed 0)"``.
+        indices: positions of the chosen images in the full split, in increasing order.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    num_classes: int | None
+    source: str
+    indices: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_channels(self) -> int:
+        return self.images.shape[1]
+
+
+def load_training_data(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | os.PathLike | None = None,
+    image_column: str = "image",
+    label_column: str | None = None,
+    resolution: int | None = None,
+    center_crop: bool = False,
+    max_train_samples: int | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    split: str = "train",
+) -> TrainingData:
+    """Load a training set as one tensor in ``[-1, 1]``.
+
+    Args:
+        dataset_name: a Hub dataset (``datasets.load_dataset(dataset_name, dataset_config_name)``), or
+            ``"imagefolder"`` together with ``train_data_dir``.
+        train_data_dir: a local folder of images, read with the ``imagefolder`` builder of ``datasets`` (class
+            labels come from sub-folder names, column ``"label"``). With neither argument: the embedded digits.
+        image_column: column holding the images.
+        label_column: column holding class labels; ``None`` trains an unconditional model (labels ignored).
+            Integer labels are used as they are (``num_classes`` from a ``ClassLabel`` feature, else max + 1);
+            string labels are numbered in sorted order.
+        resolution: side of the square training images; ``None`` keeps the data's own size (all images must then
+            share it). Without ``center_crop`` images are resized to ``resolution x resolution`` (aspect ratio
+            not kept); with it the shorter side is resized to ``resolution`` and the centre cropped. There is no
+            random crop: the stored images must be exactly the images trained on.
+        max_train_samples: keep this many images, chosen uniformly without replacement by ``seed``
+            (``torch.randperm``), in their original order. ``n`` is the variable of every memorization study.
+        seed: seed of the subset choice (same seed, same subset, on every machine).
+        split: dataset split to read.
+
+    Grey images (PIL modes ``L``, ``1``, ``I``, ``F``) give one channel when every chosen image is grey;
+    otherwise images are converted to RGB.
+    """
+    if dataset_name is None and train_data_dir is None:
+        return _load_digits(label_column, resolution, center_crop, max_train_samples, seed)
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}; pass e.g. resolution=32.")
+
+    import datasets
+
+    if train_data_dir is not None:
+        folder = Path(train_data_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"train_data_dir {str(folder)!r} is not a directory; pass a folder of images.")
+        found = [p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS]
+        if not found:
+            raise ValueError(
+                f"train_data_dir {str(folder)!r} holds no image files ({', '.join(sorted(_IMAGE_EXTENSIONS))}); "
+                "put the training images there (sub-folders name classes)."
+            )
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir, split=split)
+        name = str(folder)
+    else:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+        name = dataset_name + (f"/{dataset_config_name}" if dataset_config_name else "")
+
+    columns = list(dataset.column_names)
+    if image_column not in columns:
+        raise ValueError(f"image column {image_column!r} not in the dataset's columns {columns}; set image_column.")
+    if label_column is not None and label_column not in columns:
+        raise ValueError(
+            f"label column {label_column!r} not in the dataset's columns {columns}; set label_column to one of "
+            "them, or leave it unset for an unconditional model."
+        )
+
+    total = len(dataset)
+    indices = _choose_subset(total, max_train_samples, seed)
+    dataset = dataset.select(indices)
+    # Decode ourselves so that an unreadable file is reported by name, not deep inside a datasets worker.
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    pil_images = [_open_image(record, row) for row, record in zip(indices, dataset[image_column])]
+    images = _to_tensor(pil_images, resolution, center_crop, name)
+
+    labels = num_classes = None
+    if label_column is not None:
+        labels, num_classes = _labels(dataset, label_column)
+    return TrainingData(images, labels, num_classes, _source(name, len(indices), total, max_train_samples, seed),
+                        indices)
+
+
+def _load_digits(label_column, resolution, center_crop, max_train_samples, seed) -> TrainingData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    if label_column not in (None, "label"):
+        raise ValueError(
+            f"the embedded digits have the columns ['image', 'label'], not {label_column!r}; pass "
+            "label_column='label' (class-conditional) or None (unconditional)."
+        )
+    total = len(digits.target)
+    indices = _choose_subset(total, max_train_samples, seed)
+    pixels = torch.from_numpy(digits.images[indices]).float()  # [n, 8, 8], integers 0..16
+    if resolution is None or resolution == 8:
+        images = (pixels / 16.0 * 2.0 - 1.0).unsqueeze(1)  # exact: no 8-bit rounding
+    else:
+        from PIL import Image
+
+        as_uint8 = (pixels / 16.0 * 255.0).round().to(torch.uint8).numpy()
+        images = _to_tensor([Image.fromarray(a, mode="L") for a in as_uint8], resolution, center_crop,
+                            EMBEDDED_DATASET)
+    labels = num_classes = None
+    if label_column == "label":
+        labels, num_classes = torch.from_numpy(digits.target[indices]).long(), 10
+    return TrainingData(images, labels, num_classes,
+                        _source(EMBEDDED_DATASET, len(indices), total, max_train_samples, seed), indices)
+
+
+def _choose_subset(total: int, max_train_samples: int | None, seed: int) -> list[int]:
+    if total == 0:
+        raise ValueError("the dataset is empty; point dataset_name or train_data_dir at a non-empty image set.")
+    if max_train_samples is None:
+        return list(range(total))
+    if not isinstance(max_train_samples, int) or max_train_samples < 1:
+        raise ValueError(f"max_train_samples must be a positive integer, got {max_train_samples!r}.")
+    if max_train_samples > total:
+        raise ValueError(
+            f"max_train_samples={max_train_samples} is larger than the data ({total} images); "
+            f"pass at most {total}, or leave it unset to use every image."
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(total, generator=generator)[:max_train_samples].tolist())
+
+
+def _source(name: str, n: int, total: int, max_train_samples: int | None, seed: int) -> str:
+    if max_train_samples is None:
+        return f"{name} (all {total} images)"
+    return f"{name} ({n} of {total} images, chosen with seed {seed})"
+
+
+def _open_image(record, row: int):
+    """Decode one ``datasets.Image(decode=False)`` record (``{"path", "bytes"}``) or a PIL image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(record, Image.Image):
+        return record
+    path, data = record.get("path"), record.get("bytes")
+    try:
+        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        where = path or f"row {row}"
+        raise ValueError(f"cannot read image {where!r} ({error}); remove or replace the file.") from error
+    return image
+
+
+def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str) -> torch.Tensor:
+    from PIL import Image
+
+    mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
+    arrays = []
+    for image in pil_images:
+        image = image.convert(mode)
+        if resolution is not None:
+            if center_crop:
+                width, height = image.size
+                scale = resolution / min(width, height)
+                new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+                image = image.resize(new_size, Image.Resampling.BILINEAR)
+                left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
+                image = image.crop((left, top, left + resolution, top + resolution))
+            elif image.size != (resolution, resolution):
+                image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(image, dtype=np.uint8))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images of {name} have different sizes {sorted(shapes)[:4]}; pass resolution=... to resize them."
+        )
+    stacked = torch.from_numpy(np.stack(arrays)).float()
+    if stacked.ndim == 3:
+        stacked = stacked.unsqueeze(-1)
+    return (stacked.permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0).contiguous()
+
+
+def _labels(dataset, label_column: str) -> tuple[torch.Tensor, int]:
+    import datasets
+
+    feature = dataset.features[label_column]
+    values = dataset[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return torch.tensor(values, dtype=torch.long), feature.num_classes
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        labels = torch.tensor(values, dtype=torch.long)
+        if labels.min() < 0:
+            raise ValueError(f"label column {label_column!r} holds negative labels; class indices start at 0.")
+        return labels, int(labels.max()) + 1
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        return torch.tensor([names.index(v) for v in values], dtype=torch.long), len(names)
+    raise ValueError(
+        f"label column {label_column!r} holds {type(values[0]).__name__} values; it must hold integers or strings."
+    )

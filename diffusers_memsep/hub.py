@@ -1,0 +1,153 @@
+"""Model cards from ``model_cards/`` and pushing pipeline folders to the Hugging Face Hub.
+
+Save locally first, push as a separate step: diffusers' ``save_pretrained(push_to_hub=True)`` creates the remote
+repository before anything is written, so a failed push there can leave an empty repo and nothing local. Here the
+folder is complete on disk before the network is touched, and a failed push leaves it untouched.
+
+Offline failures become one :class:`HubPushError` line that names the cause and the fix. huggingface_hub 2.x
+raises ``OfflineModeIsEnabled`` at once with ``HF_HUB_OFFLINE=1``, ``LocalTokenNotFoundError`` without a token, and,
+with no network, an ``httpx2.ConnectError`` (a transport error, not an ``OSError``) after about 23 s of retries.
+The first two are checked before any request, so they fail fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+#: Templates shipped with the package (wheel installs) and in the source tree (editable installs / clones).
+TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
+#: Never uploaded: training checkpoints (optimizer state, hundreds of MB), temporary folders, local logs.
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "*.tmp"]
+
+DEFAULT_TAGS = ["diffusers", "diffusers-memsep", "dit", "memorization", "unconditional-image-generation"]
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed for an expected reason (offline, no token, refused); the message says the fix."""
+
+
+def template_path(template_name: str) -> Path:
+    """Path of the model-card template ``template_name`` (``"base_model"`` or ``"pruned_variant"``)."""
+    name = template_name if template_name.endswith(".md") else f"{template_name}.md"
+    for folder in TEMPLATE_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    available = sorted({p.stem for folder in TEMPLATE_DIRS if folder.is_dir() for p in folder.glob("*.md")})
+    raise ValueError(f"no model-card template {template_name!r}; choose one of {available}.")
+
+
+def render_model_card(template_name: str, metadata: dict[str, Any] | None = None,
+                      eval_results: list[dict[str, Any]] | None = None, **fields):
+    """Render ``model_cards/<template_name>.md`` (Jinja) into a ``huggingface_hub.ModelCard``.
+
+    Args:
+        template_name: ``"base_model"`` (a trained DiT) or ``"pruned_variant"`` (a head-pruned, fine-tuned DiT).
+        metadata: YAML header fields for ``ModelCardData`` (``license``, ``tags``, ``datasets``, ``base_model``,
+            ``model_name``...); ``library_name="diffusers"`` and the project's tags are added.
+        eval_results: ``model-index`` entries, each a dict with ``metric_type``, ``metric_value`` and optionally
+            ``metric_name``, ``dataset_name``, ``dataset_type``, ``task_type``
+            (default ``"unconditional-image-generation"``); needs ``metadata["model_name"]``.
+        fields: the template's variables (see the template's header comment for the ones it uses).
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    metadata = dict(metadata or {})
+    metadata.setdefault("library_name", "diffusers")
+    metadata.setdefault("pipeline_tag", "unconditional-image-generation")
+    metadata["tags"] = list(dict.fromkeys(DEFAULT_TAGS + list(metadata.get("tags") or [])))
+    if eval_results:
+        if not metadata.get("model_name"):
+            raise ValueError("eval_results need metadata['model_name'] (the model-index entry's name).")
+        results = []
+        for entry in eval_results:
+            entry = dict(entry)
+            entry.setdefault("task_type", "unconditional-image-generation")
+            entry.setdefault("dataset_type", entry.get("dataset_name", "custom"))
+            entry.setdefault("dataset_name", entry["dataset_type"])
+            results.append(EvalResult(**entry))
+        metadata["eval_results"] = results
+    card_data = ModelCardData(**metadata)
+    return ModelCard.from_template(card_data, template_path=str(template_path(template_name)), **fields)
+
+
+def save_model_card(folder: str | os.PathLike, template_name: str, metadata: dict[str, Any] | None = None,
+                    eval_results: list[dict[str, Any]] | None = None, **fields) -> Path:
+    """Render a card (:func:`render_model_card`) and write it atomically as ``<folder>/README.md``."""
+    card = render_model_card(template_name, metadata=metadata, eval_results=eval_results, **fields)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "README.md"
+    temporary = folder / ".README.md.tmp"
+    temporary.write_text(str(card), encoding="utf-8")
+    os.replace(temporary, target)
+    return target
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+                       commit_message: str = "Upload MemSepPipeline (diffusers-memsep)",
+                       ignore_patterns: list[str] | None = None) -> str:
+    """Create ``repo_id`` (private when asked, no error if it exists) and upload ``folder`` to it.
+
+    The folder must already hold the saved pipeline; it is only read. Returns the URL of the commit.
+    Raises :class:`HubPushError` (one line: cause and fix) when offline, without a token, without network, or
+    when the Hub refuses; the local folder stays as it was.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, create_repo, upload_folder
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise ValueError(f"{str(folder)!r} is not a saved pipeline folder; save the pipeline there before pushing.")
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError("repo_id must be 'user/name' (e.g. --hub_model_id me/dit-digits).")
+    local = f"The local copy is intact at {folder}."
+    if constants.HF_HUB_OFFLINE or _truthy(os.environ.get("HF_HUB_OFFLINE")):
+        raise HubPushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (and connect) to push. {local}")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise HubPushError(f"cannot push to {repo_id}: no Hugging Face token; run `hf auth login`, set HF_TOKEN or "
+                           f"pass --hub_token. {local}")
+    transport_errors = _transport_errors()
+    try:
+        create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
+        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token,
+                               ignore_patterns=ignore_patterns or PUSH_IGNORE_PATTERNS, repo_type="model")
+    except OfflineModeIsEnabled as error:
+        raise HubPushError(f"cannot push to {repo_id}: offline mode is enabled ({error}); unset HF_HUB_OFFLINE. "
+                           f"{local}") from None
+    except LocalTokenNotFoundError:
+        raise HubPushError(f"cannot push to {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN. "
+                           f"{local}") from None
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        hint = ("check that the token has write access to this namespace" if status in (401, 403)
+                else "check the repo id and the Hub status")
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubPushError(f"cannot push to {repo_id}: the Hub refused ({first_line}); {hint}. {local}") from None
+    except transport_errors as error:
+        raise HubPushError(f"cannot push to {repo_id}: no connection to the Hub ({type(error).__name__}: {error}); "
+                           f"connect to the internet and push again (memsep train --push_to_hub or "
+                           f"huggingface_hub.upload_folder). {local}") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network failures: httpx2 (huggingface_hub 2.x), httpx, requests (older releases), plain OS errors."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+__all__ = ["HubPushError", "render_model_card", "save_model_card", "push_folder_to_hub", "template_path"]

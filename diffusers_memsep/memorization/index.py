@@ -1,0 +1,285 @@
+"""Exact Euclidean k-nearest-neighbour search over a training set: the reference every memorization check needs.
+
+The paper's memorization rule (``../shared/PAPER.md`` section 4) compares a generated sample with its nearest and
+second-nearest training points, so the index must be *exact*: an approximate index that misses the true nearest
+neighbour would silently under-count copies.
+
+Search is a chunked matrix product. For a query ``a`` and a training point ``b``,
+``||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2``; ``||a||^2`` is the same for every ``b``, so ranking needs only
+``||b||^2 - 2 a.b`` (one ``addmm`` per chunk of training points, with the norms ``||b||^2`` computed once). The
+expansion loses precision to cancellation in float32, so each query keeps a few spare candidates, their distances
+are recomputed directly as ``sum((a - b)^2)`` and re-sorted, and a query whose candidate list cannot be proven to
+contain its true k nearest (by a float32 rounding-error bound) is searched again in float64. Results are therefore
+the exact nearest neighbours, not approximate ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Literal, Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from safetensors.torch import load_file, save_file
+
+# `ModelMixin` must stay a name of this module: DiffusionPipeline.from_pretrained finds a component's load method by
+# looking up `ModelMixin` in the module recorded in model_index.json (see diffusers pipeline_loading_utils).
+__all__ = ["NearestNeighborIndex", "ModelMixin"]
+
+# float32 unit roundoff; the cancellation bound below is a multiple of it.
+_FLOAT32_EPS = 2.0**-24
+
+
+class NearestNeighborIndex(ModelMixin, ConfigMixin):
+    r"""
+    Exact k-nearest-neighbour index (squared Euclidean distance) over a fixed set of training samples.
+
+    It is a diffusers model component: inside a :class:`~diffusers_memsep.MemSepPipeline` it is saved by
+    ``save_pretrained`` in its own sub-folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, the samples
+    being a persistent buffer) and re-loaded by ``from_pretrained``; ``pipe.to(device)`` moves it. On its own, use
+    :meth:`save` / :meth:`load` (one safetensors file).
+
+    Args:
+        images (`torch.Tensor`, *optional*):
+            The training samples, ``[n, C, H, W]`` images (in the model's data space, e.g. ``[-1, 1]``) or ``[n, d]``
+            vectors (Gaussian-mixture experiments). Any ``[n, ...]`` shape works: samples are flattened for search
+            and ``sample_shape`` remembers the rest. Stored in float32.
+        num_images (`int`, *optional*):
+            With ``sample_shape`` and no ``images``: allocate an all-zero index to be filled by loading weights (this
+            is how ``from_config``/``from_pretrained`` build it).
+        sample_shape (`Sequence[int]`, *optional*):
+            The shape of one sample, e.g. ``(1, 8, 8)``.
+    """
+
+    config_name = "config.json"
+
+    def __init__(
+        self,
+        images: torch.Tensor | None = None,
+        num_images: int | None = None,
+        sample_shape: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        if images is not None:
+            images = _as_samples(images, "images")
+            if num_images is not None and num_images != images.shape[0]:
+                raise ValueError(f"num_images={num_images} but images holds {images.shape[0]}; pass only images.")
+            if sample_shape is not None and tuple(sample_shape) != tuple(images.shape[1:]):
+                raise ValueError(
+                    f"sample_shape={tuple(sample_shape)} but images have shape {tuple(images.shape[1:])}; "
+                    "pass only images."
+                )
+            if not torch.isfinite(images).all():
+                raise ValueError("images hold NaN or infinite values; clean the training data before indexing it.")
+            num_images, sample_shape = images.shape[0], tuple(images.shape[1:])
+            images = images.detach().to(torch.float32).clone()
+        elif num_images is None or sample_shape is None:
+            raise ValueError("NearestNeighborIndex needs `images` (a tensor [n, ...]) or both num_images and sample_shape.")
+        else:
+            images = torch.zeros(int(num_images), *[int(s) for s in sample_shape])
+        if num_images < 2:
+            raise ValueError(
+                f"The reference holds {num_images} image(s); the memorization rule compares the nearest and the "
+                "second-nearest training image, so build it from at least 2 training images."
+            )
+        # Registered by hand (not with @register_to_config): the tensor argument must not enter config.json.
+        self.register_to_config(num_images=int(num_images), sample_shape=[int(s) for s in sample_shape])
+        self.register_buffer("images", images, persistent=True)
+        # ||b||^2 of every training sample, derived data: recomputed on demand, never saved.
+        self.register_buffer("_squared_norms", None, persistent=False)
+        self._faiss_index = None
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor) -> "NearestNeighborIndex":
+        """Build the index from training samples ``[n, ...]`` (images ``[n, C, H, W]`` or vectors ``[n, d]``)."""
+        return cls(images=images)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.sample_shape)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._squared_norms, self._faiss_index = None, None  # new samples: drop the derived data
+
+    def _apply(self, fn, recurse=True):
+        self._squared_norms = None  # recomputed on the new device/dtype at the next search
+        return super()._apply(fn, recurse)
+
+    # ----------------------------------------------------------------------------------------------------- search
+    @torch.no_grad()
+    def search(
+        self,
+        queries: torch.Tensor,
+        k: int = 2,
+        *,
+        backend: Literal["torch", "faiss"] = "torch",
+        chunk_size: int = 4096,
+        query_chunk_size: int = 4096,
+        spare_candidates: int = 8,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        The ``k`` nearest training samples of every query, exactly.
+
+        Args:
+            queries (`torch.Tensor`): ``[B, *sample_shape]`` or already flattened ``[B, d]``; any dtype/device
+                (moved to the index's device, computed in float32).
+            k (`int`, defaults to 2): neighbours per query; ``2 <= k <= num_images`` (the memorization rule needs
+                the first and the second nearest).
+            backend (`str`): ``"torch"`` (chunked matmul, CPU or GPU) or ``"faiss"`` (``faiss.IndexFlatL2``, when
+                installed; its candidates get the same exact re-ranking).
+            chunk_size (`int`): training samples per matmul block; bounds peak memory to about
+                ``query_chunk_size * chunk_size`` floats.
+            query_chunk_size (`int`): queries per block.
+            spare_candidates (`int`): extra candidates kept per query for the exact re-ranking.
+
+        Returns:
+            ``(squared_distances, indices)``: float32 ``[B, k]`` sorted ascending, and int64 ``[B, k]`` rows of the
+            training set.
+        """
+        if k < 2:
+            raise ValueError(f"k={k}: the memorization rule compares the nearest and second-nearest samples, use k >= 2.")
+        if k > self.num_images:
+            raise ValueError(f"k={k} but the reference holds only {self.num_images} images; use k <= {self.num_images}.")
+        if chunk_size < 1 or query_chunk_size < 1 or spare_candidates < 0:
+            raise ValueError("chunk_size and query_chunk_size must be >= 1 and spare_candidates >= 0.")
+        queries = self.flatten_queries(queries)
+        self.last_search_fallbacks = 0  # queries re-searched in float64 (diagnostics for tests and benchmarks)
+        num_candidates = min(self.num_images, k + spare_candidates)
+        database = self.images.reshape(self.num_images, -1)
+        if backend == "faiss":
+            candidates = self._faiss_candidates(queries, num_candidates)
+            return self._rerank(queries, candidates, k, database, verify=None)
+        if backend != "torch":
+            raise ValueError(f"backend={backend!r}; choose 'torch' or 'faiss'.")
+        if self._squared_norms is None:
+            self._squared_norms = database.square().sum(1)
+        distances, indices = [], []
+        for start in range(0, queries.shape[0], query_chunk_size):
+            block = queries[start : start + query_chunk_size]
+            scores, candidates = self._partial_scores_topk(block, database, num_candidates, chunk_size)
+            d, i = self._rerank(block, candidates, k, database, verify=scores)
+            distances.append(d)
+            indices.append(i)
+        return torch.cat(distances), torch.cat(indices)
+
+    def flatten_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries as float32 ``[B, d]`` on the index's device; raises when their shape does not match the samples."""
+        if not isinstance(queries, torch.Tensor):
+            raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}.")
+        if queries.ndim == 0:
+            raise ValueError("queries must have a batch dimension: [B, *sample_shape] or [B, d].")
+        batch_shape = tuple(queries.shape[1:])
+        if batch_shape != self.sample_shape and batch_shape != (self.dim,):
+            raise ValueError(
+                f"queries have sample shape {batch_shape} but the reference holds samples of shape {self.sample_shape}"
+                f" ({self.dim} values); compare samples in the same space and resolution as the training images."
+            )
+        if queries.shape[0] == 0:
+            raise ValueError("queries are empty; pass at least one sample.")
+        return queries.reshape(queries.shape[0], -1).to(device=self.images.device, dtype=torch.float32)
+
+    def _partial_scores_topk(self, queries, database, num_candidates, chunk_size):
+        """Smallest ``||b||^2 - 2 a.b`` (the squared distance minus ``||a||^2``) over all training samples."""
+        best_scores = best_indices = None
+        for start in range(0, database.shape[0], chunk_size):
+            block = database[start : start + chunk_size]
+            # addmm fuses the bias ||b||^2 into the matrix product: one pass over the [B, chunk] scores.
+            scores = torch.addmm(self._squared_norms[start : start + chunk_size], queries, block.T, alpha=-2.0)
+            scores, indices = scores.topk(min(num_candidates, block.shape[0]), dim=1, largest=False, sorted=False)
+            indices += start
+            if best_scores is not None:
+                scores, indices = torch.cat([best_scores, scores], 1), torch.cat([best_indices, indices], 1)
+                scores, order = scores.topk(num_candidates, dim=1, largest=False, sorted=False)
+                indices = indices.gather(1, order)
+            best_scores, best_indices = scores, indices
+        return best_scores, best_indices
+
+    def _rerank(self, queries, candidates, k, database, verify):
+        """Exact distances of the candidates, sorted; queries whose candidates may miss a true neighbour are redone
+        in float64 over the whole set."""
+        # Direct differences (no expansion, so no cancellation); cdist's non-matmul mode computes them in one pass.
+        gathered = database.index_select(0, candidates.reshape(-1)).view(*candidates.shape, -1)
+        exact = torch.cdist(queries[:, None, :], gathered, compute_mode="donot_use_mm_for_euclid_dist")
+        exact, order = exact.squeeze(1).square().sort(dim=1)
+        distances, indices = exact[:, :k], candidates.gather(1, order[:, :k])
+        if verify is None or candidates.shape[1] == database.shape[0]:
+            return distances, indices
+        # Every excluded sample scored >= the worst kept score s_max in float32; its true score is at least
+        # s_max - err with err a bound on the expansion's rounding error. If that already exceeds the k-th exact
+        # score (distance - ||a||^2), no excluded sample can be nearer than the k-th found one.
+        query_norms = queries.square().sum(1)
+        max_norm = self._squared_norms.max().sqrt()
+        err = 2 * database.shape[1] * _FLOAT32_EPS * (query_norms.sqrt() + max_norm).square()
+        unsure = verify.max(1).values - err <= distances[:, -1] - query_norms + err
+        self.last_search_fallbacks += int(unsure.sum())
+        if unsure.any():
+            redo = unsure.nonzero().squeeze(1)
+            scores = torch.cdist(queries[redo].double(), database.double()).square()
+            redo_distances, redo_indices = scores.topk(k, dim=1, largest=False)
+            distances[redo], indices[redo] = redo_distances.float(), redo_indices
+        return distances, indices
+
+    def _faiss_candidates(self, queries, num_candidates):
+        try:
+            import faiss
+        except ImportError as error:
+            raise ImportError("backend='faiss' needs faiss: `pip install faiss-cpu` (or faiss-gpu).") from error
+        if self._faiss_index is None:
+            self._faiss_index = faiss.IndexFlatL2(self.dim)
+            self._faiss_index.add(self.images.reshape(self.num_images, -1).cpu().numpy())
+        _, indices = self._faiss_index.search(queries.cpu().numpy(), num_candidates)
+        return torch.from_numpy(indices).to(queries.device)
+
+    # ------------------------------------------------------------------------------------------- stand-alone files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to one safetensors file (atomically: a temporary file, then ``os.replace``)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        metadata = {"format": "pt", "sample_shape": json.dumps(list(self.sample_shape))}
+        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
+        os.close(handle)
+        try:
+            save_file({"images": self.images.detach().cpu().contiguous()}, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "NearestNeighborIndex":
+        """Read an index written by :meth:`save`."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No index file at {path}; write one with NearestNeighborIndex.save(path).")
+        tensors = load_file(os.fspath(path), device=str(device))
+        if "images" not in tensors:
+            raise ValueError(f"{path} holds no 'images' tensor; it was not written by NearestNeighborIndex.save.")
+        return cls(images=tensors["images"])
+
+    def extra_repr(self) -> str:
+        return f"num_images={self.num_images}, sample_shape={self.sample_shape}"
+
+
+def _as_samples(samples, name: str) -> torch.Tensor:
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [n, ...], got {type(samples).__name__}.")
+    if samples.ndim < 2:
+        raise ValueError(f"{name} must have shape [n, d] or [n, C, H, W], got {tuple(samples.shape)}.")
+    if samples.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 samples); the reference needs at least 2 training images.")
+    if samples.is_complex() or not (samples.is_floating_point() or samples.dtype in (torch.uint8, torch.int64, torch.int32)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {samples.dtype}.")
+    return samples

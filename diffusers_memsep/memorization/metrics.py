@@ -1,0 +1,203 @@
+"""Memorization ratio (the paper's 1/3 rule), precision/recall (Kynkaanniemi et al. 2019) and Frechet distance.
+
+All functions take batches ``[B, ...]``: images ``[B, C, H, W]`` or vectors ``[B, d]`` (Gaussian mixtures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers.utils import BaseOutput
+
+from .index import NearestNeighborIndex
+
+__all__ = ["MemorizationResult", "memorization_report", "memorization_ratio", "precision_recall", "frechet_distance"]
+
+# The paper's rule: ||x - x_(1)|| <= (1/3) ||x - x_(2)||, i.e. squared distances within a factor 1/9.
+PAPER_THRESHOLD = 1.0 / 3.0
+
+
+@dataclass
+class MemorizationResult(BaseOutput):
+    """
+    Per-sample verdict of the memorization rule.
+
+    Args:
+        memorized (`torch.BoolTensor` `[B]`): ``||x - x_(1)||^2 <= threshold^2 * ||x - x_(2)||^2``.
+        distance_ratio (`torch.Tensor` `[B]`): ``||x - x_(1)||^2 / ||x - x_(2)||^2`` (squared, so the paper's cut is
+            1/9); ``0`` when both distances are 0 (an exact copy of a duplicated training image).
+        nearest_index (`torch.LongTensor` `[B]`): row of ``x_(1)`` in the training set, to show the copied image.
+        nearest_distance (`torch.Tensor` `[B]`): ``||x - x_(1)||^2``.
+    """
+
+    memorized: torch.Tensor
+    distance_ratio: torch.Tensor
+    nearest_index: torch.Tensor
+    nearest_distance: torch.Tensor
+
+
+def _as_index(reference: NearestNeighborIndex | torch.Tensor) -> NearestNeighborIndex:
+    if isinstance(reference, NearestNeighborIndex):
+        return reference
+    if isinstance(reference, torch.Tensor):
+        return NearestNeighborIndex.from_images(reference)
+    raise TypeError(
+        f"reference must be a NearestNeighborIndex or a tensor of training samples [n, ...], got {type(reference).__name__}."
+    )
+
+
+@torch.no_grad()
+def memorization_report(
+    samples: torch.Tensor,
+    index: NearestNeighborIndex | torch.Tensor,
+    threshold: float = PAPER_THRESHOLD,
+    **search_kwargs,
+) -> MemorizationResult:
+    r"""
+    Flag generated samples that copy a training sample (``../shared/PAPER.md`` section 4).
+
+    A sample ``x`` is memorized when ``||x - x_(1)||^2 <= threshold^2 ||x - x_(2)||^2`` with ``x_(k)`` its k-th
+    nearest training sample in Euclidean distance; the paper uses ``threshold = 1/3``. Distances are computed in
+    the space the samples and the index share (for images: the model's data range ``[-1, 1]``, pixel space).
+    The comparison is ``<=``, so a sample that equals a training image that appears twice (both distances 0) counts
+    as memorized.
+
+    Args:
+        samples: generated samples ``[B, *sample_shape]`` or ``[B, d]``.
+        index: a :class:`NearestNeighborIndex`, or the training samples ``[n, ...]`` (an index is built on the fly).
+        threshold: the distance (not squared) ratio below which a sample is a copy; in ``(0, 1]``.
+        search_kwargs: passed to :meth:`NearestNeighborIndex.search` (e.g. ``backend="faiss"``).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold}: use a distance ratio in (0, 1]; the paper's rule is 1/3.")
+    index = _as_index(index)
+    distances, indices = index.search(samples, k=2, **search_kwargs)
+    nearest, second = distances[:, 0].contiguous(), distances[:, 1].contiguous()
+    ratio = torch.where(second > 0, nearest / second.clamp_min(torch.finfo(second.dtype).tiny), torch.zeros_like(nearest))
+    return MemorizationResult(
+        memorized=nearest <= threshold**2 * second,
+        distance_ratio=ratio,
+        nearest_index=indices[:, 0].contiguous(),
+        nearest_distance=nearest.contiguous(),
+    )
+
+
+def memorization_ratio(
+    samples: torch.Tensor, index: NearestNeighborIndex | torch.Tensor, threshold: float = PAPER_THRESHOLD, **kwargs
+) -> float:
+    """Fraction of ``samples`` memorized by the paper's rule (see :func:`memorization_report`)."""
+    return memorization_report(samples, index, threshold, **kwargs).memorized.float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------- precision / recall
+def _features_2d(features: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [N, D], got {type(features).__name__}.")
+    if features.ndim != 2:
+        features = features.reshape(features.shape[0], -1) if features.ndim > 2 else features
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [N, D] with N >= 1, got {tuple(features.shape)}.")
+    return features.to(torch.float32)
+
+
+@torch.no_grad()
+def _kth_neighbor_radius(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Squared distance of every point to its k-th nearest OTHER point of the same set (the point itself, at
+    distance 0, is the 0th neighbour, as in the reference implementation of Kynkaanniemi et al.)."""
+    distances, _ = NearestNeighborIndex.from_images(features).search(features, k=k + 1)
+    return distances[:, k]
+
+
+@torch.no_grad()
+def _inside_any_ball(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """For each point: does some center c have ||point - c||^2 <= radius_c^2 ? (radii are squared already)."""
+    inside = []
+    for start in range(0, points.shape[0], chunk):
+        d2 = torch.cdist(points[start : start + chunk], centers).square()
+        inside.append((d2 <= radii[None, :]).any(1))
+    return torch.cat(inside)
+
+
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    r"""
+    Improved precision and recall of Kynkaanniemi et al. (2019), with k-NN radii.
+
+    Each real feature vector gets a ball whose radius is the distance to its k-th nearest real neighbour; the real
+    manifold is the union of these balls. Precision = fraction of fake samples inside the real manifold; recall =
+    fraction of real samples inside the fake manifold (built the same way from the fakes). The paper notes that
+    memorization inflates precision: copies of training images sit exactly on the real manifold.
+
+    Args:
+        real_features: ``[N, D]`` features (or raw samples, flattened) of real images.
+        fake_features: ``[M, D]`` features of generated images, in the same feature space.
+        k: neighbourhood size, ``1 <= k < min(N, M)``; the original paper uses 3.
+
+    Returns:
+        ``(precision, recall)`` as floats in ``[0, 1]``.
+    """
+    real = _features_2d(real_features, "real_features")
+    fake = _features_2d(fake_features, "fake_features").to(real.device)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(
+            f"real features have {real.shape[1]} dimensions, fake ones {fake.shape[1]}; use the same feature extractor."
+        )
+    if k < 1 or k >= min(real.shape[0], fake.shape[0]):
+        raise ValueError(
+            f"k={k} needs 1 <= k < min(#real, #fake) = {min(real.shape[0], fake.shape[0])}; use more samples or a smaller k."
+        )
+    precision = _inside_any_ball(fake, real, _kth_neighbor_radius(real, k)).float().mean().item()
+    recall = _inside_any_ball(real, fake, _kth_neighbor_radius(fake, k)).float().mean().item()
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------------------------- Frechet distance
+@torch.no_grad()
+def _extract(samples: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None, batch_size: int) -> torch.Tensor:
+    if features is None:
+        return _features_2d(samples, "samples").double()
+    chunks = [features(samples[start : start + batch_size]) for start in range(0, samples.shape[0], batch_size)]
+    return _features_2d(torch.cat(chunks), "features(samples)").double()
+
+
+def frechet_distance(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 256,
+) -> float:
+    r"""
+    Frechet distance between Gaussians fitted to two sets of feature vectors:
+    ``||mu_r - mu_f||^2 + tr(S_r + S_f - 2 (S_r S_f)^{1/2})``.
+
+    With ``features`` = Inception-v3 pool features this is the FID; with any other extractor it is a Frechet
+    distance *in that feature space* and must be reported under that name (e.g. "Frechet distance in
+    digits-classifier feature space", see :func:`~diffusers_memsep.memorization.load_digits_feature_extractor`).
+
+    ``tr (S_r S_f)^{1/2}`` is computed as ``sum sqrt(eig(S_r^{1/2} S_f S_r^{1/2}))``: that matrix is symmetric
+    positive semi-definite with the same eigenvalues as ``S_r S_f``, so a symmetric eigensolver in float64 gives
+    the trace without the complex round-off of a general matrix square root.
+
+    Args:
+        real, fake: samples ``[N, ...]``; passed through ``features`` in batches of ``batch_size``, or used
+            flattened as features when ``features`` is None. At least 2 of each.
+        features: a callable mapping a batch of samples to ``[B, D]`` features.
+    """
+    real_f, fake_f = _extract(real, features, batch_size), _extract(fake, features, batch_size)
+    if real_f.shape[1] != fake_f.shape[1]:
+        raise ValueError(f"real features have {real_f.shape[1]} dimensions, fake ones {fake_f.shape[1]}.")
+    if real_f.shape[0] < 2 or fake_f.shape[0] < 2:
+        raise ValueError("frechet_distance needs at least 2 real and 2 fake samples to estimate covariances.")
+    fake_f = fake_f.to(real_f.device)
+    mu_r, mu_f = real_f.mean(0), fake_f.mean(0)
+    cov_r, cov_f = torch.cov(real_f.T).reshape(real_f.shape[1], -1), torch.cov(fake_f.T).reshape(fake_f.shape[1], -1)
+    sqrt_cov_r = _psd_sqrt(cov_r)
+    cross = torch.linalg.eigvalsh(sqrt_cov_r @ cov_f @ sqrt_cov_r).clamp_min(0).sqrt().sum()
+    value = (mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * cross
+    return max(value.item(), 0.0)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T

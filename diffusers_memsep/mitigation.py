@@ -1,0 +1,257 @@
+"""The mitigation study: prune a trained pipeline by several methods and etas, fine-tune, evaluate beside the
+original and the random baseline on the same seeds, and write variants, cards, report, CSV and figures.
+
+Used by ``memsep prune`` / ``training/prune_dit.py`` (from a pipeline folder or Hub id) and by ``memsep demo``.
+
+Seeds. For seed ``s``, the scores (random ones included) use generator seed ``s``, the fine-tuning uses
+``TrainingConfig.seed = s`` and the evaluation samples with seed ``1000 * s``: the original model is sampled with
+the same seeds, so each pruned row has a paired original row. Every variant of a given seed starts from the same
+noise. Variant folders are saved for the first seed.
+
+Time-routed sampling (beyond the paper). With ``routed_switch = s`` each pruned model also gets a row in which the
+ORIGINAL model denoises steps ``t >= s`` and the pruned one only ``t < s`` (``MemSepPipeline.small_t_transformer``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from .evaluate import (
+    EvaluationResult,
+    atomic_write_text,
+    balanced_labels,
+    evaluate_pipeline,
+    markdown_table,
+    plot_memorization_vs_quality,
+    plot_samples_with_nearest,
+    summarize,
+    write_csv,
+)
+from .hub import save_model_card
+from .pipelines import MemSepPipeline
+from .pruning import METHODS, one_shot_prune
+from .pruning.importance import SMALL_TIME, UNIFORM_TIME
+from .training import TrainingConfig
+
+METHOD_TITLES = {
+    "original": "original (unpruned)",
+    "small_t": "small-t gradient importance (Algorithm 2, Beta(0.8, 2))",
+    "uniform_t": "gradient importance, uniform t (Algorithm 2 without the small-time focus)",
+    "ablation": "drop-one-head loss increase at small t",
+    "random": "random pruning (baseline)",
+}
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class PruningStudyConfig:
+    """Settings of :func:`run_pruning_study` (the flags of ``memsep prune`` have the same names)."""
+
+    methods: tuple[str, ...] = ("small_t", "random")
+    etas: tuple[float, ...] = (0.2,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    finetune: TrainingConfig = field(default_factory=lambda: TrainingConfig(max_train_steps=300, show_progress=False))
+    importance_batches: int = 16
+    importance_batch_size: int = 64
+    num_samples: int = 256
+    num_inference_steps: int = 100
+    sampler: str = "ddpm"
+    routed_switch: int | None = None
+    save_variants: bool = True
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown pruning method(s) {unknown}; choose from {', '.join(METHODS)}.")
+        for eta in self.etas:
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 < eta < 1:
+                raise ValueError(f"eta must lie in (0, 1), got {eta!r} (0.2 prunes 20% of the heads).")
+        if not self.seeds:
+            raise ValueError("give at least one seed.")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
+        if self.num_inference_steps < 1 or self.num_samples < 2:
+            raise ValueError("num_inference_steps must be >= 1 and num_samples >= 2.")
+
+
+@dataclass
+class PruningStudyResult:
+    rows: list[dict]
+    summary: list[dict]
+    report_path: Path
+    variant_dirs: dict[str, Path]
+    evaluations: list[EvaluationResult]
+
+
+def sampling_scheduler(pipe: MemSepPipeline, sampler: str):
+    """The evaluation sampler, built from the pipeline's (training) scheduler config."""
+    return (DDPMScheduler if sampler == "ddpm" else DDIMScheduler).from_config(pipe.scheduler.config)
+
+
+def training_scheduler(pipe: MemSepPipeline) -> DDPMScheduler:
+    """The DDPM scheduler of training (same betas), whatever sampler the pipeline was saved with."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, config: PruningStudyConfig,
+                      output_dir: str | Path, base_model_name: str = "a trained DiT",
+                      extra_rows: list[dict] | None = None) -> PruningStudyResult:
+    """Prune ``pipe.transformer`` by every method, eta and seed; evaluate; write everything under ``output_dir``.
+
+    ``data`` is the training set (``images``, ``labels``, ``num_classes``): the scores and the fine-tuning use it
+    and it is the memorization reference. ``real_images`` is the population the quality metrics compare with.
+    """
+    if pipe.reference is None:
+        raise ValueError("the pipeline has no training reference; add one with pipe.register_modules(reference="
+                         "NearestNeighborIndex.from_images(train_images)) so memorization can be measured.")
+    output_dir = Path(output_dir)
+    train_scheduler = training_scheduler(pipe)
+    eval_pipe = MemSepPipeline(transformer=pipe.transformer, scheduler=sampling_scheduler(pipe, config.sampler),
+                               reference=pipe.reference, label_dropout_prob=pipe.config.get("label_dropout_prob"))
+    eval_pipe.set_progress_bar_config(disable=True)
+    labels = balanced_labels(config.num_samples, data.num_classes)
+    evaluate = lambda p, name, seed: evaluate_pipeline(  # noqa: E731
+        p, name, data.images, real_images, num_samples=config.num_samples,
+        num_inference_steps=config.num_inference_steps, seed=1000 * seed, class_labels=labels)
+
+    rows, evaluations, variant_dirs, first_models = list(extra_rows or []), [], {}, {}
+    runs = [(seed, method, eta) for seed in config.seeds for eta in config.etas for method in config.methods]
+    progress = tqdm(total=len(config.seeds) + len(runs), desc="pruning study")
+    for seed in config.seeds:
+        result = evaluate(eval_pipe, "original", seed)
+        rows.append({**result.row(), "method": "original", "eta": 0.0, "seed": seed, "pruned_heads": 0})
+        if seed == config.seeds[0]:
+            evaluations.append(result)
+        progress.update()
+        for method, eta in [(m, e) for (s, m, e) in runs if s == seed]:
+            finetune = replace(config.finetune, seed=seed)
+            pruned = one_shot_prune(pipe.transformer, data, train_scheduler, ratio=eta, method=method,
+                                    finetune_config=finetune, num_batches=config.importance_batches,
+                                    batch_size=config.importance_batch_size,
+                                    generator=torch.Generator().manual_seed(seed))
+            name = f"{method}-eta{eta:g}"
+            variant = MemSepPipeline(transformer=pruned.model, scheduler=eval_pipe.scheduler, reference=pipe.reference,
+                                     label_dropout_prob=pipe.config.get("label_dropout_prob"))
+            variant.set_progress_bar_config(disable=True)
+            result = evaluate(variant, name, seed)
+            num_pruned = sum(len(h) for h in pruned.pruned_heads.values())
+            rows.append({**result.row(), "method": method, "eta": eta, "seed": seed, "pruned_heads": num_pruned})
+            if seed == config.seeds[0]:
+                evaluations.append(result)
+                first_models[(method, eta)] = pruned
+            if config.routed_switch is not None:
+                routed = MemSepPipeline(transformer=pipe.transformer, scheduler=eval_pipe.scheduler,
+                                        reference=pipe.reference, small_t_transformer=pruned.model,
+                                        small_t_switch=config.routed_switch,
+                                        label_dropout_prob=pipe.config.get("label_dropout_prob"))
+                routed.set_progress_bar_config(disable=True)
+                result = evaluate(routed, f"{name}+routed", seed)
+                rows.append({**result.row(), "method": f"{method}+routed(t<{config.routed_switch})", "eta": eta,
+                             "seed": seed, "pruned_heads": num_pruned})
+            progress.update()
+    progress.close()
+
+    summary = summarize(rows)
+    if config.save_variants:
+        for (method, eta), pruned in first_models.items():
+            folder = output_dir / "variants" / f"{method}-eta{eta:g}"
+            variant = MemSepPipeline(transformer=pruned.model, scheduler=pipe.scheduler, reference=pipe.reference,
+                                     label_dropout_prob=pipe.config.get("label_dropout_prob"))
+            variant.save_pretrained(folder)
+            write_variant_card(folder, method, eta, pruned, config, data, summary, base_model_name)
+            variant_dirs[f"{method}-eta{eta:g}"] = folder
+
+    write_csv(rows, output_dir / "runs.csv")
+    write_csv(summary, output_dir / "summary.csv")
+    feature_space = evaluations[0].feature_space
+    plot_memorization_vs_quality(summary, output_dir / "memorization_vs_quality.png", feature_space)
+    plot_samples_with_nearest(evaluations, data.images, output_dir / "samples_nearest.png")
+    report_path = output_dir / "report.md"
+    atomic_write_text(report_path, study_report(summary, config, data, feature_space, base_model_name))
+    return PruningStudyResult(rows=rows, summary=summary, report_path=report_path, variant_dirs=variant_dirs,
+                              evaluations=evaluations)
+
+
+TABLE_COLUMNS = [("method", "method"), ("eta", "eta"), ("runs", "runs"),
+                 ("memorization_ratio", "memorization ratio"), ("precision", "precision"), ("recall", "recall"),
+                 ("frechet_distance", "Frechet distance"), ("num_parameters", "parameters"),
+                 ("sampling_seconds", "sampling s")]
+
+
+def study_report(summary: list[dict], config: PruningStudyConfig, data, feature_space: str,
+                 base_model_name: str) -> str:
+    """``report.md``: settings, the table (mean +- std over seeds), and the relative changes against the original."""
+    original = next((row for row in summary if row["method"] == "original"), None)
+    lines = [
+        "# Memorization mitigation by head pruning",
+        "",
+        f"Base model: {base_model_name}. Training set: {data.source} (n = {len(data)}).",
+        f"Sampler: {config.sampler.upper()} with {config.num_inference_steps} steps, {config.num_samples} samples per "
+        f"row and seed, seeds {list(config.seeds)} (same noise for every row of a seed).",
+        f"Pruning: eta in {list(config.etas)}; importance from {config.importance_batches} batches of "
+        f"{config.importance_batch_size}; fine-tuning {config.finetune.max_train_steps} steps at lr "
+        f"{config.finetune.learning_rate:g}, weight decay {config.finetune.adam_weight_decay:g}, EMA "
+        f"{'on' if config.finetune.use_ema else 'off'}.",
+        f"Time laws: small_t = {SMALL_TIME} and uniform_t = {UNIFORM_TIME} on normalised time (fraction of the "
+        "training timesteps, 0 = no noise).",
+        f"Quality: precision/recall (k = 3) and Frechet distance in {feature_space}, against the population images; "
+        "memorization: the paper's rule ||x - x_(1)||^2 <= (1/9) ||x - x_(2)||^2 against the training set.",
+        "",
+        markdown_table(summary, TABLE_COLUMNS),
+        "",
+    ]
+    if original is not None:
+        lines += ["Change against the original (mean over seeds):", ""]
+        for row in summary:
+            if row["method"] == "original":
+                continue
+            memorization = _relative(row["memorization_ratio"], original["memorization_ratio"])
+            frechet = _relative(row["frechet_distance"], original["frechet_distance"])
+            lines.append(f"- {row['method']} (eta={row['eta']:g}): memorization {memorization}, Frechet distance "
+                         f"{frechet}.")
+        lines.append("")
+    lines += ["Figures: `memorization_vs_quality.png`, `samples_nearest.png`. Per-run rows: `runs.csv`; this table: "
+              "`summary.csv`.", ""]
+    return "\n".join(lines)
+
+
+def _relative(value: float, reference: float) -> str:
+    if reference == 0:
+        return f"{value:.3f} (original 0)"
+    return f"{100 * (value - reference) / reference:+.1f}% ({reference:.3f} -> {value:.3f})"
+
+
+def write_variant_card(folder: Path, method: str, eta: float, pruned, config: PruningStudyConfig, data,
+                       summary: list[dict], base_model_name: str) -> None:
+    """The pruned variant's model card: settings, and the before/after table with the random baseline."""
+    metrics = [{"model": "original" if row["method"] == "original" else f"{row['method']}-eta{row['eta']:g}",
+                "method": METHOD_TITLES.get(row["method"], row["method"]), "eta": row["eta"] or None,
+                "memorization": row.get("memorization_ratio"), "memorization_std": row.get("memorization_ratio_std"),
+                "precision": row.get("precision"), "recall": row.get("recall"), "fd": row.get("frechet_distance"),
+                "num_parameters": int(row["num_parameters"]) if row.get("num_parameters") else None,
+                "sampling_seconds": row.get("sampling_seconds")}
+               for row in summary if row["method"] in ("original", "random", method) or row["method"] == method]
+    own = next(row for row in summary if row["method"] == method and row["eta"] == eta)
+    model_name = f"dit-{method}-eta{eta:g}"
+    time_law = {"small_t": str(SMALL_TIME), "uniform_t": str(UNIFORM_TIME), "ablation": str(SMALL_TIME)}.get(method)
+    save_model_card(
+        folder, "pruned_variant",
+        metadata={"model_name": model_name, "license": "apache-2.0"},
+        eval_results=[{"metric_type": "memorization_ratio", "metric_name": "Memorization ratio (1/3 rule)",
+                       "metric_value": round(own["memorization_ratio"], 4), "dataset_name": data.source},
+                      {"metric_type": "frechet_distance", "metric_name": "Frechet distance (own feature space)",
+                       "metric_value": round(own["frechet_distance"], 4), "dataset_name": data.source}],
+        model_name=model_name, base_model=base_model_name, method=METHOD_TITLES.get(method, method), eta=eta,
+        num_pruned_heads=sum(len(h) for h in pruned.pruned_heads.values()),
+        num_heads=sum(pruned.model.heads_per_layer()) + sum(len(h) for h in pruned.pruned_heads.values()),
+        pruned_heads={str(k): v for k, v in pruned.pruned_heads.items()},
+        time_distribution=(f"{time_law} on t / T" if time_law else "none (random scores)"),
+        finetune_steps=config.finetune.max_train_steps, num_train_images=len(data), dataset_source=data.source,
+        metrics=metrics, num_seeds=len(config.seeds),
+        sampler=f"{config.sampler.upper()} {config.num_inference_steps} steps",
+    )

@@ -1,0 +1,3 @@
+from .pipeline_memsep import MemSepPipeline, MemSepPipelineOutput
+
+__all__ = ["MemSepPipeline", "MemSepPipelineOutput"]

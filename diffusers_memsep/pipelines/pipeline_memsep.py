@@ -1,0 +1,330 @@
+"""MemSepPipeline: class-conditional DiT sampling in pixel or latent space that says which samples copy training data.
+
+diffusers' ``DiTPipeline`` requires a VAE and hard-codes ImageNet's null class 1000; this pipeline serves small
+pixel-space DiTs, takes the null class from the model itself, and carries the training-set reference
+(:class:`~diffusers_memsep.memorization.NearestNeighborIndex`) so a pipeline loaded later can still apply the
+paper's memorization rule to what it generates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..memorization import NearestNeighborIndex, memorization_report
+from ..models import PrunableDiTTransformer2DModel  # noqa: F401  (registers the class for from_pretrained)
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["MemSepPipeline", "MemSepPipelineOutput"]
+
+
+@dataclass
+class MemSepPipelineOutput(BaseOutput):
+    """
+    Output of :class:`MemSepPipeline`.
+
+    Args:
+        images (`list[PIL.Image.Image]` | `np.ndarray` | `torch.Tensor`): the samples, values in ``[0, 1]``
+            (``np``: ``[B, H, W, C]``; ``pt``: ``[B, C, H, W]``).
+        memorized (`torch.BoolTensor` `[B]`, *optional*): the paper's rule
+            ``||x - x_(1)||^2 <= (1/9) ||x - x_(2)||^2`` against the pipeline's ``reference``; None without one.
+        distance_ratio (`torch.Tensor` `[B]`, *optional*): ``||x - x_(1)||^2 / ||x - x_(2)||^2``.
+        nearest_index (`torch.LongTensor` `[B]`, *optional*): row of the nearest training image in the reference;
+            :meth:`MemSepPipeline.training_images` returns those images to show beside the samples.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    memorized: torch.Tensor | None = None
+    distance_ratio: torch.Tensor | None = None
+    nearest_index: torch.Tensor | None = None
+
+
+class MemSepPipeline(DiffusionPipeline):
+    r"""
+    Sample a (prunable) DiT and check every sample against the training set.
+
+    Components:
+        transformer ([`~diffusers.DiTTransformer2DModel`] or [`~diffusers_memsep.PrunableDiTTransformer2DModel`]):
+            epsilon-prediction DiT; ``config.num_embeds_ada_norm`` classes plus one null class (index
+            ``num_embeds_ada_norm``, the extra row of DiT's label table) used for unconditional sampling and as the
+            unconditional branch of classifier-free guidance.
+        scheduler ([`~diffusers.SchedulerMixin`]): any epsilon-prediction scheduler (DDPM, DDIM, DPM-Solver++...).
+        vae ([`~diffusers.AutoencoderKL`], *optional*): latent space when given; pixel space when None.
+        reference ([`~diffusers_memsep.memorization.NearestNeighborIndex`], *optional*): the training images in
+            pixel space, model data range ``[-1, 1]``; saved in its own sub-folder by ``save_pretrained``.
+        small_t_transformer (*optional*): a second DiT with the same input/output (e.g. a head-pruned copy) for
+            *time-routed sampling*: with a switch timestep ``s`` (``small_t_switch``, in the scheduler's
+            train-timestep numbering, 0 = least noise), steps with ``t < s`` use ``small_t_transformer`` and the others
+            ``transformer``. The paper (Section 5) locates memorization at small noise levels, where the empirical
+            score is hardest to represent; routing only those steps to the pruned model keeps the original model's
+            global structure.
+
+    Config values (saved in ``model_index.json``):
+        small_t_switch (`int`, *optional*): default switch timestep for routing (overridden by ``__call__``).
+        label_dropout_prob (`float`, *optional*): fraction of training labels replaced by the null class, written by
+            the trainer: 0 means the null class was never learned (guidance and unconditional sampling refused),
+            1 means an unconditional model (class labels refused); None = unknown (only the label table is checked).
+
+    Where the memorization check looks: at the generated images in pixel space, after the VAE decode and the clamp
+    to ``[-1, 1]``, against the training images in the same space. The paper's rule is defined on data points and
+    the user's question is "does this *image* copy a training image"; latent distances would depend on the VAE's
+    (stochastic, lossy) encoding of the training set, and pixel space is what the samples are judged in.
+    """
+
+    model_cpu_offload_seq = "transformer->small_t_transformer->vae"
+    _optional_components = ["vae", "reference", "small_t_transformer"]
+
+    def __init__(
+        self,
+        transformer: DiTTransformer2DModel,
+        scheduler: KarrasDiffusionSchedulers,
+        vae: AutoencoderKL | None = None,
+        reference: NearestNeighborIndex | None = None,
+        small_t_transformer: DiTTransformer2DModel | None = None,
+        small_t_switch: int | None = None,
+        label_dropout_prob: float | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            reference=reference,
+            small_t_transformer=small_t_transformer,
+        )
+        self.register_to_config(small_t_switch=small_t_switch, label_dropout_prob=label_dropout_prob)
+        self.check_components()
+
+    # ------------------------------------------------------------------------------------------------ checks
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the generated images (after the VAE decode in latent space)."""
+        config = self.transformer.config
+        size = config.sample_size
+        if self.vae is None:
+            return (config.in_channels, size, size)
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.out_channels, size * scale, size * scale)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def null_class(self) -> int:
+        """Index of the null ("no class") label: the extra last row of DiT's label table, never a fixed 1000."""
+        return self.num_classes
+
+    def check_components(self) -> None:
+        """Raise a ValueError when the components do not fit together (called at construction and per call)."""
+        config = self.transformer.config
+        if getattr(config, "num_embeds_ada_norm", None) is None:
+            raise ValueError("transformer.config.num_embeds_ada_norm is None: MemSepPipeline needs a DiT with a label table.")
+        if self.vae is not None and self.vae.config.latent_channels != config.in_channels:
+            raise ValueError(
+                f"vae has {self.vae.config.latent_channels} latent channels but the transformer takes "
+                f"{config.in_channels}; use the VAE the model was trained with."
+            )
+        if self.reference is not None and tuple(self.reference.sample_shape) != self.image_shape:
+            raise ValueError(
+                f"reference holds images of shape {tuple(self.reference.sample_shape)} but this pipeline generates "
+                f"{self.image_shape} (C, H, W); build it with NearestNeighborIndex.from_images(train_images) from the "
+                "training images at the model's resolution and channel count, in [-1, 1]."
+            )
+        if self.small_t_transformer is not None:
+            small = self.small_t_transformer.config
+            for key in ("in_channels", "out_channels", "sample_size", "patch_size", "num_embeds_ada_norm"):
+                if getattr(small, key) != getattr(config, key):
+                    raise ValueError(
+                        f"small_t_transformer.config.{key}={getattr(small, key)} differs from transformer's "
+                        f"{getattr(config, key)}; the routed model must be a (pruned) copy of the same model."
+                    )
+
+    def _check_null_class(self, why: str) -> None:
+        if self.config.get("label_dropout_prob") == 0:
+            raise ValueError(
+                f"{why} needs the null class, but this model was trained with label_dropout_prob=0 (the null class was "
+                "never learned); sample class-conditionally with guidance_scale=1, or retrain with label dropout."
+            )
+        for model in (self.transformer, self.small_t_transformer):
+            for module in model.modules() if model is not None else ():
+                if isinstance(module, LabelEmbedding) and module.embedding_table.num_embeddings <= self.num_classes:
+                    raise ValueError(
+                        f"{why} needs the null class {self.null_class}, but the model's label table has only "
+                        f"{module.embedding_table.num_embeddings} rows (it was built without a null class); pass "
+                        "class_labels and guidance_scale=1."
+                    )
+
+    def _prepare_labels(self, class_labels, batch_size: int | None, device) -> torch.Tensor:
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}: pass a positive integer.")
+        if class_labels is None:
+            self._check_null_class("Unconditional sampling (class_labels=None)")
+            return torch.full((batch_size or 1,), self.null_class, dtype=torch.long, device=device)
+        if self.config.get("label_dropout_prob") == 1:
+            raise ValueError("This model was trained unconditionally (label_dropout_prob=1): pass class_labels=None.")
+        if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+            labels = torch.full((batch_size or 1,), class_labels, dtype=torch.long)
+        else:
+            labels = torch.as_tensor(class_labels)
+            if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1 or labels.numel() == 0:
+                raise ValueError(f"class_labels must be an int or a non-empty 1-D list/tensor of ints, got {class_labels!r}.")
+            if batch_size is not None and batch_size != labels.numel():
+                raise ValueError(
+                    f"batch_size={batch_size} but {labels.numel()} class labels were given; pass one label per "
+                    "sample, or an int label with batch_size."
+                )
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(
+                f"class labels must lie in [0, {self.num_classes - 1}] (the model has {self.num_classes} classes), "
+                f"got {labels.tolist()}; use class_labels=None for unconditional samples."
+            )
+        return labels.to(device=device, dtype=torch.long)
+
+    # ------------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        check_memorization: bool = True,
+        small_t_switch: int | None = None,
+    ) -> MemSepPipelineOutput | tuple:
+        r"""
+        Generate images and, when the pipeline has a ``reference``, flag those that copy a training image.
+
+        Args:
+            class_labels: one label per sample (list or 1-D tensor), one int for all ``batch_size`` samples, or None
+                for unconditional samples (the model's null class ``num_embeds_ada_norm``).
+            batch_size: number of samples when ``class_labels`` is None or an int (default 1).
+            num_inference_steps: denoising steps (>= 1).
+            guidance_scale: classifier-free guidance weight ``w``: ``eps = eps_null + w (eps_class - eps_null)``;
+                enabled when ``> 1``, needs class labels and a model that learned its null class.
+            generator: ``torch.Generator`` (or one per sample) for reproducible samples.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_dict: return a :class:`MemSepPipelineOutput` (else the tuple of its four fields).
+            check_memorization: compare the samples with ``reference`` (ignored when there is none).
+            small_t_switch: time routing switch (see the class docstring); defaults to ``config.small_t_switch``.
+        """
+        self.check_components()
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: use an integer >= 1 (e.g. 50).")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'pt'.")
+        device = self._execution_device
+        labels = self._prepare_labels(class_labels, batch_size, device)
+        guided = guidance_scale > 1
+        if guided:
+            if class_labels is None:
+                raise ValueError("guidance_scale > 1 needs class_labels: guiding the null class towards itself does nothing.")
+            self._check_null_class("Classifier-free guidance (guidance_scale > 1)")
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        switch = small_t_switch if small_t_switch is not None else self.config.get("small_t_switch")
+        if switch is not None and self.small_t_transformer is None:
+            raise ValueError("small_t_switch is set but the pipeline has no small_t_transformer; pass one, or no switch.")
+        if self.small_t_transformer is not None and switch is None:
+            logger.warning("small_t_transformer is set but no small_t_switch: sampling uses `transformer` only.")
+
+        config = self.transformer.config
+        channels, size = config.in_channels, config.sample_size
+        num_samples = labels.shape[0] // (2 if guided else 1)
+        latents = randn_tensor(
+            (num_samples, channels, size, size), generator=generator, device=device, dtype=self.transformer.dtype
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        full_output = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+
+        with _eval_mode(self.transformer, self.small_t_transformer):
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model = self.transformer
+                if switch is not None and int(t) < switch:
+                    model = self.small_t_transformer
+                model_input = torch.cat([latents, latents]) if guided else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
+                noise_pred = model(model_input, timestep=timesteps, class_labels=labels).sample
+                # Learned-sigma DiTs output [eps, variance]; only eps is guided, the variance follows the class branch.
+                eps, rest = noise_pred[:, :channels], noise_pred[:, channels:]
+                if guided:
+                    eps_class, eps_null = eps.chunk(2)
+                    eps, rest = eps_null + guidance_scale * (eps_class - eps_null), rest.chunk(2)[0]
+                model_output = torch.cat([eps, rest], 1) if full_output and rest.shape[1] else eps
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+
+        if self.vae is not None:
+            latents = latents / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None):
+                latents = latents + self.vae.config.shift_factor
+            samples = self.vae.decode(latents.to(self.vae.dtype)).sample
+        else:
+            samples = latents
+        samples = samples.float().clamp(-1, 1)  # the model's data range; the reference holds [-1, 1] images
+
+        memorized = distance_ratio = nearest_index = None
+        if check_memorization and self.reference is not None:
+            result = memorization_report(samples, self.reference)
+            memorized, distance_ratio = result.memorized.cpu(), result.distance_ratio.cpu()
+            nearest_index = result.nearest_index.cpu()
+
+        images = self._to_output(samples, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, memorized, distance_ratio, nearest_index)
+        return MemSepPipelineOutput(
+            images=images, memorized=memorized, distance_ratio=distance_ratio, nearest_index=nearest_index
+        )
+
+    def training_images(self, indices: torch.Tensor | Sequence[int], output_type: str = "pil"):
+        """The reference's training images at ``indices`` (e.g. ``output.nearest_index``), in the same format as the
+        pipeline's output, to show each sample beside the image it is closest to."""
+        if self.reference is None:
+            raise ValueError(
+                "This pipeline has no reference; add one with "
+                "pipe.register_modules(reference=NearestNeighborIndex.from_images(train_images))."
+            )
+        indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.reference.num_images):
+            raise ValueError(f"indices must lie in [0, {self.reference.num_images - 1}].")
+        return self._to_output(self.reference.images[indices.to(self.reference.images.device)], output_type)
+
+    def _to_output(self, samples: torch.Tensor, output_type: str):
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'pt'.")
+        images = (samples.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
+
+
+@contextlib.contextmanager
+def _eval_mode(*models):
+    """Sample in eval mode (DiT drops labels at random in train mode) and restore each model's mode after."""
+    models = [model for model in models if model is not None]
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)

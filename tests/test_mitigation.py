@@ -1,0 +1,113 @@
+"""The mitigation study, `memsep demo --quick` and `memsep prune` end to end (tiny settings: wiring, not results)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from diffusers_memsep import MemSepPipeline, PrunableDiTTransformer2DModel
+from diffusers_memsep.cli import main
+from diffusers_memsep.evaluate import markdown_table, summarize
+from diffusers_memsep.mitigation import PruningStudyConfig
+
+QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
+               "--importance_batch_size", "8", "--num_samples", "16", "--num_inference_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--output_dir", str(output), "--routed_switch", "500"]) == 0
+    return output
+
+
+def test_demo_writes_report_tables_figures_variants_and_cards(demo_dir):
+    for name in ("report.md", "runs.csv", "summary.csv", "memorization_vs_quality.png", "samples_nearest.png",
+                 "base/model_index.json", "base/README.md"):
+        assert (demo_dir / name).is_file(), name
+    rows = list(csv.DictReader((demo_dir / "runs.csv").open()))
+    methods = [row["method"] for row in rows]
+    assert methods[0] == "original" and "small_t" in methods and "random" in methods
+    assert any(m.startswith("small_t+routed") for m in methods)
+    for row in rows:
+        assert 0.0 <= float(row["memorization_ratio"]) <= 1.0
+        assert float(row["frechet_distance"]) >= 0.0
+        assert row["feature_space"] == "digits-classifier feature space"
+    report = (demo_dir / "report.md").read_text()
+    assert "random" in report and "small_t" in report and "Frechet distance in digits-classifier" in report
+    assert "FID" not in report
+
+
+def test_demo_variants_are_pruned_pipelines_that_reload(demo_dir):
+    base = MemSepPipeline.from_pretrained(demo_dir / "base")
+    total = sum(base.transformer.heads_per_layer())
+    for method in ("small_t", "random"):
+        folder = demo_dir / "variants" / f"{method}-eta0.2"
+        pipe = MemSepPipeline.from_pretrained(folder)
+        assert isinstance(pipe.transformer, PrunableDiTTransformer2DModel)
+        assert sum(pipe.transformer.heads_per_layer()) == total - int(0.2 * total)
+        assert json.loads((folder / "transformer" / "config.json").read_text())["pruned_heads"]
+        assert pipe.reference is not None and pipe.reference.num_images == base.reference.num_images
+        out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+        assert out.images.shape == (2, 1, 8, 8) and out.memorized.shape == (2,)
+        card = (folder / "README.md").read_text()
+        assert "random pruning" in card.lower() and "model-index" in card
+
+
+def test_prune_command_on_a_saved_pipeline(demo_dir, tmp_path, capsys):
+    output = tmp_path / "pruned"
+    code = main(["prune", "--pipeline", str(demo_dir / "base"), "--output_dir", str(output), "--methods", "ablation",
+                 "uniform_t", "--etas", "0.5", *QUICK_PRUNE])
+    assert code == 0
+    summary = list(csv.DictReader((output / "summary.csv").open()))
+    assert [row["method"] for row in summary] == ["original", "ablation", "uniform_t"]
+    assert (output / "variants" / "ablation-eta0.5" / "model_index.json").is_file()
+    assert "report:" in capsys.readouterr().out
+
+
+def test_prune_push_offline_fails_in_one_line_and_keeps_the_variant(demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "pushed"
+    code = main(["prune", "--pipeline", str(demo_dir / "base"), "--output_dir", str(output), "--methods", "random",
+                 *QUICK_PRUNE, "--push_to_hub", "--hub_model_id_prefix", "someone/dit"])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "HF_HUB_OFFLINE" in error[0] and "intact" in error[0]
+    assert (output / "variants" / "random-eta0.2" / "model_index.json").is_file()
+
+
+def test_prune_refuses_a_pipeline_without_reference(demo_dir, tmp_path, capsys):
+    pipe = MemSepPipeline.from_pretrained(demo_dir / "base")
+    pipe.register_modules(reference=None)
+    pipe.save_pretrained(tmp_path / "no_reference")
+    code = main(["prune", "--pipeline", str(tmp_path / "no_reference"), "--output_dir", str(tmp_path / "out"),
+                 *QUICK_PRUNE])
+    assert code == 2 and "no training reference" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(methods=("magnitude",)), "unknown pruning method"),
+    (dict(etas=(1.0,)), "eta must lie in"),
+    (dict(etas=(0.0,)), "eta must lie in"),
+    (dict(seeds=()), "at least one seed"),
+    (dict(sampler="euler"), "sampler"),
+])
+def test_study_config_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruningStudyConfig(**kwargs)
+
+
+def test_summarize_means_and_sample_std_per_group():
+    rows = [{"method": "a", "eta": 0.2, "memorization_ratio": r, "precision": 1.0, "recall": 0.5,
+             "frechet_distance": f, "num_parameters": 10, "sampling_seconds": 1.0}
+            for r, f in [(0.2, 1.0), (0.4, 3.0)]]
+    rows.append({**rows[0], "method": "b"})
+    summary = summarize(rows)
+    assert [s["method"] for s in summary] == ["a", "b"] and summary[0]["runs"] == 2
+    assert summary[0]["memorization_ratio"] == pytest.approx(0.3)
+    assert summary[0]["memorization_ratio_std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of 0.2, 0.4
+    assert summary[1]["memorization_ratio_std"] == 0.0
+    table = markdown_table(summary, [("method", "m"), ("memorization_ratio", "mem")])
+    assert "| a | 0.300 +- 0.141 |" in table and "| b | 0.200 |" in table
