@@ -13,7 +13,7 @@ What is measured, how, against what:
   ``--repeats`` rounds in one process, so they share the same CPU load; the report gives the median and best
   queries/s and the ratio of medians;
 - peak memory: each method runs once more in a fresh subprocess; the number is the growth of the process's peak
-  resident set (``ru_maxrss``) during index build and during search, above the loaded data;
+  resident set (Linux ``VmHWM``, reset before each phase) during index build and during search;
 - correctness: every method's neighbours are compared with an exact float64 brute force (chunked).
 Nothing is asserted; the numbers are printed.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -99,20 +98,35 @@ def exact_neighbors(train: np.ndarray, queries: np.ndarray, chunk: int = 5000) -
     return best_i.numpy()
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def memory_child(method: str, data_file: str) -> None:
-    """Run in a fresh process: peak-RSS growth of build and of search, above the loaded data."""
+    """Run in a fresh process: peak-RSS growth of build and of search, each above the resident set before it."""
     data = np.load(data_file)
     train, queries = np.ascontiguousarray(data["train"]), np.ascontiguousarray(data["queries"])
-    base = peak_rss_mb()
-    index = build(method, train)
-    after_build = peak_rss_mb()
-    search(method, index, queries)
-    after_search = peak_rss_mb()
-    print(json.dumps({"build_mb": after_build - base, "search_mb": after_search - after_build}))
+    growth = {}
+    index = None
+    for phase in ("build", "search"):
+        before = _status_mb("VmRSS")
+        _reset_peak_rss()
+        if phase == "build":
+            index = build(method, train)
+        else:
+            search(method, index, queries)
+        growth[phase + "_mb"] = _status_mb("VmHWM") - before
+    print(json.dumps(growth))
 
 
 def main() -> None:
@@ -192,6 +206,9 @@ def main() -> None:
             f"{vs_cdist:>9}{mem.get('build_mb', float('nan')):>10.0f}{mem.get('search_mb', float('nan')):>11.0f}"
             f"  {same:>6}/{args.num_queries}"
         )
+    if "ours" in methods:
+        print(f"NearestNeighborIndex: {indexes['ours'].last_search_fallbacks} of {args.num_queries} queries needed the "
+              "float64 fallback in the last round")
     print("\nq/s = queries per second over all queries (median and best of the rounds); x = ratio of medians;")
     print("MB = growth of peak RSS in a fresh process (build: the index's own copy of the data; search: workspace);")
     print("top-2 = exact: queries whose two neighbours equal a float64 brute force (order included).")

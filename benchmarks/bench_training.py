@@ -8,6 +8,12 @@ is printed separately). The bare loop is what one would write by hand: index a b
 forward, MSE, backward, clip, step, ``torch._foreach_lerp_`` EMA.
 
     python benchmarks/bench_training.py [--rounds 5 --steps 40 --batch 64 --threads 2]
+
+Second mode, how fast a setting memorizes (the research behind the default in docs/training.md): train with
+``train_dit`` and, every ``--eval_every`` steps, sample the EMA model with each sampler from the same noise and print
+the memorization ratio (1/3 rule against the n training digits) with the training wall and CPU seconds so far:
+
+    python benchmarks/bench_training.py memorization --n 32 --batch 32 --lr 2e-3 --steps 2000 --eval_every 250
 """
 
 from __future__ import annotations
@@ -44,7 +50,66 @@ def bare_loop(model, images, scheduler, steps, batch, lr, seed):
     return steps * batch / (time.perf_counter() - start)
 
 
+def memorization_speed(argv):
+    import json
+
+    parser = argparse.ArgumentParser(description="How fast a training setting memorizes the embedded digits.")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--eval_every", type=int, default=500)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--cond", action="store_true", help="Class-conditional (labels cycle over the 10 digits).")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samplers", default="ddim50,ddpm100", help="Comma list of ddpm<steps> / ddim<steps>.")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from diffusers_memsep.data import load_training_data
+    from diffusers_memsep.training import (TrainingConfig, build_pipeline, make_dit, make_noise_scheduler,
+                                           sample_and_measure, train_dit)
+
+    torch.manual_seed(args.seed)
+    data = load_training_data(max_train_samples=args.n, seed=args.seed, label_column="label" if args.cond else None)
+    model = make_dit(num_classes=data.num_classes)
+    scheduler = make_noise_scheduler()
+    clock = {"wall": 0.0, "cpu": 0.0, "wall0": time.perf_counter(), "cpu0": time.process_time()}
+
+    def evaluate(model_with_ema, step):
+        clock["wall"] += time.perf_counter() - clock["wall0"]
+        clock["cpu"] += time.process_time() - clock["cpu0"]
+        row = {"step": step, "train_wall_s": round(clock["wall"], 1), "train_cpu_s": round(clock["cpu"], 1)}
+        pipeline = build_pipeline(model_with_ema, scheduler, data)
+        pipeline.set_progress_bar_config(disable=True)
+        for sampler in args.samplers.split(","):
+            kind, steps = sampler[:4], int(sampler[4:])
+            chosen = (DDPMScheduler if kind == "ddpm" else DDIMScheduler).from_config(scheduler.config)
+            _, row[sampler] = sample_and_measure(pipeline, args.samples, steps, data.num_classes, seed=1234,
+                                                 scheduler=chosen)
+        print(json.dumps(row), flush=True)
+        clock["wall0"], clock["cpu0"] = time.perf_counter(), time.process_time()
+
+    config = TrainingConfig(max_train_steps=args.steps, train_batch_size=args.batch, learning_rate=args.lr,
+                            lr_warmup_steps=args.warmup, ema_max_decay=args.ema, validation_steps=args.eval_every,
+                            show_progress=False, seed=args.seed)
+    print(f"n={args.n} ({data.source}), {'conditional' if args.cond else 'unconditional'}, lr {args.lr}, "
+          f"batch {args.batch}, EMA max decay {args.ema}, {args.samples} samples per sampler, {args.threads} thread(s)")
+    train_dit(model, data, scheduler, config, validation_fn=evaluate)
+    print(f"training images/s: {args.steps * args.batch / clock['wall']:.1f} wall, "
+          f"{args.steps * args.batch / clock['cpu']:.1f} per CPU-second")
+
+
 def main():
+    import sys
+
+    if sys.argv[1:2] == ["memorization"]:
+        return memorization_speed(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per round and contender.")

@@ -278,7 +278,18 @@ def test_tiny_suite_writes_every_output(tmp_path):
         rows = list(csv.DictReader(handle))
     assert {row["figure"] for row in rows} == {"figure2", "size_by_n", "dim_by_n", "weight_decay_by_n"}
     assert json.loads((tmp_path / "gmm_summary.json").read_text())["runs"] == summary["runs"]
+    with open(tmp_path / "gmm_capacity_threshold.csv") as handle:
+        thresholds = list(csv.DictReader(handle))
+    assert [int(t["num_train"]) for t in thresholds] == [8, 16] and "threshold_parameters" in thresholds[0]
+    assert {"fit", "fit_parameters"} <= set(summary)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]  # atomic writes cleaned up
+    (tmp_path / "gmm_figure2.png").unlink()
+    assert main(["gmm", "--output_dir", str(tmp_path), "--replot"]) == 0  # redraw from the files, no training
+    assert (tmp_path / "gmm_figure2.png").stat().st_size > 0
+    replotted = json.loads((tmp_path / "gmm_summary.json").read_text())
+    assert [t["num_train"] for t in replotted["thresholds"]] == [t["num_train"] for t in summary["thresholds"]]
+    assert replotted["figure2"] == summary["figure2"]
+    assert main(["gmm", "--output_dir", str(tmp_path / "empty"), "--replot"]) == 2  # nothing to redraw: clear error
 
 
 def test_cli_custom_sweep_and_bad_sweep(tmp_path, capsys):

@@ -202,3 +202,21 @@ def test_frechet_distance_with_feature_callable():
     assert math.isfinite(value) and value > 0.5
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(real[:1], fake)
+
+
+def test_half_precision_reference_still_searches_in_float32(train_images):
+    index = NearestNeighborIndex(train_images).to(torch.float16)
+    queries = train_images[:4].half().float() + 0.01
+    _, expected = brute_force(queries, train_images.half().float(), 2)
+    assert torch.equal(index.search(queries)[1], expected)
+
+
+def test_tiny_chunks_and_float64_fallback_blocks(train_images):
+    # chunks smaller than the candidate list, and a forced float64 re-search (no spare candidates)
+    queries = train_images[:6] + 0.02
+    index = NearestNeighborIndex(train_images)
+    distances, indices = index.search(queries, k=4, chunk_size=3, spare_candidates=0)
+    assert index.last_search_fallbacks == 6
+    expected_distances, expected_indices = brute_force(queries, train_images, 4)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(distances.double(), expected_distances, rtol=1e-5, atol=1e-6)

@@ -258,8 +258,12 @@ def test_save_load_round_trip_gives_identical_images(tmp_path):
 
 
 def test_prunable_transformer_round_trip(tmp_path):
+    import diffusers_memsep.models.prunable_dit as prunable_dit
     from diffusers_memsep import PrunableDiTTransformer2DModel
 
+    # DiffusionPipeline.from_pretrained picks a component's load method by looking up `ModelMixin` in the module
+    # named in model_index.json (diffusers pipeline_loading_utils.get_class_obj_and_candidates).
+    assert hasattr(prunable_dit, "ModelMixin"), "prunable_dit.py must import diffusers.ModelMixin for from_pretrained"
     pruned = PrunableDiTTransformer2DModel.from_dit(tiny_dit(seed=2))
     pruned.prune_heads({0: [1]})
     pipe = make_pipe(small_t_transformer=pruned, small_t_switch=60)
@@ -268,7 +272,9 @@ def test_prunable_transformer_round_trip(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.small_t_transformer, PrunableDiTTransformer2DModel)
     assert loaded.config.small_t_switch == 60
-    assert torch.equal(sample(pipe, class_labels=[2]).images, sample(loaded, class_labels=[2]).images)
+    # the physically pruned weights are re-sliced at load time: same values, possibly another memory layout, so
+    # float32 kernels may round differently in the last bits
+    torch.testing.assert_close(sample(pipe, class_labels=[2]).images, sample(loaded, class_labels=[2]).images, rtol=0, atol=1e-5)
 
 
 LOAD_BY_REPO_ID = textwrap.dedent(
@@ -325,3 +331,12 @@ def test_push_to_hub_then_load_by_repo_id_offline(tmp_path, monkeypatch):
     expected = sample(pipe, class_labels=[1, 5])
     assert torch.equal(loaded["images"], expected.images)
     assert torch.equal(loaded["nearest_index"], expected.nearest_index)
+
+
+def test_learned_sigma_is_passed_to_schedulers_that_learn_the_variance():
+    for variance_type, channels in (("learned_range", 2), ("fixed_small", 1)):
+        pipe = make_pipe(scheduler=DDPMScheduler(num_train_timesteps=100, variance_type=variance_type))
+        seen, step = [], pipe.scheduler.step
+        pipe.scheduler.step = lambda model_output, *a, **k: seen.append(model_output.shape[1]) or step(model_output, *a, **k)
+        sample(pipe, class_labels=[1, 2], guidance_scale=2.0)
+        assert set(seen) == {channels}

@@ -380,3 +380,13 @@ def test_loss_gap_command_writes_csv_and_png(tmp_path):
     assert (tmp_path / "loss_gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_gap.csv", "loss_gap.png"]  # no temp files left
     assert main(["loss-gap", "--output_dir", str(tmp_path), "--t_min", "0"]) == 2  # bad input: one clear line
+
+
+def test_training_script_is_the_same_command():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "loss_gap.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--n_values" in result.stdout and "--num_noise_samples" in result.stdout

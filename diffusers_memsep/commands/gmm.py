@@ -2,7 +2,8 @@
 
 Without ``--sweep`` it runs the whole suite (:func:`diffusers_memsep.experiments.run_gmm_suite`) and writes
 ``gmm_runs.csv``, ``gmm_capacity_threshold.csv``, ``gmm_summary.json`` and the PNGs ``gmm_figure2``,
-``gmm_figure3a``, ``gmm_figure3b`` and ``gmm_capacity_threshold`` into ``--output_dir``. ``--scale default``
+``gmm_figure3a``, ``gmm_figure3b`` and ``gmm_capacity_threshold`` into ``--output_dir`` (``--replot`` redraws them
+from those files without training). ``--scale default``
 takes about 10 minutes on 2 CPU cores; ``--scale paper`` uses the paper's sizes (GPU, hours); ``--scale tiny``
 is a seconds-long smoke run. With ``--sweep NAME=V1,V2,...`` (repeatable) it runs that grid instead and writes
 ``gmm_sweep.csv`` and ``gmm_sweep.png``.
@@ -30,12 +31,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "num_train, dim, weight_decay, steps, ...). Repeat to combine.")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="fixed",
                         help="Fix a run parameter of a custom sweep, e.g. --set dim=16.")
+    parser.add_argument("--replot", action="store_true",
+                        help="Redraw the figures from the CSV and saved samples already in --output_dir (no training).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers_memsep.experiments import GMMRunSpec, parse_sweep_argument, run_gmm_suite, run_gmm_sweep
+    from diffusers_memsep.experiments import (
+        GMMRunSpec,
+        parse_sweep_argument,
+        replot_gmm_suite,
+        run_gmm_suite,
+        run_gmm_sweep,
+    )
 
+    if args.sweep and args.replot:
+        raise ValueError("--replot redraws the suite's figures; drop --sweep (or --replot).")
     if args.sweep:
         grid = dict(parse_sweep_argument(text) for text in args.sweep)
         fixed = {name: values[0] for name, values in (parse_sweep_argument(text) for text in args.fixed)}
@@ -51,18 +62,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_dir}/gmm_sweep.csv and gmm_sweep.png")
         return 0
     overrides = {} if args.steps is None else {"steps": args.steps}
-    summary = run_gmm_suite(args.output_dir, scale=args.scale, workers=args.workers, seed=args.seed,
-                            device=args.device, depth=args.depth, level=args.level,
-                            progress=not args.no_progress, **overrides)
+    if args.replot:
+        summary = replot_gmm_suite(args.output_dir, level=args.level)
+    else:
+        summary = run_gmm_suite(args.output_dir, scale=args.scale, workers=args.workers, seed=args.seed,
+                                device=args.device, depth=args.depth, level=args.level,
+                                progress=not args.no_progress, **overrides)
     for row in summary["figure2"]:
         print(f"figure 2: width {row['width']:>5} ({row['num_parameters']:>7,} params): memorized "
               f"{row['memorization_ratio']:.3f}, log-lik {row['mean_log_likelihood']:.2f} "
               f"(true samples: {row['true_samples_memorization_ratio']:.3f}, {row['true_samples_mean_log_likelihood']:.2f})")
     for t in summary["thresholds"]:
-        print(f"capacity threshold at n={t['num_train']}: width {t['threshold']:.1f}"
+        print(f"capacity threshold at n={t['num_train']}: width {t['threshold']:.1f} "
+              f"({t['threshold_parameters']:,.0f} parameters)"
               + (" (already above at the smallest width)" if t["censored"] else ""))
-    fit = summary["fit"]
-    print("growth fit: " + (f"width ~ {fit['prefactor']:.3g} * n^{fit['exponent']:.2f} (R^2 {fit['r_squared']:.3f}, "
-                            f"{fit['points']} points)" if fit else "fewer than two n reached the level: no fit"))
+    fit, fit_parameters = summary["fit"], summary["fit_parameters"]
+    if fit:
+        print(f"growth fit: width ~ {fit['prefactor']:.3g} * n^{fit['exponent']:.2f} (R^2 {fit['r_squared']:.3f}, "
+              f"{fit['points']} points); parameters ~ {fit_parameters['prefactor']:.3g} * "
+              f"n^{fit_parameters['exponent']:.2f} (R^2 {fit_parameters['r_squared']:.3f})")
+    else:
+        print("growth fit: fewer than two n reached the level: no fit")
     print(f"wrote CSV, JSON and PNGs to {args.output_dir}")
     return 0

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_times < 2:
         raise ValueError(f"--num_times must be >= 2 (got {args.num_times}).")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} was asked for but CUDA is not available; use --device cpu.")
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     mixture = GaussianMixture.random(args.num_components, args.dim, mean_scale=args.mean_scale, generator=generator,

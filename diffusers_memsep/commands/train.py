@@ -1,8 +1,9 @@
 """``memsep train`` = ``accelerate launch training/train_dit.py``: train a DiT, leave a ``MemSepPipeline`` folder.
 
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. With no data flag
-the embedded digits are used (offline); the defaults are the documented fast-memorizing setting
-(``docs/training.md``): 64 digits, a 4-layer DiT with 4 heads of 32, memorized within a few minutes on a CPU.
+the embedded digits are used (offline); the defaults are the documented memorizing setting
+(``docs/training.md``): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps (~8 min on a
+2-core CPU), after which most DDPM-1000 samples copy a training image.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint-<step> folder or 'latest'.")
     run.add_argument("--logging_dir", default="logs", help="TensorBoard folder, inside --output_dir.")
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
-    run.add_argument("--validation_steps", type=int, default=500,
+    run.add_argument("--validation_steps", type=int, default=2000,
                      help="Sample a grid and measure the memorization ratio every N steps (always at the end).")
     run.add_argument("--validation_num_samples", type=int, default=64,
                      help="Samples per validation (0: no validation, no ratio in the card).")

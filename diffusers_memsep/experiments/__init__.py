@@ -23,7 +23,7 @@ from .gmm import (
     sweep_specs,
     train_score_mlp,
 )
-from .gmm_figures import SCALES, run_gmm_suite, run_gmm_sweep, suite_specs
+from .gmm_figures import SCALES, draw_gmm_suite, replot_gmm_suite, run_gmm_suite, run_gmm_sweep, suite_specs
 
 __all__ = [
     "GMMRunResult",
@@ -33,12 +33,14 @@ __all__ = [
     "ThresholdFit",
     "TrainConfig",
     "capacity_thresholds",
+    "draw_gmm_suite",
     "dsm_loss",
     "evaluate_samples",
     "fit_threshold_growth",
     "generate_samples",
     "make_mixture",
     "parse_sweep_argument",
+    "replot_gmm_suite",
     "run_gmm_experiment",
     "run_gmm_suite",
     "run_gmm_sweep",

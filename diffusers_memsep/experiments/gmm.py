@@ -32,12 +32,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-import multiprocessing
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -164,8 +163,8 @@ def dsm_loss(model: GMMScoreMLP, x0: torch.Tensor, t: torch.Tensor, noise: torch
 class TrainConfig:
     """How :func:`train_score_mlp` trains (the paper gives none of this; see the module docstring)."""
 
-    steps: int = 3000
-    batch_size: int = 256
+    steps: int = 2000
+    batch_size: int = 128
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     t_min: float = 1e-3
@@ -224,7 +223,7 @@ def train_score_mlp(model: GMMScoreMLP, train: torch.Tensor, config: TrainConfig
 
 @torch.no_grad()
 def generate_samples(model: GMMScoreMLP, num_samples: int, t_max: float = 10.0, t_min: float = 1e-3,
-                     num_steps: int = 200, sampler: str = "sde", generator: torch.Generator | None = None,
+                     num_steps: int = 100, sampler: str = "sde", generator: torch.Generator | None = None,
                      denoise: bool = True) -> torch.Tensor:
     """Samples of the learned model: reverse OU SDE (``sampler="sde"``) or probability-flow ODE (``"ode"``) from
     ``x_T ~ N(0, I)`` at ``t_max`` down to ``t_min``, then (``denoise``) one Tweedie step to ``t = 0``."""
@@ -291,6 +290,7 @@ def make_mixture(dim: int, num_components: int, mean_scale: float = 2.0, layout:
 @dataclass
 class GMMRunSpec:
     """Everything that defines one point of a sweep: the mixture, the training set, the network, training, sampling.
+    Defaults are one run of the default suite (d = 8, K = 8, n = 20, width 256, 2,000 steps, 500 samples).
 
     The mixture depends on ``(dim, num_components, mean_scale, layout, seed)`` only, so a sweep over width, n or
     weight decay compares networks on the same mixture; the training points are drawn from it with seed ``seed+1``.
@@ -300,17 +300,17 @@ class GMMRunSpec:
     num_components: int = 8
     mean_scale: float = 2.0
     layout: str = "random"
-    num_train: int = 100
-    width: int = 128
+    num_train: int = 20
+    width: int = 256
     depth: int = 3
     weight_decay: float = 0.0
-    steps: int = 3000
-    batch_size: int = 256
+    steps: int = 2000
+    batch_size: int = 128
     learning_rate: float = 2e-3
     t_min: float = 1e-3
     t_max: float = 10.0
-    num_samples: int = 1000
-    sample_steps: int = 200
+    num_samples: int = 500
+    sample_steps: int = 100
     sampler: str = "sde"
     seed: int = 0
     device: str = "cpu"
@@ -319,6 +319,7 @@ class GMMRunSpec:
         for name in ("dim", "num_components", "num_train", "width", "depth", "steps", "batch_size", "num_samples",
                      "sample_steps"):
             _check_positive_int(name, getattr(self, name))
+        _check_positive_float("mean_scale", self.mean_scale)
         if self.num_train < 2:
             raise ValueError(f"num_train must be >= 2 (the 1/9 rule needs a second nearest point), got {self.num_train}.")
         if self.layout not in MIXTURE_LAYOUTS:

@@ -27,6 +27,7 @@ from .gmm import (
     SPEC_FIELDS,
     GMMRunResult,
     GMMRunSpec,
+    GMMScoreMLP,
     capacity_thresholds,
     fit_threshold_growth,
     make_mixture,
@@ -91,6 +92,9 @@ def _atomic_path(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
     return tmp
 
 
@@ -187,19 +191,27 @@ def _curves(ax, rows, x_key, line_key, log_x=True, x_label=None, line_label=None
         ax.plot(xs, [row["memorization_ratio"] for row in group], "-o", color=colour, ms=3,
                 label=f"{line_label or line_key}={value}")
         twin.plot(xs, [row["mean_log_likelihood"] for row in group], "--", color=colour, lw=1)
-    if log_x:
+    if log_x and x_key in ("width", "dim", "num_train", "depth", "steps"):
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    elif log_x:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of short log ranges overlap
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel(x_label or x_key, fontsize=8)
     ax.set_ylabel("memorization ratio (solid)", fontsize=8)
-    twin.set_ylabel("mean log-likelihood (dashed)", fontsize=8)
+    twin.set_ylabel("mean log-likelihood (dashed; very low values clipped)", fontsize=7)
     # Underfit networks scatter samples far out; clip so the generalizing / memorizing range stays readable.
     values = sorted(row["mean_log_likelihood"] for row in rows)
     top = values[-1]
     twin.set_ylim(max(values[0], top - 4 * max(1.0, top - values[len(values) // 2])) - 1, top + 1)
     ax.tick_params(labelsize=7)
     twin.tick_params(labelsize=7)
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=6, loc="best")
 
 
 def _zero_stand_in(rows, key):
@@ -239,7 +251,10 @@ def plot_capacity_threshold(size_rows, thresholds, fit, path: str, level: float 
         left.plot([row["width"] for row in group], [row["memorization_ratio"] for row in group], "-o", ms=3,
                   label=f"n={n}")
     left.axhline(level, color="0.5", ls=":", lw=1)
+    from matplotlib.ticker import ScalarFormatter
+
     left.set_xscale("log", base=2)
+    left.xaxis.set_major_formatter(ScalarFormatter())
     left.set_xlabel("width", fontsize=8)
     left.set_ylabel("memorization ratio", fontsize=8)
     left.legend(fontsize=7)
@@ -274,6 +289,9 @@ def plot_sweep(rows: Sequence[dict[str, Any]], x_key: str, line_key: str | None,
     numeric = all(isinstance(row[x_key], (int, float)) for row in rows)
     positive = numeric and all(row[x_key] >= 0 for row in rows) and max(row[x_key] for row in rows) > 0
     _curves(ax, rows, x_key, "_line", log_x=positive, line_label=line_key or "runs")
+    fixed = {key: rows[0][key] for key in ("dim", "num_train", "width", "depth", "steps", "weight_decay")
+             if key not in (x_key, line_key)}
+    ax.set_title(", ".join(f"{key}={value}" for key, value in fixed.items()), fontsize=8)
     _save_figure(fig, path)
 
 
@@ -285,8 +303,9 @@ def plot_sweep(rows: Sequence[dict[str, Any]], x_key: str, line_key: str | None,
 def run_gmm_suite(output_dir: str, scale: str = "default", workers: int = 2, seed: int = 0, device: str = "cpu",
                   depth: int = 3, level: float = 0.5, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Run every figure's specs (each distinct spec once), write ``gmm_runs.csv``, ``gmm_capacity_threshold.csv``,
-    ``gmm_summary.json`` and ``gmm_figure2.png``, ``gmm_figure3a.png``, ``gmm_figure3b.png``,
-    ``gmm_capacity_threshold.png`` to ``output_dir``; returns the summary."""
+    ``gmm_summary.json``, ``gmm_figure2_samples.safetensors`` (for :func:`replot_gmm_suite`) and
+    ``gmm_figure2.png``, ``gmm_figure3a.png``, ``gmm_figure3b.png``, ``gmm_capacity_threshold.png`` to
+    ``output_dir``; returns the summary."""
     figures = suite_specs(scale, seed=seed, device=device, depth=depth, **overrides)
     os.makedirs(output_dir, exist_ok=True)
     unique: list[GMMRunSpec] = []
@@ -300,31 +319,93 @@ def run_gmm_suite(output_dir: str, scale: str = "default", workers: int = 2, see
         return [by_spec[json.dumps(dataclasses.asdict(spec), sort_keys=True)].row for spec in figures[name]]
 
     all_rows = []
-    for name, specs in figures.items():
+    for name in figures:
         all_rows.extend({"figure": name, **row} for row in rows_of(name))
     write_csv(all_rows, os.path.join(output_dir, "gmm_runs.csv"))
+    figure2 = [by_spec[json.dumps(dataclasses.asdict(spec), sort_keys=True)] for spec in figures["figure2"]]
+    _save_figure2_samples(figure2, os.path.join(output_dir, FIGURE2_SAMPLES))
+    return draw_gmm_suite(output_dir, all_rows, figure2, level=level, scale=scale)
+
+
+FIGURE2_SAMPLES = "gmm_figure2_samples.safetensors"
+
+
+def _save_figure2_samples(results: Sequence[GMMRunResult], path: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, result in enumerate(results):
+        tensors[f"{i}.samples"] = result.samples.contiguous()
+        tensors[f"{i}.train"] = result.train.contiguous()
+        tensors[f"{i}.memorized"] = result.memorized.to(torch.uint8).contiguous()
+    tmp = _atomic_path(path)
+    save_file(tensors, tmp, metadata={"widths": json.dumps([result.row["width"] for result in results])})
+    os.replace(tmp, path)
+
+
+def _parse(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(value, value)
+
+
+def replot_gmm_suite(output_dir: str, level: float = 0.5) -> dict[str, Any]:
+    """Redraw every figure (and the threshold CSV / summary) from ``gmm_runs.csv`` and the saved Figure 2 samples
+    of an earlier :func:`run_gmm_suite` in ``output_dir``, without training anything."""
+    from safetensors.torch import load_file
+
+    runs_path, samples_path = os.path.join(output_dir, "gmm_runs.csv"), os.path.join(output_dir, FIGURE2_SAMPLES)
+    for path in (runs_path, samples_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found; run `memsep gmm --output_dir {output_dir}` first.")
+    with open(runs_path, newline="") as handle:
+        rows = [{key: _parse(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+    tensors = load_file(samples_path)
+    figure2_rows = [row for row in rows if row["figure"] == "figure2"]
+    figure2 = [GMMRunResult(row, tensors[f"{i}.samples"], tensors[f"{i}.train"], tensors[f"{i}.memorized"].bool())
+               for i, row in enumerate(figure2_rows)]
+    summary_path = os.path.join(output_dir, "gmm_summary.json")
+    scale = json.load(open(summary_path))["scale"] if os.path.exists(summary_path) else "unknown"
+    return draw_gmm_suite(output_dir, rows, figure2, level=level, scale=scale)
+
+
+def draw_gmm_suite(output_dir: str, rows: Sequence[dict[str, Any]], figure2: Sequence[GMMRunResult],
+                   level: float = 0.5, scale: str = "default") -> dict[str, Any]:
+    """From the suite's rows (with a ``figure`` column) and Figure 2's results: the capacity thresholds and their
+    growth fit (``gmm_capacity_threshold.csv``), the four PNGs and ``gmm_summary.json``; returns the summary."""
+    def rows_of(name):
+        return [row for row in rows if row["figure"] == name]
 
     size_rows = rows_of("size_by_n")
     thresholds = capacity_thresholds(size_rows, level=level)
+    dim, depth = size_rows[0]["dim"], size_rows[0]["depth"]
+    for t in thresholds:
+        # the same threshold as a parameter count (the formula is smooth in the width, so it takes the fraction)
+        t["threshold_parameters"] = GMMScoreMLP.parameter_count(dim, t["threshold"], depth)
+    uncensored = [t for t in thresholds if not t["censored"]]
     try:
-        fit = fit_threshold_growth([t["num_train"] for t in thresholds if not t["censored"]],
-                                   [t["threshold"] for t in thresholds if not t["censored"]])
+        fit = fit_threshold_growth([t["num_train"] for t in uncensored], [t["threshold"] for t in uncensored])
+        fit_parameters = fit_threshold_growth([t["num_train"] for t in uncensored],
+                                              [t["threshold_parameters"] for t in uncensored])
     except ValueError:
-        fit = None  # fewer than two n reached the level: the figure and summary say so instead of a fit
+        fit = fit_parameters = None  # fewer than two n reached the level: figure and summary say so, no fit
     write_csv(thresholds, os.path.join(output_dir, "gmm_capacity_threshold.csv"))
-
-    figure2 = [by_spec[json.dumps(dataclasses.asdict(spec), sort_keys=True)] for spec in figures["figure2"]]
     plot_figure2(figure2, os.path.join(output_dir, "gmm_figure2.png"))
-    pair = SCALES[scale]["pair"]
-    plot_figure3(size_rows, rows_of("dim_by_n"), rows_of("weight_decay_by_n"), pair,
+    wd_rows = rows_of("weight_decay_by_n")
+    pair = sorted({row["num_train"] for row in wd_rows})
+    plot_figure3(size_rows, rows_of("dim_by_n"), wd_rows, pair,
                  os.path.join(output_dir, "gmm_figure3a.png"), os.path.join(output_dir, "gmm_figure3b.png"))
     plot_capacity_threshold(size_rows, thresholds, fit, os.path.join(output_dir, "gmm_capacity_threshold.png"), level)
     summary = {
         "scale": scale,
-        "runs": len(unique),
+        "runs": len({json.dumps({k: v for k, v in row.items() if k != "figure"}, sort_keys=True) for row in rows}),
         "level": level,
         "thresholds": thresholds,
         "fit": dataclasses.asdict(fit) if fit is not None else None,
+        "fit_parameters": dataclasses.asdict(fit_parameters) if fit_parameters is not None else None,
         "figure2": [{k: row[k] for k in ("width", "num_parameters", "memorization_ratio", "mean_log_likelihood",
                                           "true_samples_memorization_ratio", "true_samples_mean_log_likelihood")}
                     for row in (result.row for result in figure2)],

@@ -1,6 +1,13 @@
 """Memorization and quality metrics: exact nearest-neighbour reference, the paper's 1/3 rule, precision/recall,
-Frechet distance and an honest offline feature space for the embedded digits data."""
+Frechet distance with a pluggable feature extractor, and an honest offline feature space for the embedded digits."""
 
+from .features import (
+    DIGITS_FEATURE_SPACE,
+    DigitsFeatureExtractor,
+    InceptionFeatureExtractor,
+    load_digits_feature_extractor,
+    load_inception_feature_extractor,
+)
 from .index import NearestNeighborIndex
 from .metrics import (
     MemorizationResult,
@@ -17,4 +24,9 @@ __all__ = [
     "memorization_ratio",
     "precision_recall",
     "frechet_distance",
+    "DigitsFeatureExtractor",
+    "load_digits_feature_extractor",
+    "InceptionFeatureExtractor",
+    "load_inception_feature_extractor",
+    "DIGITS_FEATURE_SPACE",
 ]

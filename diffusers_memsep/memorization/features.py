@@ -36,6 +36,8 @@ __all__ = [
     "train_digits_feature_extractor",
     "load_digits_dataset",
     "DIGITS_FEATURE_SPACE",
+    "InceptionFeatureExtractor",
+    "load_inception_feature_extractor",
 ]
 
 DIGITS_FEATURE_SPACE = "digits-classifier feature space"
@@ -155,8 +157,74 @@ def save_digits_feature_extractor(model: DigitsFeatureExtractor, path: str | os.
     try:
         state = {key: value.contiguous() for key, value in model.state_dict().items()}
         save_file(state, temporary, metadata={"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}})
+        _make_readable(temporary)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+# ------------------------------------------------------------------------------------------- Inception-v3 (FID)
+class InceptionFeatureExtractor(nn.Module):
+    """2048-d pool features of torchvision's Inception-v3, the feature space of FID (the CIFAR-10 path).
+
+    Inputs are images in ``[-1, 1]``, ``[B, 1 or 3, H, W]``: grey is repeated to RGB, images are resized bilinearly
+    to 299x299 and normalised with ImageNet statistics, as torchvision's weights expect. Note that the canonical FID
+    implementation uses the TensorFlow Inception weights (pytorch-fid's ``pt_inception-2015-12-05``); torchvision's
+    ``IMAGENET1K_V1`` weights give close but not identical numbers, so reports name which weights were used
+    (``self.name``).
+    """
+
+    feature_dim = 2048
+
+    def __init__(self, network: nn.Module, name: str):
+        super().__init__()
+        network.fc = nn.Identity()
+        self.network = network.eval()
+        self.name = name
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError("InceptionFeatureExtractor takes images [B, 1 or 3, H, W] in [-1, 1].")
+        images = images.to(self.mean.device, torch.float32)
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        images = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.network(((images + 1) / 2 - self.mean) / self.std)
+
+
+def load_inception_feature_extractor(
+    weights_path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> InceptionFeatureExtractor:
+    """Inception-v3 features for FID, from a local safetensors file (nothing is downloaded, no pickle is read).
+
+    Args:
+        weights_path: safetensors file holding a torchvision ``inception_v3(aux_logits=True)`` state dict, e.g.
+            converted once from torchvision's ``IMAGENET1K_V1`` checkpoint with
+            ``safetensors.torch.save_file(model.state_dict(), path)``.
+
+    Raises ImportError without torchvision and FileNotFoundError without the weights: then report the Frechet
+    distance in another named feature space (:func:`load_digits_feature_extractor` for the embedded digits).
+    """
+    try:
+        from torchvision.models import inception_v3
+    except ImportError as error:
+        raise ImportError("FID needs torchvision's Inception-v3: `pip install torchvision` (matching your torch).") from error
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"No Inception-v3 weights at {weights_path}; convert torchvision's checkpoint to safetensors once, or "
+            "report the Frechet distance in another named feature space."
+        )
+    network = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    network.load_state_dict(load_file(os.fspath(weights_path)))
+    name = f"Inception-v3 pool features ({os.path.basename(os.fspath(weights_path))})"
+    return InceptionFeatureExtractor(network, name).to(device).requires_grad_(False)
+
+
+def _make_readable(path: str) -> None:
+    """mkstemp creates files readable by the owner only; give the final file the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

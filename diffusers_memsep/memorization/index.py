@@ -72,7 +72,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
                     f"sample_shape={tuple(sample_shape)} but images have shape {tuple(images.shape[1:])}; "
                     "pass only images."
                 )
-            if not torch.isfinite(images).all():
+            if not _all_finite(images):
                 raise ValueError("images hold NaN or infinite values; clean the training data before indexing it.")
             num_images, sample_shape = images.shape[0], tuple(images.shape[1:])
             images = images.detach().to(torch.float32).clone()
@@ -157,21 +157,27 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         queries = self.flatten_queries(queries)
         self.last_search_fallbacks = 0  # queries re-searched in float64 (diagnostics for tests and benchmarks)
         num_candidates = min(self.num_images, k + spare_candidates)
-        database = self.images.reshape(self.num_images, -1)
+        # Distances are always computed in float32, even if the pipeline was loaded in half precision.
+        database = self.images.reshape(self.num_images, -1).float()
         if backend == "faiss":
             candidates = self._faiss_candidates(queries, num_candidates)
             return self._rerank(queries, candidates, k, database, verify=None)
         if backend != "torch":
             raise ValueError(f"backend={backend!r}; choose 'torch' or 'faiss'.")
         if self._squared_norms is None:
-            self._squared_norms = database.square().sum(1)
+            # row by row in blocks: database.square() would allocate a second copy of the whole training set
+            self._squared_norms = torch.cat([block.square().sum(1) for block in database.split(chunk_size)])
         distances, indices = [], []
         for start in range(0, queries.shape[0], query_chunk_size):
             block = queries[start : start + query_chunk_size]
             scores, candidates = self._partial_scores_topk(block, database, num_candidates, chunk_size)
-            d, i = self._rerank(block, candidates, k, database, verify=scores)
-            distances.append(d)
-            indices.append(i)
+            # re-rank 256 queries at a time: the gathered candidates take 256 x num_candidates x d floats
+            for part in range(0, block.shape[0], 256):
+                d, i = self._rerank(
+                    block[part : part + 256], candidates[part : part + 256], k, database, scores[part : part + 256]
+                )
+                distances.append(d)
+                indices.append(i)
         return torch.cat(distances), torch.cat(indices)
 
     def flatten_queries(self, queries: torch.Tensor) -> torch.Tensor:
@@ -201,7 +207,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
             indices += start
             if best_scores is not None:
                 scores, indices = torch.cat([best_scores, scores], 1), torch.cat([best_indices, indices], 1)
-                scores, order = scores.topk(num_candidates, dim=1, largest=False, sorted=False)
+                scores, order = scores.topk(min(num_candidates, scores.shape[1]), dim=1, largest=False, sorted=False)
                 indices = indices.gather(1, order)
             best_scores, best_indices = scores, indices
         return best_scores, best_indices
@@ -226,9 +232,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         self.last_search_fallbacks += int(unsure.sum())
         if unsure.any():
             redo = unsure.nonzero().squeeze(1)
-            scores = torch.cdist(queries[redo].double(), database.double()).square()
-            redo_distances, redo_indices = scores.topk(k, dim=1, largest=False)
-            distances[redo], indices[redo] = redo_distances.float(), redo_indices
+            distances[redo], indices[redo] = _float64_topk(queries[redo], database, k, chunk_size=4096)
         return distances, indices
 
     def _faiss_candidates(self, queries, num_candidates):
@@ -238,7 +242,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
             raise ImportError("backend='faiss' needs faiss: `pip install faiss-cpu` (or faiss-gpu).") from error
         if self._faiss_index is None:
             self._faiss_index = faiss.IndexFlatL2(self.dim)
-            self._faiss_index.add(self.images.reshape(self.num_images, -1).cpu().numpy())
+            self._faiss_index.add(self.images.reshape(self.num_images, -1).float().cpu().numpy())
         _, indices = self._faiss_index.search(queries.cpu().numpy(), num_candidates)
         return torch.from_numpy(indices).to(queries.device)
 
@@ -253,6 +257,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         os.close(handle)
         try:
             save_file({"images": self.images.detach().cpu().contiguous()}, temporary, metadata=metadata)
+            _make_readable(temporary)
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):
@@ -273,6 +278,28 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         return f"num_images={self.num_images}, sample_shape={self.sample_shape}"
 
 
+def _float64_topk(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int):
+    """Brute-force k nearest in float64, block by block (never a float64 copy of the whole training set)."""
+    queries = queries.double()
+    best_distances = queries.new_empty(queries.shape[0], 0)
+    best_indices = torch.empty(queries.shape[0], 0, dtype=torch.long, device=queries.device)
+    for start in range(0, database.shape[0], chunk_size):
+        block = database[start : start + chunk_size].double()
+        rows = torch.arange(start, start + block.shape[0], device=queries.device).expand(queries.shape[0], -1)
+        distances = torch.cat([best_distances, torch.cdist(queries, block).square()], 1)
+        indices = torch.cat([best_indices, rows], 1)
+        best_distances, order = distances.topk(min(k, distances.shape[1]), dim=1, largest=False)
+        best_indices = indices.gather(1, order)
+    return best_distances.float(), best_indices
+
+
+def _all_finite(samples: torch.Tensor, chunk: int = 1024) -> bool:
+    """NaN/inf check block by block: no full-size temporary (``isfinite`` on everything would allocate one)."""
+    if not samples.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(block).all()) for block in samples.reshape(samples.shape[0], -1).split(chunk))
+
+
 def _as_samples(samples, name: str) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [n, ...], got {type(samples).__name__}.")
@@ -283,3 +310,10 @@ def _as_samples(samples, name: str) -> torch.Tensor:
     if samples.is_complex() or not (samples.is_floating_point() or samples.dtype in (torch.uint8, torch.int64, torch.int32)):
         raise TypeError(f"{name} must hold real numbers, got dtype {samples.dtype}.")
     return samples
+
+
+def _make_readable(path: str) -> None:
+    """mkstemp creates files readable by the owner only; give the final file the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

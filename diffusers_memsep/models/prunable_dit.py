@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
+
+# ``ModelMixin`` must be importable from this module: ``DiffusionPipeline.from_pretrained`` records a component of a
+# non-diffusers library as (module path, class) in ``model_index.json`` and looks the loading base class up by name
+# in that module (``pipeline_loading_utils.get_class_obj_and_candidates``).
 
 PrunedHeads = dict[int, list[int]]
 

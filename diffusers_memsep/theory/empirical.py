@@ -42,6 +42,8 @@ class EmpiricalScore:
             speed (see ``benchmarks/bench_empirical_score.py``), small enough to bound memory whatever ``n`` is.
 
     Queries are moved to the device and dtype of ``train``; everything works on CPU and CUDA, float32 and float64.
+    Results carry no gradient (computed under ``torch.no_grad``: the streaming pass works in place); the score is
+    the exact gradient of :meth:`log_prob` already, so differentiating through it is rarely needed.
     """
 
     def __init__(self, train: torch.Tensor, chunk_size: int | None = None):
@@ -103,6 +105,7 @@ class EmpiricalScore:
             running_max = new_max
         return running_max, normaliser, weighted_sum, all_logits
 
+    @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: float, return_weights: bool = False):
         """Tweedie's denoiser ``E[X_0 | X_t = x] = sum_i w_i(x) x_i`` ``(B, d)``; with ``return_weights`` also the
         softmax weights ``(B, n)`` (row ``b`` says which training points query ``b`` is copying; this costs
@@ -116,6 +119,7 @@ class EmpiricalScore:
         weights = torch.exp(logits - running_max[:, None]) / normaliser[:, None]
         return mean, weights
 
+    @torch.no_grad()
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """``grad log p_hat_t(x) = -(x - alpha_t E[X_0 | X_t = x]) / sigma_t^2`` ``(B, d)``."""
         t = check_time_positive(t)
@@ -127,6 +131,7 @@ class EmpiricalScore:
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return self.score(x, t)
 
+    @torch.no_grad()
     def log_prob(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """``log p_hat_t(x) = log (1/n) sum_i N(x; alpha_t x_i, sigma_t^2 I)`` ``(B,)``, same streaming pass."""
         t = check_time_positive(t)

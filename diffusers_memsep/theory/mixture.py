@@ -149,7 +149,9 @@ class GaussianMixture:
 
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """The true score ``grad_x log p_t(x) = -sum_k r_k(x) C_k^{-1} (x - alpha_t mu_k)``, ``(B, d)``, where
-        ``r_k`` are the posterior component responsibilities (a softmax, so it is stable far from every mean)."""
+        ``r_k`` are the posterior component responsibilities (a softmax, so it is stable far from every mean).
+        Any ``t >= 0`` works: at ``t = 0`` it is the data score, finite because every ``Sigma_k`` is positive
+        definite."""
         log_joint, precision_diff = self._noised_terms(x, t)
         responsibilities = torch.softmax(log_joint, dim=0)  # (K, B)
         return -(responsibilities[:, :, None] * precision_diff).sum(0)
