@@ -1,7 +1,7 @@
 """Images/s of the training step of ``train_dit`` (what ``memsep train`` runs) vs a bare PyTorch loop.
 
 Same model (the default digits DiT), same batch, same data, same optimiser, gradient clipping and EMA; rounds
-alternate between the two so that load from other processes hits both alike. Reported: median images/s of each over
+alternate between the two in ABBA order so that load from other processes hits both alike. Reported: median images/s of each over
 the rounds, and their ratio (goal >= 0.9). ``train_dit`` is timed by its own step clock (``TrainResult.train_seconds``:
 batch drawing, loss, backward, clipping, AdamW, EMA, logging and the progress bar; not the one-off set-up, which
 is printed separately). The bare loop is what one would write by hand: index a batch, draw noise and timesteps,
@@ -135,10 +135,14 @@ def main():
                             show_progress=False, logging_steps=10**9)
     bare_rates, script_rates, overheads = [], [], []
     for round_index in range(args.rounds + 1):  # round 0 warms up both and is not counted
-        bare = bare_loop(model, data.images, scheduler, args.steps, args.batch, config.learning_rate, round_index)
+        # ABBA order: a load change from other processes during a round does not favour one contender
+        if round_index % 2 == 0:
+            bare = bare_loop(model, data.images, scheduler, args.steps, args.batch, config.learning_rate, round_index)
         start = time.perf_counter()
         result = train_dit(model, data, scheduler, config)
         total = time.perf_counter() - start
+        if round_index % 2 == 1:
+            bare = bare_loop(model, data.images, scheduler, args.steps, args.batch, config.learning_rate, round_index)
         if round_index:
             bare_rates.append(bare)
             script_rates.append(result.images_per_second)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "memorization": "diffusers_memsep.memorization",
     "pruning": "diffusers_memsep.pruning",
     "theory": "diffusers_memsep.theory",
+    "experiments": "diffusers_memsep.experiments",
 }
 
 __all__ = sorted(_EXPORTS)

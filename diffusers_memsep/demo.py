@@ -24,12 +24,16 @@ class DemoConfig:
     """Settings of the main job; the defaults are the documented embedded benchmark (README, "Results")."""
 
     output_dir: str = "outputs/demo"
-    num_train_samples: int = 64
+    num_train_samples: int = 16
     data_seed: int = 0
     conditional: bool = False
-    train: TrainingConfig = field(default_factory=TrainingConfig)
+    train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
+        max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, ema_max_decay=0.995, show_progress=True))
     model: dict = field(default_factory=dict)  # keyword arguments of training.make_dit
-    study: PruningStudyConfig = field(default_factory=PruningStudyConfig)
+    study: PruningStudyConfig = field(default_factory=lambda: PruningStudyConfig(
+        num_samples=128, sampler="ddim", num_inference_steps=50, routed_switch=200,
+        finetune=TrainingConfig(max_train_steps=300, train_batch_size=16, learning_rate=1e-3, ema_max_decay=0.995,
+                                lr_warmup_steps=0, show_progress=False)))
 
 
 @dataclass

@@ -14,20 +14,18 @@ Metrics, and the choices behind them:
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from diffusers.utils import BaseOutput
 
 from .memorization import frechet_distance, memorization_report, precision_recall
 from .memorization.features import DIGITS_FEATURE_SPACE, load_digits_feature_extractor
+from .utils import save_figure
 
 PIXEL_SPACE = "pixel space"
 METRIC_COLUMNS = ("memorization_ratio", "precision", "recall", "frechet_distance")
@@ -137,48 +135,24 @@ def summarize(rows: Sequence[dict], group_by: Sequence[str] = ("method", "eta"))
 
 
 # -------------------------------------------------------------------------------------------------- writing
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
-def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(handle.name, path)
-
-
 def markdown_table(summary: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``summary`` rows; metric columns show ``mean +- std`` when a ``_std`` exists."""
+    """A markdown table of ``summary`` rows; metric columns show ``mean +- std`` when several runs were averaged."""
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in summary:
         cells = []
         for key, _ in columns:
-            value = row.get(key)
-            if isinstance(value, float):
-                std = row.get(key + "_std")
-                cells.append(f"{value:.3f} +- {std:.3f}" if std is not None and row.get("runs", 1) > 1 else f"{value:.3f}")
+            value, std = row.get(key), row.get(key + "_std")
+            if key == "num_parameters" and value is not None:
+                cells.append(f"{int(round(value)):,}")
+            elif key == "eta" and value is not None:
+                cells.append(f"{value:g}")
+            elif isinstance(value, float):
+                spread = std is not None and row.get("runs", 1) > 1
+                cells.append(f"{value:.3f} +- {std:.3f}" if spread else f"{value:.3f}")
             else:
                 cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _save_figure(figure, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    figure.savefig(temporary, dpi=120, bbox_inches="tight")
-    os.replace(temporary, path)
 
 
 def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLike, feature_space: str) -> None:
@@ -198,8 +172,7 @@ def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLik
     axis.set_title("Memorization vs quality (mean +- std over seeds)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    _save_figure(figure, path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_samples_with_nearest(results: Sequence[EvaluationResult], train_images: torch.Tensor,
@@ -230,5 +203,4 @@ def plot_samples_with_nearest(results: Sequence[EvaluationResult], train_images:
                 axes[2 * row, 0].set_ylabel(result.name, fontsize=7, rotation=0, ha="right", va="center")
                 axes[2 * row + 1, 0].set_ylabel("nearest\ntrain", fontsize=7, rotation=0, ha="right", va="center")
     figure.suptitle("Samples from the same noise (red frame: memorized) and their nearest training images", fontsize=9)
-    _save_figure(figure, path)
-    plt.close(figure)
+    save_figure(figure, path)

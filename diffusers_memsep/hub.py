@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .utils import write_text
+
 #: Templates shipped with the package (wheel installs) and in the source tree (editable installs / clones).
 TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
 #: Never uploaded: training checkpoints (optimizer state, hundreds of MB), temporary folders, local logs.
@@ -76,13 +78,7 @@ def save_model_card(folder: str | os.PathLike, template_name: str, metadata: dic
                     eval_results: list[dict[str, Any]] | None = None, **fields) -> Path:
     """Render a card (:func:`render_model_card`) and write it atomically as ``<folder>/README.md``."""
     card = render_model_card(template_name, metadata=metadata, eval_results=eval_results, **fields)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "README.md"
-    temporary = folder / ".README.md.tmp"
-    temporary.write_text(str(card), encoding="utf-8")
-    os.replace(temporary, target)
-    return target
+    return write_text(Path(folder) / "README.md", str(card))
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,

@@ -23,20 +23,19 @@ from tqdm.auto import tqdm
 
 from .evaluate import (
     EvaluationResult,
-    atomic_write_text,
     balanced_labels,
     evaluate_pipeline,
     markdown_table,
     plot_memorization_vs_quality,
     plot_samples_with_nearest,
     summarize,
-    write_csv,
 )
 from .hub import save_model_card
 from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
 from .pruning.importance import SMALL_TIME, UNIFORM_TIME
 from .training import TrainingConfig
+from .utils import write_csv, write_text
 
 METHOD_TITLES = {
     "original": "original (unpruned)",
@@ -172,7 +171,7 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
     plot_memorization_vs_quality(summary, output_dir / "memorization_vs_quality.png", feature_space)
     plot_samples_with_nearest(evaluations, data.images, output_dir / "samples_nearest.png")
     report_path = output_dir / "report.md"
-    atomic_write_text(report_path, study_report(summary, config, data, feature_space, base_model_name))
+    write_text(report_path, study_report(summary, config, data, feature_space, base_model_name))
     return PruningStudyResult(rows=rows, summary=summary, report_path=report_path, variant_dirs=variant_dirs,
                               evaluations=evaluations)
 

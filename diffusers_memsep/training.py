@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TrainingData
+from .utils import atomic_path
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _TRAINER_STATE = "trainer_state.json"
@@ -576,10 +577,6 @@ def _config(model):
     return getattr(model, "config", None) or getattr(getattr(model, "module", None), "config")
 
 
-__all__ = ["TrainingConfig", "TrainResult", "dsm_loss", "make_dit", "make_noise_scheduler", "null_class_labels",
-           "train_dit", "check_model_and_data", "save_checkpoint", "resolve_checkpoint", "list_checkpoints"]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # From a training run to a MemSepPipeline folder (used by `memsep train` / training/train_dit.py and the demo)
 # --------------------------------------------------------------------------------------------------------------
@@ -649,11 +646,8 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
             grid = make_image_grid(images[: rows * (num_samples // rows)], rows=rows, cols=num_samples // rows)
             zoom = max(1, 64 // data.resolution)  # 8x8 digits are unreadable at their own size
             grid = grid.resize((grid.width * zoom, grid.height * zoom), resample=0)  # 0 = nearest: keep pixels
-            folder = Path(samples_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            temporary = folder / f".step-{step:06d}.png.tmp"
-            grid.save(temporary, format="PNG")
-            os.replace(temporary, folder / f"step-{step:06d}.png")
+            with atomic_path(Path(samples_dir) / f"step-{step:06d}.png") as temporary:
+                grid.save(temporary, format="PNG")
         if accelerator is not None:
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -892,3 +886,9 @@ def load_dit_config(name_or_path: str | os.PathLike) -> dict:
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} holds no config.json (nor transformer/config.json); pass a DiT config.")
     return PrunableDiTTransformer2DModel.load_config(str(name_or_path))
+
+
+__all__ = ["TrainingConfig", "TrainResult", "TrainedPipeline", "dsm_loss", "null_class_labels", "make_dit",
+           "make_noise_scheduler", "train_dit", "train_pipeline", "check_model_and_data", "check_output_dir",
+           "save_checkpoint", "resolve_checkpoint", "list_checkpoints", "build_pipeline", "sample_and_measure",
+           "make_validation_fn", "save_pipeline_folder", "base_model_card_fields", "load_dit_config"]

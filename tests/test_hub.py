@@ -3,6 +3,7 @@
 import time
 
 import huggingface_hub
+import huggingface_hub.constants  # noqa: F401  (the tests patch HF_HUB_OFFLINE in it)
 import pytest
 from huggingface_hub import ModelCard
 

@@ -58,9 +58,9 @@ def test_accelerate_launch_tiny_run_output_loads_and_samples(tmp_path):
 
 
 def test_offline_push_fails_in_one_line_and_keeps_the_folder(tmp_path, monkeypatch, capsys):
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "run"
     assert train("--output_dir", out, "--max_train_samples", "8", "--max_train_steps", "1",
                  "--checkpointing_steps", "0", "--push_to_hub", "--hub_model_id", "someone/tiny-dit") == 1

@@ -71,8 +71,12 @@ def run(args: argparse.Namespace) -> int:
     for row in summary["figure2"]:
         print(f"figure 2: width {row['width']:>5} ({row['num_parameters']:>7,} params): memorized "
               f"{row['memorization_ratio']:.3f}, log-lik {row['mean_log_likelihood']:.2f} "
-              f"(true samples: {row['true_samples_memorization_ratio']:.3f}, {row['true_samples_mean_log_likelihood']:.2f})")
+              f"(true samples: {row['true_samples_memorization_ratio']:.3f}, "
+              f"{row['true_samples_mean_log_likelihood']:.2f})")
     for t in summary["thresholds"]:
+        if t["threshold"] != t["threshold"]:  # nan
+            print(f"capacity threshold at n={t['num_train']}: not reached at the largest width of the grid")
+            continue
         print(f"capacity threshold at n={t['num_train']}: width {t['threshold']:.1f} "
               f"({t['threshold_parameters']:,.0f} parameters)"
               + (" (already above at the smallest width)" if t["censored"] else ""))

@@ -78,9 +78,11 @@ class GMMScoreMLP(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, dim: int, width: int = 128, depth: int = 3, num_time_frequencies: int = 8, data_std: float = 1.0):
+    def __init__(self, dim: int, width: int = 128, depth: int = 3, num_time_frequencies: int = 8,
+                 data_std: float = 1.0):
         super().__init__()
-        for name, value in (("dim", dim), ("width", width), ("depth", depth), ("num_time_frequencies", num_time_frequencies)):
+        checked = {"dim": dim, "width": width, "depth": depth, "num_time_frequencies": num_time_frequencies}
+        for name, value in checked.items():
             _check_positive_int(name, value)
         _check_positive_float("data_std", data_std)
         frequencies = (2.0 ** torch.arange(num_time_frequencies, dtype=torch.float32)) * math.pi / 10.0
@@ -95,14 +97,16 @@ class GMMScoreMLP(ModelMixin, ConfigMixin):
     @staticmethod
     def parameter_count(dim: int, width: int, depth: int, num_time_frequencies: int = 8) -> int:
         """Number of parameters of ``GMMScoreMLP(dim, width, depth, num_time_frequencies)`` without building it."""
-        return (dim + 2 * num_time_frequencies) * width + width + (depth - 1) * (width * width + width) + width * dim + dim
+        first = (dim + 2 * num_time_frequencies) * width + width
+        return first + (depth - 1) * (width * width + width) + width * dim + dim
 
     def _times(self, t: float | torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
         if t.numel() != batch:
-            raise ValueError(f"got {t.numel()} times for {batch} points; pass one float or a tensor of shape [{batch}].")
+            raise ValueError(f"got {t.numel()} times for {batch} points; pass one float or a tensor of shape "
+                             f"[{batch}].")
         if not bool((t > 0).all()):
             raise ValueError("diffusion times must be > 0 (the score is singular at t = 0); use t >= t_min, e.g. 1e-3.")
         return t
@@ -121,7 +125,7 @@ class GMMScoreMLP(ModelMixin, ConfigMixin):
         return self.out(h), sigma
 
     def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Predicted noise ``eps_hat(x_t, t)`` for points ``x`` of shape ``[B, d]`` at times ``t`` (float or ``[B]``)."""
+        """Predicted noise ``eps_hat(x_t, t)`` for points ``x`` ``[B, d]`` at times ``t`` (float or ``[B]``)."""
         return self._noise_and_sigma(x, t)[0]
 
     def score(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
@@ -232,7 +236,8 @@ def generate_samples(model: GMMScoreMLP, num_samples: int, t_max: float = 10.0, 
     if sampler not in ("sde", "ode"):
         raise ValueError(f"unknown sampler {sampler!r}; use 'sde' (reverse OU SDE) or 'ode' (probability flow).")
     parameter = next(model.parameters())
-    x_T = torch.randn(num_samples, model.config.dim, generator=generator, device=parameter.device, dtype=parameter.dtype)
+    x_T = torch.randn(num_samples, model.config.dim, generator=generator, device=parameter.device,
+                      dtype=parameter.dtype)
     if sampler == "sde":
         return reverse_sde_sample(model.score, x_T, t_max, t_min, num_steps, generator=generator,
                                   return_denoised=denoise)
@@ -321,7 +326,8 @@ class GMMRunSpec:
             _check_positive_int(name, getattr(self, name))
         _check_positive_float("mean_scale", self.mean_scale)
         if self.num_train < 2:
-            raise ValueError(f"num_train must be >= 2 (the 1/9 rule needs a second nearest point), got {self.num_train}.")
+            raise ValueError(f"num_train must be >= 2 (the 1/9 rule needs a second nearest point), got "
+                             f"{self.num_train}.")
         if self.layout not in MIXTURE_LAYOUTS:
             raise ValueError(f"unknown mixture layout {self.layout!r}; choose one of {MIXTURE_LAYOUTS}.")
         if self.sampler not in ("sde", "ode"):
@@ -450,7 +456,8 @@ def capacity_thresholds(rows: Sequence[dict[str, Any]], level: float = 0.5, size
     for row in rows:
         for key in (size_key, group_key, "memorization_ratio"):
             if key not in row:
-                raise ValueError(f"row {row} has no {key!r}; pass the rows of run_sweep over {size_key} and {group_key}.")
+                raise ValueError(f"row {row} has no {key!r}; pass the rows of run_sweep over {size_key} and "
+                                 f"{group_key}.")
         groups.setdefault(row[group_key], []).append((float(row[size_key]), float(row["memorization_ratio"])))
     out = []
     for n in sorted(groups):

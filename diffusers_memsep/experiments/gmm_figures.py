@@ -18,11 +18,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
 import torch
 
+from ..utils import atomic_path, save_figure, write_csv, write_text
 from .gmm import (
     SPEC_FIELDS,
     GMMRunResult,
@@ -88,51 +88,8 @@ def suite_specs(scale: str = "default", seed: int = 0, device: str = "cpu", dept
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_path(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
-    return tmp
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
-    """Rows (dicts with the same keys) to ``path``, atomically (temp file, then ``os.replace``)."""
-    if not rows:
-        raise ValueError(f"no rows to write to {path}.")
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(data: Any, path: str) -> None:
-    tmp = _atomic_path(path)
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, default=float)
-    os.replace(tmp, path)
-
-
-def _save_figure(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = _atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text(path, json.dumps(data, indent=2, default=float))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +134,7 @@ def plot_figure2(results: Sequence[GMMRunResult], path: str) -> None:
     axes[0][0].legend(fontsize=6, loc="lower left", markerscale=2)
     fig.suptitle(f"Figure 2: d=2, K={spec['num_components']}, n={spec['num_train']}, depth {spec['depth']}, "
                  f"{spec['steps']} DSM steps", fontsize=9)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _curves(ax, rows, x_key, line_key, log_x=True, x_label=None, line_label=None):
@@ -229,7 +186,7 @@ def plot_figure3(size_rows, dim_rows, wd_rows, pair: Sequence[int], path_a: str,
     _curves(right, dim_rows, "dim", "num_train", log_x=False, x_label="dimension d", line_label="n")
     right.set_title(f"3a right: width {dim_rows[0]['width']}", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path_a)
+    save_figure(fig, path_a)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     _curves(left, [row for row in size_rows if row["num_train"] in pair], "width", "num_train", x_label="width",
             line_label="n")
@@ -238,7 +195,7 @@ def plot_figure3(size_rows, dim_rows, wd_rows, pair: Sequence[int], path_a: str,
             line_label="n")
     right.set_title(f"3b right: width {wd_rows[0]['width']}", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path_b)
+    save_figure(fig, path_b)
 
 
 def plot_capacity_threshold(size_rows, thresholds, fit, path: str, level: float = 0.5) -> None:
@@ -278,7 +235,7 @@ def plot_capacity_threshold(size_rows, thresholds, fit, path: str, level: float 
     right.legend(fontsize=7)
     right.set_title("capacity threshold", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], x_key: str, line_key: str | None, path: str) -> None:
@@ -292,7 +249,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], x_key: str, line_key: str | None,
     fixed = {key: rows[0][key] for key in ("dim", "num_train", "width", "depth", "steps", "weight_decay")
              if key not in (x_key, line_key)}
     ax.set_title(", ".join(f"{key}={value}" for key, value in fixed.items()), fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,9 +295,8 @@ def _save_figure2_samples(results: Sequence[GMMRunResult], path: str) -> None:
         tensors[f"{i}.samples"] = result.samples.contiguous()
         tensors[f"{i}.train"] = result.train.contiguous()
         tensors[f"{i}.memorized"] = result.memorized.to(torch.uint8).contiguous()
-    tmp = _atomic_path(path)
-    save_file(tensors, tmp, metadata={"widths": json.dumps([result.row["width"] for result in results])})
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"widths": json.dumps([result.row["width"] for result in results])})
 
 
 def _parse(value: str) -> Any:

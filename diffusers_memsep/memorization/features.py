@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from importlib import resources
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from ..utils import atomic_path
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -149,20 +150,9 @@ def accuracy(model: DigitsFeatureExtractor, images: torch.Tensor, labels: torch.
 
 def save_digits_feature_extractor(model: DigitsFeatureExtractor, path: str | os.PathLike, metadata: dict) -> None:
     """Write the weights as safetensors (atomically), with the recipe and accuracies as string metadata."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        state = {key: value.contiguous() for key, value in model.state_dict().items()}
-        save_file(state, temporary, metadata={"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}})
-        _make_readable(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata={"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}})
 
 
 # ------------------------------------------------------------------------------------------- Inception-v3 (FID)
@@ -221,10 +211,3 @@ def load_inception_feature_extractor(
     network.load_state_dict(load_file(os.fspath(weights_path)))
     name = f"Inception-v3 pool features ({os.path.basename(os.fspath(weights_path))})"
     return InceptionFeatureExtractor(network, name).to(device).requires_grad_(False)
-
-
-def _make_readable(path: str) -> None:
-    """mkstemp creates files readable by the owner only; give the final file the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Literal, Sequence
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from safetensors.torch import load_file, save_file
+
+from ..utils import atomic_path
 
 # `ModelMixin` must stay a name of this module: DiffusionPipeline.from_pretrained finds a component's load method by
 # looking up `ModelMixin` in the module recorded in model_index.json (see diffusers pipeline_loading_utils).
@@ -249,20 +250,9 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------- stand-alone files
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to one safetensors file (atomically: a temporary file, then ``os.replace``)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         metadata = {"format": "pt", "sample_shape": json.dumps(list(self.sample_shape))}
-        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
-        os.close(handle)
-        try:
-            save_file({"images": self.images.detach().cpu().contiguous()}, temporary, metadata=metadata)
-            _make_readable(temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        with atomic_path(path) as temporary:
+            save_file({"images": self.images.detach().cpu().contiguous()}, str(temporary), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "NearestNeighborIndex":
@@ -310,10 +300,3 @@ def _as_samples(samples, name: str) -> torch.Tensor:
     if samples.is_complex() or not (samples.is_floating_point() or samples.dtype in (torch.uint8, torch.int64, torch.int32)):
         raise TypeError(f"{name} must hold real numbers, got dtype {samples.dtype}.")
     return samples
-
-
-def _make_readable(path: str) -> None:
-    """mkstemp creates files readable by the owner only; give the final file the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

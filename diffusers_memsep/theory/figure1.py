@@ -6,12 +6,11 @@ temporary name first and then moved into place, so a crash never leaves half a f
 
 from __future__ import annotations
 
-import csv
-import os
 from typing import Iterable, Sequence
 
 import torch
 
+from ..utils import save_figure, write_csv
 from .empirical import EmpiricalScore
 from .loss_gap import fisher_divergence, loss_gap, theorem_4_3_lower_bound
 from .mixture import GaussianMixture
@@ -71,26 +70,9 @@ def loss_gap_curve(
     return rows
 
 
-def _atomic_target(path: str) -> str:
-    """A temporary name beside ``path`` (same file system, so ``os.replace`` is atomic). Not ``mkstemp``: its
-    0600 permissions would survive the rename; a plain ``open`` respects the user's umask."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    return os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-
-
 def write_loss_gap_csv(rows: Iterable[dict], path: str) -> str:
     """Write the rows of :func:`loss_gap_curve` to ``path`` atomically; returns ``path``."""
-    temporary = _atomic_target(path)
-    try:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows({key: row[key] for key in CSV_COLUMNS} for row in rows)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_csv([{key: row[key] for key in CSV_COLUMNS} for row in rows], path, columns=CSV_COLUMNS)
     return path
 
 
@@ -122,12 +104,5 @@ def plot_loss_gap_curve(rows: Sequence[dict], path: str, title: str | None = Non
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    temporary = _atomic_target(path)
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    save_figure(figure, path, dpi=110, bbox_inches=None)
     return path

@@ -1,0 +1,60 @@
+"""Atomic outputs, shared by every module that writes files (ground floor: imports nothing of ours).
+
+A result file is either the old one or the complete new one, never half-written: it is written to a temporary name
+beside the target (same file system) and moved over it with ``os.replace``. The temporary name is plain (not
+``mkstemp``, whose 0600 permissions would survive the rename), so the file gets the user's usual umask permissions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same extension, so writers that infer the format still work); when
+    the block succeeds it replaces ``path``, when it fails it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
+    """``rows`` (dicts) as CSV; ``columns`` default to every key, in first-seen order."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}.")
+    columns = list(columns) if columns is not None else list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure (PNG by default, 120 dpi, tight box) and close it."""
+    import matplotlib.pyplot as plt
+
+    options = {"format": "png", "dpi": 120, "bbox_inches": "tight", **savefig_kwargs}
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, **options)
+    finally:
+        plt.close(figure)
+    return Path(path)
