@@ -30,10 +30,12 @@ class DemoConfig:
     train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, ema_max_decay=0.995, show_progress=True))
     model: dict = field(default_factory=dict)  # keyword arguments of training.make_dit
+    # The paper's selection (small_t), its baseline (random) and the inverse selection (small_t_top) at eta = 0.5,
+    # where the README's measurements separate them; fine-tuning: 300 steps, the TrainingConfig defaults otherwise.
     study: PruningStudyConfig = field(default_factory=lambda: PruningStudyConfig(
-        num_samples=128, sampler="ddim", num_inference_steps=50, routed_switch=200,
-        finetune=TrainingConfig(max_train_steps=300, train_batch_size=16, learning_rate=1e-3, ema_max_decay=0.995,
-                                lr_warmup_steps=0, show_progress=False)))
+        methods=("small_t", "random", "small_t_top"), etas=(0.5,), num_samples=128, sampler="ddim",
+        num_inference_steps=50,
+        finetune=TrainingConfig(max_train_steps=300, train_batch_size=16, lr_warmup_steps=0, show_progress=False)))
 
 
 @dataclass

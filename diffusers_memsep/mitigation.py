@@ -43,6 +43,7 @@ METHOD_TITLES = {
     "uniform_t": "gradient importance, uniform t (Algorithm 2 without the small-time focus)",
     "ablation": "drop-one-head loss increase at small t",
     "random": "random pruning (baseline)",
+    "small_t_top": "small-t gradient importance, MOST important heads removed (beyond the paper)",
 }
 SAMPLERS = ("ddpm", "ddim")
 
@@ -237,7 +238,8 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
                for row in summary if row["method"] in ("original", "random", method) or row["method"] == method]
     own = next(row for row in summary if row["method"] == method and row["eta"] == eta)
     model_name = f"dit-{method}-eta{eta:g}"
-    time_law = {"small_t": str(SMALL_TIME), "uniform_t": str(UNIFORM_TIME), "ablation": str(SMALL_TIME)}.get(method)
+    time_law = {"small_t": str(SMALL_TIME), "uniform_t": str(UNIFORM_TIME), "ablation": str(SMALL_TIME),
+                "small_t_top": str(SMALL_TIME)}.get(method)
     save_model_card(
         folder, "pruned_variant",
         metadata={"model_name": model_name, "license": "apache-2.0"},

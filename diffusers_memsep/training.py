@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TrainingData
-from .utils import atomic_path
+from .utils import atomic_path, replace_path
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _TRAINER_STATE = "trainer_state.json"
@@ -532,14 +532,7 @@ def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: Trai
             _save_ema(ema, temporary)
         state = {"global_step": global_step, "config": asdict(config)}
         (temporary / _TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        if final.exists():  # re-saving a step after a resume: move the old one aside first, drop it after
-            stale = output_dir / f".{final.name}.old"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(temporary, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(temporary, final)
+        replace_path(temporary, final)  # re-saving a step after a resume: the old one is dropped after
         if config.checkpoints_total_limit is not None:
             for old in list_checkpoints(output_dir)[: -config.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -687,15 +680,7 @@ def save_pipeline_folder(pipeline, output_dir: str | os.PathLike) -> Path:
     pipeline.save_pretrained(str(temporary), safe_serialization=True)
     entries = sorted(temporary.iterdir(), key=lambda p: p.name == "model_index.json")
     for entry in entries:
-        target = output_dir / entry.name
-        if target.is_dir():
-            stale = output_dir / f".{entry.name}.old"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(target, stale)
-            os.replace(entry, target)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(entry, target)
+        replace_path(entry, output_dir / entry.name)
     shutil.rmtree(temporary, ignore_errors=True)
     return output_dir
 

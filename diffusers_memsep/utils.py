@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +28,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def replace_path(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move ``source`` (file or folder) onto ``target``. An existing folder at ``target`` is first moved aside and
+    removed only after the new one is in place, so ``target`` is never missing a complete version for long."""
+    source, target = Path(source), Path(target)
+    if target.is_dir():
+        stale = target.with_name(f".{target.name}.old")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(target, stale)
+        os.replace(source, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(source, target)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -28,7 +28,7 @@ def test_demo_writes_report_tables_figures_variants_and_cards(demo_dir):
         assert (demo_dir / name).is_file(), name
     rows = list(csv.DictReader((demo_dir / "runs.csv").open()))
     methods = [row["method"] for row in rows]
-    assert methods[0] == "original" and "small_t" in methods and "random" in methods
+    assert methods[0] == "original" and {"small_t", "random", "small_t_top"} <= set(methods)
     assert any(m.startswith("small_t+routed") for m in methods)
     for row in rows:
         assert 0.0 <= float(row["memorization_ratio"]) <= 1.0
@@ -42,11 +42,11 @@ def test_demo_writes_report_tables_figures_variants_and_cards(demo_dir):
 def test_demo_variants_are_pruned_pipelines_that_reload(demo_dir):
     base = MemSepPipeline.from_pretrained(demo_dir / "base")
     total = sum(base.transformer.heads_per_layer())
-    for method in ("small_t", "random"):
-        folder = demo_dir / "variants" / f"{method}-eta0.2"
+    for method in ("small_t", "random", "small_t_top"):
+        folder = demo_dir / "variants" / f"{method}-eta0.5"
         pipe = MemSepPipeline.from_pretrained(folder)
         assert isinstance(pipe.transformer, PrunableDiTTransformer2DModel)
-        assert sum(pipe.transformer.heads_per_layer()) == total - int(0.2 * total)
+        assert sum(pipe.transformer.heads_per_layer()) == total - int(0.5 * total)
         assert json.loads((folder / "transformer" / "config.json").read_text())["pruned_heads"]
         assert pipe.reference is not None and pipe.reference.num_images == base.reference.num_images
         out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")

@@ -179,3 +179,15 @@ def test_one_shot_prune_bad_inputs_fail_before_any_work(model, data, scheduler):
         one_shot_prune(model, data, scheduler, method="magnitude")
     with pytest.raises(TypeError, match="from_dit"):
         small_time_head_importance(DiTTransformer2DModel(**CONFIG), data, scheduler)
+
+
+def test_small_t_top_removes_the_most_important_heads(model, data, scheduler):
+    from diffusers_memsep.pruning import head_importance
+
+    kwargs = dict(num_batches=1, batch_size=8)
+    paper = head_importance("small_t", model, data, scheduler, generator=torch.Generator().manual_seed(2), **kwargs)
+    top = head_importance("small_t_top", model, data, scheduler, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert top.method == "small_t_top" and torch.equal(top.scores, -paper.scores)
+    removed = select_heads_to_prune(top, 0.25)
+    highest = sorted(paper.scores.flatten().tolist(), reverse=True)[:3]
+    assert sorted(float(paper.scores[layer, head]) for layer, heads in removed.items() for head in heads) == sorted(highest)

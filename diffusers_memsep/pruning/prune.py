@@ -26,7 +26,7 @@ from .importance import (
     small_time_head_importance,
 )
 
-METHODS = ("small_t", "uniform_t", "ablation", "random")
+METHODS = ("small_t", "uniform_t", "ablation", "random", "small_t_top")
 
 
 def number_of_heads_to_prune(ratio: float, num_heads: int) -> int:
@@ -61,16 +61,25 @@ def select_heads_to_prune(scores: torch.Tensor | HeadImportance, ratio: float) -
 def head_importance(method: str, model: PrunableDiTTransformer2DModel, data, scheduler, num_batches: int = 16,
                     batch_size: int = 64, generator: torch.Generator | None = None,
                     time_distribution: BetaTime | None = None) -> HeadImportance:
-    """Scores by name: ``small_t`` (Algorithm 2, Beta(0.8, 2)), ``uniform_t`` (Algorithm 2, uniform time),
-    ``ablation`` (drop-one-head loss increase at small t) or ``random``."""
+    """Scores by name (the selection removes the LOWEST scores):
+
+    - ``small_t``: Algorithm 2 with Beta(0.8, 2), the paper's method; ``uniform_t``: Algorithm 2 with uniform time;
+    - ``ablation``: drop-one-head loss increase at small t; ``random``: the paper's baseline;
+    - ``small_t_top`` (beyond the paper): minus the Algorithm 2 scores, so the heads the small-noise loss depends on
+      MOST are removed. The small-noise regime is where the empirical (memorizing) score differs from the true one
+      (Loss-Gap ~ d / sigma_t^2, Theorem 4.3), so those heads are candidates for carrying the memorization.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}.")
     if method == "random":
         return random_head_importance(model, generator=generator)
     scoring = ablation_head_importance if method == "ablation" else small_time_head_importance
     default_time = UNIFORM_TIME if method == "uniform_t" else SMALL_TIME
-    return scoring(model, data, scheduler, time_distribution=time_distribution or default_time,
-                   num_batches=num_batches, batch_size=batch_size, generator=generator)
+    importance = scoring(model, data, scheduler, time_distribution=time_distribution or default_time,
+                         num_batches=num_batches, batch_size=batch_size, generator=generator)
+    if method == "small_t_top":
+        importance.scores, importance.method = -importance.scores, "small_t_top"
+    return importance
 
 
 @dataclass
