@@ -113,3 +113,10 @@ def test_summarize_means_and_sample_std_per_group():
     assert summary[1]["memorization_ratio_std"] == 0.0
     table = markdown_table(summary, [("method", "m"), ("memorization_ratio", "mem")])
     assert "| a | 0.300 +- 0.141 |" in table and "| b | 0.200 |" in table
+
+
+def test_prune_names_a_missing_pipeline_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "base"
+    assert main(["prune", "--pipeline", str(missing), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "no pipeline folder at" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ embedded data set, the training images otherwise).
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
                                 importance_batch_size=args.importance_batch_size, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, sampler=args.sampler,
                                 routed_switch=args.routed_switch)
-    pipe = MemSepPipeline.from_pretrained(args.pipeline)
+    looks_local = args.pipeline.startswith((".", "/", "~")) or args.pipeline.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(args.pipeline)):
+        raise FileNotFoundError(f"no pipeline folder at {args.pipeline}; pass a folder written by `memsep train` / "
+                                "`memsep demo` (e.g. outputs/demo/base) or a Hub repo id (user/name).")
+    pipe = MemSepPipeline.from_pretrained(os.path.expanduser(args.pipeline))
     if pipe.reference is None:
         raise ValueError(f"{args.pipeline} has no training reference; add one with pipe.register_modules(reference="
                          "NearestNeighborIndex.from_images(train_images)) and save it, so memorization can be measured.")
