@@ -9,7 +9,7 @@ forward, MSE, backward, clip, step, ``torch._foreach_lerp_`` EMA.
 
     python benchmarks/bench_training.py [--rounds 5 --steps 40 --batch 64 --threads 2]
 
-Second mode, how fast a setting memorizes (the research behind the default in docs/training.md): train with
+Second mode, how fast a setting memorizes (the research behind the default in the README): train with
 ``train_dit`` and, every ``--eval_every`` steps, sample the EMA model with each sampler from the same noise and print
 the memorization ratio (1/3 rule against the n training digits) with the training wall and CPU seconds so far:
 

@@ -2,8 +2,9 @@
 
 On the embedded digits (scikit-learn, offline): train a DiT on a small subset until it memorizes, save it as a
 ``MemSepPipeline`` folder that knows its training set, then run the mitigation study
-(:func:`diffusers_memsep.mitigation.run_pruning_study`): small-time head pruning (the paper's Algorithm 1-2) and
-random pruning at the same eta, each fine-tuned and evaluated on the same seeds as the original. Everything lands
+(:func:`diffusers_memsep.mitigation.run_pruning_study`): at eta = 0.5, small-time head pruning (the paper's
+Algorithm 1-2), random pruning (its baseline) and the inverse selection ``small_t_top`` (the heads most important
+at small noise), each fine-tuned and evaluated on the same seeds as the original. Everything lands
 under one output folder: ``base/`` (pipeline + card), ``variants/<method>-eta<eta>/`` (pipelines + cards),
 ``report.md``, ``runs.csv``, ``summary.csv`` and the figures.
 """

@@ -18,8 +18,8 @@ from typing import Any
 
 from .utils import write_text
 
-#: Templates shipped with the package (wheel installs) and in the source tree (editable installs / clones).
-TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
+#: The templates live in the repository's ``model_cards/`` (the project is installed editable from a clone).
+TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "model_cards",)
 #: Never uploaded: training checkpoints (optimizer state, hundreds of MB), temporary folders, local logs.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "*.tmp"]
 

@@ -235,7 +235,7 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
                 "precision": row.get("precision"), "recall": row.get("recall"), "fd": row.get("frechet_distance"),
                 "num_parameters": int(row["num_parameters"]) if row.get("num_parameters") else None,
                 "sampling_seconds": row.get("sampling_seconds")}
-               for row in summary if row["method"] in ("original", "random", method) or row["method"] == method]
+               for row in summary if row["method"] in ("original", "random", method)]
     own = next(row for row in summary if row["method"] == method and row["eta"] == eta)
     model_name = f"dit-{method}-eta{eta:g}"
     time_law = {"small_t": str(SMALL_TIME), "uniform_t": str(UNIFORM_TIME), "ablation": str(SMALL_TIME),

@@ -59,7 +59,7 @@ def make_dit(
     """A ``PrunableDiTTransformer2DModel`` for ``sample_size x sample_size`` images with ``in_channels`` channels.
 
     The defaults are the documented setting for the embedded 8x8 digits (4 layers, 4 heads of 32, patch 2,
-    ~0.6M parameters): see ``docs/training.md`` for how fast it memorizes. ``num_classes=None`` builds an
+    1.42M parameters): see the README, section "How fast it memorizes" for how fast it memorizes. ``num_classes=None`` builds an
     unconditional model: one placeholder class (index 0, never used) and the null label 1, the only one trained.
     ``learn_sigma=True`` doubles the output channels as DiT does; only the first ``in_channels`` are trained by
     :func:`dsm_loss` (DDPM with fixed variances does not use the rest).
@@ -168,7 +168,7 @@ def dsm_loss(model, noise_scheduler, clean_images: torch.Tensor, class_labels: t
 class TrainingConfig:
     """Every setting of :func:`train_dit`; the flags of ``training/train_dit.py`` have the same names.
 
-    Defaults are the documented setting for the embedded digits (``docs/training.md``): with the default
+    Defaults are the documented setting for the embedded digits (the README, section "How fast it memorizes"): with the default
     :func:`make_dit` on 64 digits, about 85% of DDPM-1000 samples are memorized after 6,000 steps (~8 min on a
     2-core CPU); a 4x higher learning rate did not memorize any sooner within 2,000 steps.
     ``train_batch_size`` is per process, as in diffusers' example scripts; ``max_train_steps`` counts optimizer

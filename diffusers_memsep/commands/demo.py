@@ -1,8 +1,8 @@
 """``memsep demo`` (``make demo``): the main job on the embedded digits, offline, on a CPU in minutes.
 
-Trains a DiT on a small digits subset until it memorizes, prunes it with small-time head importance and with random
-pruning at the same eta, fine-tunes, evaluates all on the same seeds, and writes the report, figures, variants and
-model cards under ``--output_dir``. ``--quick`` is a seconds-long smoke run (tiny model, few steps) for tests.
+Trains a DiT on a small digits subset until it memorizes, prunes half of its heads with small-time head importance
+(the paper), random pruning and the inverse selection (small_t_top), fine-tunes, evaluates all on the same seeds,
+and writes the report, figures, variants and model cards under ``--output_dir``. ``--quick`` is a seconds-long smoke run (tiny model, few steps) for tests.
 """
 
 from __future__ import annotations

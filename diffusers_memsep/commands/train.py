@@ -2,7 +2,7 @@
 
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. With no data flag
 the embedded digits are used (offline); the defaults are the documented memorizing setting
-(``docs/training.md``): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps (~8 min on a
+(the README, section "How fast it memorizes"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps (~8 min on a
 2-core CPU), after which most DDPM-1000 samples copy a training image.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 
-#: n of the documented default run on the embedded digits (see docs/training.md).
+#: n of the documented default run on the embedded digits (see the README, "How fast it memorizes").
 EMBEDDED_DEFAULT_N = 64
 
 
