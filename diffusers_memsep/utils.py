@@ -73,3 +73,27 @@ def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
     finally:
         plt.close(figure)
     return Path(path)
+
+
+#: Name prefix of the probe file :func:`check_writable_dir` writes and removes (ignored by "folder is empty" checks).
+WRITE_CHECK_PREFIX = ".memsep-write-check"
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it writable with a probe file, before any expensive work.
+
+    Permission bits alone do not tell (root ignores them; a read-only mount or a full disk does not show in them),
+    so a file is really written and removed. Raises ValueError naming the folder and the fix.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is a file, not a folder; pass a folder path.")
+    probe = folder / f"{WRITE_CHECK_PREFIX}.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to {str(folder)!r} ({error.strerror or error}); choose a writable folder "
+                         "with free space.") from None
+    return folder
