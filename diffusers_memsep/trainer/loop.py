@@ -169,6 +169,7 @@ def train_dit(
         # 2. Update, unless the loss or the gradients are not finite (every process takes the same decision).
         if _step_is_finite(accelerator, step_loss, grad_norm, config.mixed_precision):
             optimizer.step()
+            lr_scheduler.step()  # the schedule counts applied updates: a skipped step does not advance it
             if ema is not None:  # 3. EMA of the updated weights
                 ema.step(bare_model.parameters())
         else:
@@ -179,7 +180,6 @@ def train_dit(
                     f"{nonfinite_steps}, allowed: {config.max_nonfinite_steps}); nothing was saved from this step "
                     "on. Lower --learning_rate, keep --max_grad_norm on, or raise --adam_epsilon."
                 )
-        lr_scheduler.step()  # the schedule follows the step count, also over a skipped step
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         losses.append(step_loss)
