@@ -141,7 +141,16 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         for layer_index, block in enumerate(self.transformer_blocks):
             block.attn1.set_processor(HeadMaskedAttnProcessor(layer_index, list(range(num_attention_heads))))
         self._cut_heads(layout)
+        self._register_layout(layout)
+
+    def _register_layout(self, layout) -> None:
+        """Record the pruned layout in the config. diffusers lists init arguments left at their default in
+        ``_use_default_values`` and drops them in ``from_config``; ``pruned_heads`` is set after init, so it is taken
+        off that list, or ``from_config(model.config)`` would rebuild the unpruned shapes."""
         self.register_to_config(pruned_heads=_to_config(layout))
+        defaults = self._internal_dict.get("_use_default_values")
+        if defaults and "pruned_heads" in defaults:
+            self.register_to_config(_use_default_values=[k for k in defaults if k != "pruned_heads"])
 
     # ----------------------------------------------------------------------------------------------- conversion
     @classmethod
@@ -207,7 +216,7 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         self._cut_heads(new)
         merged = {layer: sorted(set(current.get(layer, [])) | set(new.get(layer, []))) for layer in
                   set(current) | set(new)}
-        self.register_to_config(pruned_heads=_to_config(merged))
+        self._register_layout(merged)
 
     def _pruned_layout(self) -> PrunedHeads:
         all_heads = set(range(self.config.num_attention_heads))

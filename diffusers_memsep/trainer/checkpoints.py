@@ -10,8 +10,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+import torch
+from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 
 from ..utils import replace_path
 from .config import TrainingConfig
@@ -19,7 +20,7 @@ from .config import TrainingConfig
 CHECKPOINT_PREFIX = "checkpoint-"
 #: Written last into a checkpoint folder: its presence marks a complete checkpoint.
 TRAINER_STATE = "trainer_state.json"
-EMA_WEIGHTS = "ema_model.safetensors"
+TRANSFORMER, TRANSFORMER_EMA = "transformer", "transformer_ema"  # sub-folders, as in diffusers' scripts
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -58,8 +59,8 @@ def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: Trai
                     run: dict | None = None) -> Path | None:
     """Save ``checkpoint-<step>`` atomically: write ``.checkpoint-<step>.tmp``, then rename it into place.
 
-    ``accelerator.save_state`` writes model (safetensors), optimizer, scheduler and RNG states; the EMA weights go
-    in ``ema_model.safetensors``; ``trainer_state.json`` (the step, the settings and ``run``, the
+    ``accelerator.save_state`` writes ``transformer/`` and ``transformer_ema/`` (diffusers layout, through
+    :func:`register_checkpoint_hooks`), optimizer, scheduler and RNG states; ``trainer_state.json`` (the step, the settings and ``run``, the
     :func:`run_signature` a resume must match) is written last and marks a complete checkpoint. Old
     checkpoints beyond ``checkpoints_total_limit`` are removed only after the new one is in place.
     """
@@ -69,9 +70,7 @@ def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: Trai
         output_dir.mkdir(parents=True, exist_ok=True)
         temporary = output_dir / f".{final.name}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.save_state(str(temporary), safe_serialization=True)
-        if ema is not None:
-            save_ema(ema, temporary)
+        accelerator.save_state(str(temporary), safe_serialization=True)  # + transformer(_ema)/ by the hooks
         state = {"global_step": global_step, "config": asdict(config), "run": run}
         (temporary / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         replace_path(temporary, final)  # re-saving a step after a resume: the old one is dropped after
@@ -82,22 +81,49 @@ def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: Trai
     return final
 
 
-def save_ema(ema, folder: Path) -> None:
-    tensors = {f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)}
-    metadata = {"optimization_step": str(ema.optimization_step)}
-    save_file(tensors, str(folder / EMA_WEIGHTS), metadata=metadata)
+def register_checkpoint_hooks(accelerator, ema) -> list:
+    """Make ``accelerator.save_state`` / ``load_state`` use the diffusers layout, as diffusers' training scripts do.
+
+    A checkpoint then holds ``transformer/`` and (with EMA) ``transformer_ema/``, each a folder that opens with
+    ``PrunableDiTTransformer2DModel.from_pretrained`` (the EMA state, e.g. ``optimization_step``, rides in
+    ``transformer_ema/config.json`` as ``diffusers.training_utils.EMAModel.save_pretrained`` writes it), beside
+    Accelerate's optimizer, scheduler and RNG files. Weights are float32 safetensors, so a resume is bit-identical.
+    Returns the hook handles; remove them when the run ends (an accelerator may serve several runs).
+    """
+
+    def save_hook(models, weights, folder):
+        for model in models:
+            accelerator.unwrap_model(model).save_pretrained(Path(folder) / TRANSFORMER, safe_serialization=True)
+        weights.clear()  # written above; Accelerate must not write them a second time as model.safetensors
+        if ema is not None:
+            with _global_rng_kept():  # EMAModel.save_pretrained builds (randomly initialises) a model
+                ema.save_pretrained(str(Path(folder) / TRANSFORMER_EMA))
+
+    def load_hook(models, folder):
+        for model in models:
+            bare = accelerator.unwrap_model(model)
+            loaded = type(bare).from_pretrained(Path(folder) / TRANSFORMER, use_safetensors=True)
+            bare.load_state_dict(loaded.state_dict())
+        models.clear()  # loaded above
+
+    return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
 
 
 def load_ema(ema, folder: Path) -> None:
-    path = folder / EMA_WEIGHTS
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(folder)!r} has no EMA weights ({EMA_WEIGHTS}) but use_ema is on; "
-                         "resume with use_ema off or from a checkpoint saved with EMA.")
-    with safe_open(str(path), framework="pt") as handle:
-        step = int(handle.metadata()["optimization_step"])
-        for i, shadow in enumerate(ema.shadow_params):
-            shadow.copy_(handle.get_tensor(f"shadow.{i}").to(shadow.device, shadow.dtype))
-    ema.optimization_step = step
+    """Restore the EMA (shadow weights and its step counter) from ``<checkpoint>/transformer_ema``."""
+    path = Path(folder) / TRANSFORMER_EMA
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(folder)!r} has no EMA weights ({TRANSFORMER_EMA}/) but use_ema is on; "
+                         "resume with --no-use_ema or from a checkpoint saved with EMA.")
+    with _global_rng_kept():
+        loaded = EMAModel.from_pretrained(str(path), model_cls=ema.model_cls, foreach=ema.foreach)
+    ema.load_state_dict(loaded.state_dict())
+
+
+def _global_rng_kept():
+    """Leave torch's global RNG as it was: building a model draws from it, and DiT's label dropout draws from it
+    while training, so saving or loading a checkpoint must not move it (a run with checkpoints equals one without)."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
 def read_trainer_state(folder: Path) -> dict:

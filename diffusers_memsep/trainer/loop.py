@@ -38,6 +38,7 @@ from ..data import TrainingData
 from .checkpoints import (
     check_same_run,
     load_checkpoint,
+    register_checkpoint_hooks,
     read_trainer_state,
     resolve_checkpoint,
     run_signature,
@@ -133,9 +134,23 @@ def train_dit(
     if config.use_ema:
         ema = EMAModel(bare_model.parameters(), decay=config.ema_max_decay, min_decay=config.ema_min_decay,
                        update_after_step=config.ema_update_after_step, use_ema_warmup=True,
-                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
+                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True,
+                       model_cls=type(bare_model), model_config=bare_model.config)
         ema.to(device)
 
+    hooks = register_checkpoint_hooks(accelerator, ema) if output_dir is not None else []
+    try:
+        return _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noise_scheduler, config,
+                    checkpoint, output_dir, run_config, validation_fn)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noise_scheduler, config, checkpoint,
+         output_dir, run_config, validation_fn) -> TrainResult:
+    """The steps of :func:`train_dit` once everything is built and checked."""
+    device = accelerator.device
     global_step = 0
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
