@@ -55,6 +55,59 @@ class TrainingData:
     def num_channels(self) -> int:
         return self.images.shape[1]
 
+    def load(self, positions: torch.Tensor) -> torch.Tensor:
+        """The images at ``positions`` (rows of this training set), ``[b, C, H, W]`` in ``[-1, 1]``."""
+        return self.images[positions.to(self.images.device)]
+
+    def iter_chunks(self, chunk_size: int = 1024):
+        """All images in order, ``chunk_size`` at a time (the same interface as a streamed set)."""
+        yield from self.images.split(chunk_size)
+
+
+@dataclass
+class StreamingTrainingData:
+    """A training set decoded on the fly (``load_training_data(..., streaming=True)``): for data too large to hold.
+
+    Same attributes as :class:`TrainingData` but no ``images`` tensor: the trainer reads batches with :meth:`load`
+    through a ``DataLoader`` (workers decode, the order stays the deterministic one of the in-memory path, so a
+    resumed run is still bit-identical, and each process decodes only its own slice of every global batch). The
+    records stay in the memory-mapped Arrow table of ``datasets``.
+
+    Choice: the colour mode (grey or RGB) and, without ``resolution``, the size are taken from the FIRST image
+    (the in-memory path looks at all of them, which a stream cannot do); other images are converted and resized to
+    match, so ``num_channels`` and ``resolution`` are known before training starts.
+    """
+
+    dataset: object  # datasets.Dataset holding only the chosen rows, image column not decoded
+    image_column: str
+    labels: torch.Tensor | None
+    num_classes: int | None
+    source: str
+    indices: list[int]
+    resolution: int
+    num_channels: int
+    center_crop: bool = False
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, positions: torch.Tensor) -> torch.Tensor:
+        rows = [int(i) for i in positions]
+        records = self.dataset[rows][self.image_column] if rows else []
+        pil_images = [_open_image(record, self.indices[row]) for row, record in zip(rows, records)]
+        return _to_tensor(pil_images, self.resolution, self.center_crop, self.source,
+                          mode="L" if self.num_channels == 1 else "RGB")
+
+    def iter_chunks(self, chunk_size: int = 1024):
+        """All images in order, ``chunk_size`` at a time (to build a reference without a second copy in flight)."""
+        for start in range(0, len(self), chunk_size):
+            yield self.load(torch.arange(start, min(start + chunk_size, len(self))))
+
+
+def all_images(data: TrainingData | StreamingTrainingData) -> torch.Tensor:
+    """Every training image as one tensor: the memorization reference (a streamed set is decoded chunk by chunk)."""
+    return data.images if isinstance(data, TrainingData) else torch.cat(list(data.iter_chunks()))
+
 
 def load_training_data(
     dataset_name: str | None = None,
@@ -68,7 +121,8 @@ def load_training_data(
     seed: int = 0,
     cache_dir: str | None = None,
     split: str = "train",
-) -> TrainingData:
+    streaming: bool = False,
+) -> TrainingData | StreamingTrainingData:
     """Load a training set as one tensor in ``[-1, 1]``.
 
     Args:
@@ -88,6 +142,8 @@ def load_training_data(
             (``torch.randperm``), in their original order. ``n`` is the variable of every memorization study.
         seed: seed of the subset choice (same seed, same subset, on every machine).
         split: dataset split to read.
+        streaming: return a :class:`StreamingTrainingData` that decodes batches on the fly instead of one tensor
+            (Hub datasets and image folders; the embedded digits are always held in memory).
 
     Grey images (PIL modes ``L``, ``1``, ``I``, ``F``) give one channel when every chosen image is grey;
     otherwise images are converted to RGB.
@@ -129,14 +185,18 @@ def load_training_data(
     dataset = dataset.select(indices)
     # Decode ourselves so that an unreadable file is reported by name, not deep inside a datasets worker.
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    pil_images = [_open_image(record, row) for row, record in zip(indices, dataset[image_column])]
-    images = _to_tensor(pil_images, resolution, center_crop, name)
-
     labels = num_classes = None
     if label_column is not None:
         labels, num_classes = _labels(dataset, label_column)
-    return TrainingData(images, labels, num_classes, _source(name, len(indices), total, max_train_samples, seed),
-                        indices)
+    source = _source(name, len(indices), total, max_train_samples, seed)
+    if streaming:
+        first = _to_tensor([_open_image(dataset[0][image_column], indices[0])], resolution, center_crop, name)
+        return StreamingTrainingData(dataset.select_columns([image_column]), image_column, labels, num_classes,
+                                     source, indices, resolution=first.shape[-1], num_channels=first.shape[1],
+                                     center_crop=center_crop)
+    pil_images = [_open_image(record, row) for row, record in zip(indices, dataset[image_column])]
+    images = _to_tensor(pil_images, resolution, center_crop, name)
+    return TrainingData(images, labels, num_classes, source, indices)
 
 
 def _load_digits(label_column, resolution, center_crop, max_train_samples, seed) -> TrainingData:
@@ -204,10 +264,12 @@ def _open_image(record, row: int):
     return image
 
 
-def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str) -> torch.Tensor:
+def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str, mode: str | None = None
+               ) -> torch.Tensor:
     from PIL import Image
 
-    mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
+    if mode is None:
+        mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
     arrays = []
     for image in pil_images:
         image = image.convert(mode)

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--center_crop", action="store_true",
                       help="Resize the shorter side and crop the centre (default: resize to a square).")
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips while training.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Decode images on the fly in DataLoader workers instead of holding the training set in "
+                           "memory (image folders and Hub datasets).")
+    data.add_argument("--dataloader_num_workers", type=int, default=d.dataloader_num_workers,
+                      help="Worker processes decoding streamed images (with --streaming).")
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Train on this many images, chosen by --seed (n, the variable of memorization). "
                            f"Default: {EMBEDDED_DEFAULT_N} for the embedded digits, all images otherwise; 0 = all.")
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, checkpointing_steps=args.checkpointing_steps or None,
         checkpoints_total_limit=args.checkpoints_total_limit or None,
         validation_steps=args.validation_steps or None, max_nonfinite_steps=args.max_nonfinite_steps,
+        dataloader_num_workers=args.dataloader_num_workers,
         show_progress=not args.no_progress,
     )
     model_config = load_dit_config(args.model_config_name_or_path) if args.model_config_name_or_path else None
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, image_column=args.image_column, label_column=args.label_column,
         resolution=args.resolution, center_crop=args.center_crop, max_train_samples=_num_train_images(args),
-        seed=args.seed, cache_dir=args.cache_dir,
+        seed=args.seed, cache_dir=args.cache_dir, streaming=args.streaming,
     )
     import torch
 

@@ -151,7 +151,9 @@ def run_signature(model, data, noise_scheduler, config: TrainingConfig, num_proc
     stream of batches, the number of processes, the model's architecture and the noise schedule. Settings that may
     change on resume (``max_train_steps``, logging, checkpointing, validation) are not part of it.
     """
-    digest = hashlib.sha256(data.images.detach().cpu().contiguous().numpy().tobytes())
+    digest = hashlib.sha256()
+    for chunk in data.iter_chunks():
+        digest.update(chunk.detach().cpu().contiguous().numpy().tobytes())
     if data.labels is not None:
         digest.update(data.labels.detach().cpu().contiguous().numpy().tobytes())
     model_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}

@@ -43,6 +43,7 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = None  # keep at most this many checkpoints; None: all
     validation_steps: int | None = None  # call the validation function every this many steps; None: never
     logging_steps: int = 10  # log loss and learning rate to the trackers every this many steps
+    dataloader_num_workers: int = 0  # processes decoding streamed images ahead of the loop (streaming data only)
     max_nonfinite_steps: int = 0  # optimizer steps with a NaN/Inf loss tolerated (skipped) before stopping
     show_progress: bool = True  # tqdm progress bar on the main process
 
@@ -55,7 +56,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None (off), got {value!r}.")
-        for name in ("lr_warmup_steps", "ema_update_after_step", "max_nonfinite_steps"):
+        for name in ("lr_warmup_steps", "ema_update_after_step", "max_nonfinite_steps", "dataloader_num_workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")

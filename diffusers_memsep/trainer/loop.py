@@ -34,7 +34,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..data import TrainingData
+from ..data import StreamingTrainingData, TrainingData
 from .checkpoints import (
     check_same_run,
     load_checkpoint,
@@ -74,7 +74,7 @@ ValidationFn = Callable[[torch.nn.Module, int], "dict[str, float] | None"]
 
 def train_dit(
     model,
-    data: TrainingData,
+    data: TrainingData | StreamingTrainingData,
     noise_scheduler,
     config: TrainingConfig | None = None,
     accelerator=None,
@@ -157,11 +157,12 @@ def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noi
         load_checkpoint(accelerator, checkpoint, ema)
         global_step = read_trainer_state(checkpoint)["global_step"]
 
-    batches = _BatchStream(data, config, device, accelerator.process_index, accelerator.num_processes)
+    accumulation = config.gradient_accumulation_steps
+    batches = _BatchStream(data, config, device, accelerator.process_index, accelerator.num_processes,
+                           first_micro_step=global_step * accumulation)
     losses: list[float] = []
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc="Steps",
                     disable=not (config.show_progress and accelerator.is_local_main_process))
-    accumulation = config.gradient_accumulation_steps
     model.train()
     train_seconds = 0.0
     nonfinite_steps = 0
@@ -253,14 +254,14 @@ def _step_is_finite(accelerator, step_loss: float, grad_norm, mixed_precision: s
     return finite
 
 
-def check_model_and_data(model, data: TrainingData) -> None:
+def check_model_and_data(model, data: TrainingData | StreamingTrainingData) -> None:
     """Raise ValueError (naming the fix) when ``model`` cannot be trained on ``data``."""
-    if not isinstance(data, TrainingData):
+    if not isinstance(data, (TrainingData, StreamingTrainingData)):
         raise TypeError(f"data must be a TrainingData (load_training_data), got {type(data).__name__}.")
     config = model_config(model)
     if len(data) == 0:
         raise ValueError("the training set is empty.")
-    _, channels, height, width = data.images.shape
+    channels, height, width = data.num_channels, data.resolution, data.resolution
     if config.patch_size and height % config.patch_size:
         raise ValueError(
             f"patch size {config.patch_size} does not divide the resolution {height}; pick a resolution that is a "
@@ -293,36 +294,56 @@ class _BatchStream:
     timesteps and flips of that whole global batch come from a generator seeded by ``(seed, m)``; process ``r``
     keeps slice ``r``. So N processes of batch B train on exactly the images and noise of one process of batch N*B
     (tested), every image is seen once per epoch, and a resumed run continues exactly where the uninterrupted run
-    would be.
+    would be. Images come from ``data.load``: a tensor lookup in memory, or for :class:`StreamingTrainingData` a
+    ``DataLoader`` whose workers decode the same positions ahead of the loop (same order, so the same batches).
     """
 
-    def __init__(self, data: TrainingData, config: TrainingConfig, device, rank: int, world: int):
-        self.images = data.images.to(device)
+    def __init__(self, data, config: TrainingConfig, device, rank: int, world: int, first_micro_step: int = 0):
+        self.data = data
         self.labels = data.labels.to(device) if data.labels is not None else None
         self.n = len(data)
         self.batch, self.seed, self.flip = config.train_batch_size, int(config.seed), config.random_flip
         self.rank, self.world, self.device = rank, world, device
         self._perms: dict[int, torch.Tensor] = {}
+        if isinstance(data, TrainingData):
+            self.images = data.images.to(device)
+            self._loaded = None
+        else:  # streaming: workers decode this process's positions from the resume point on, in order
+            self.images = None
+            self._next = first_micro_step
+            self._loaded = iter(torch.utils.data.DataLoader(
+                _Positions(data), sampler=_PositionBatches(self, first_micro_step), batch_size=None,
+                num_workers=config.dataloader_num_workers, pin_memory=str(device).startswith("cuda")))
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.pop(min(self._perms))
             rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = torch.from_numpy(rng.permutation(self.n)).to(self.device)
+            self._perms[epoch] = torch.from_numpy(rng.permutation(self.n))
         return self._perms[epoch]
 
-    def get(self, micro_step: int, num_train_timesteps: int):
-        global_batch = self.batch * self.world
-        start = micro_step * global_batch + self.rank * self.batch  # this process's slice of the global batch
+    def positions(self, micro_step: int) -> torch.Tensor:
+        """Rows of the training set that this process trains on at ``micro_step``."""
+        start = (micro_step * self.world + self.rank) * self.batch  # this process's slice of the global batch
         first, last = start // self.n, (start + self.batch - 1) // self.n
         if first == last:
             offset = start - first * self.n
-            index = self._perm(first)[offset: offset + self.batch]
+            return self._perm(first)[offset: offset + self.batch]
+        return torch.stack([self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch)])
+
+    def get(self, micro_step: int, num_train_timesteps: int):
+        index = self.positions(micro_step)
+        if self._loaded is None:
+            clean = self.images[index.to(self.device)]
         else:
-            index = torch.stack([self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch)])
-        clean = self.images[index]
-        labels = self.labels[index] if self.labels is not None else None
+            if micro_step != self._next:
+                raise RuntimeError(f"streaming batches are read in order; expected micro-step {self._next}, "
+                                   f"got {micro_step}.")
+            self._next += 1
+            clean = next(self._loaded).to(self.device, non_blocking=True)
+        labels = self.labels[index.to(self.device)] if self.labels is not None else None
+        global_batch = self.batch * self.world
         seed = int(np.random.SeedSequence([self.seed, micro_step]).generate_state(1)[0])
         generator = torch.Generator(device=self.device).manual_seed(seed)
         mine = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
@@ -334,6 +355,32 @@ class _BatchStream:
             flip = (torch.rand(global_batch, generator=generator, device=self.device) < 0.5)[mine]
             clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
         return clean, labels, timesteps, noise
+
+
+class _Positions(torch.utils.data.Dataset):
+    """``dataset[positions]`` -> the decoded batch (a DataLoader with ``batch_size=None`` passes whole batches)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.data.load(positions)
+
+
+class _PositionBatches(torch.utils.data.Sampler):
+    """The endless, deterministic sequence of this process's batch positions from ``first_micro_step`` on."""
+
+    def __init__(self, stream: _BatchStream, first_micro_step: int):
+        self.stream, self.first = stream, first_micro_step
+
+    def __iter__(self):
+        micro_step = self.first
+        while True:
+            yield self.stream.positions(micro_step)
+            micro_step += 1
 
 
 def _validate(bare_model, ema, validation_fn: ValidationFn, step: int):

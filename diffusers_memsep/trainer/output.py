@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
-from ..data import TrainingData
+from ..data import TrainingData, all_images
 from ..hub import check_hub_repo, push_folder_to_hub, require_templates, save_model_card
 from ..memorization import NearestNeighborIndex
 from ..pipelines import MemSepPipeline
@@ -34,9 +34,10 @@ from .loop import TrainResult, check_model_and_data, train_dit
 DIT_LABEL_DROPOUT = 0.1
 
 
-def build_pipeline(model, noise_scheduler, data: TrainingData):
+def build_pipeline(model, noise_scheduler, data: TrainingData, reference: NearestNeighborIndex | None = None):
     """A ``MemSepPipeline`` of ``model`` whose reference is exactly the training images of ``data``."""
-    reference = NearestNeighborIndex.from_images(data.images) if len(data) >= 2 else None
+    if reference is None and len(data) >= 2:
+        reference = NearestNeighborIndex.from_images(all_images(data))
     return MemSepPipeline(transformer=model, scheduler=noise_scheduler, reference=reference,
                           label_dropout_prob=DIT_LABEL_DROPOUT if data.labels is not None else 1.0)
 
@@ -63,7 +64,8 @@ def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num
 
 
 def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | os.PathLike | None = None,
-                       num_samples: int = 64, num_inference_steps: int = 1000, seed: int = 0, accelerator=None):
+                       num_samples: int = 64, num_inference_steps: int = 1000, seed: int = 0, accelerator=None,
+                       reference: NearestNeighborIndex | None = None):
     """A ``validation_fn`` for :func:`train_dit`: sample a grid, save it, return the memorization ratio.
 
     Samples come from the model being trained (EMA weights when on) with a DDPM sampler of
@@ -72,7 +74,7 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
     ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard, to TensorBoard.
     """
     validation_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-    reference = NearestNeighborIndex.from_images(data.images)
+    reference = reference if reference is not None else NearestNeighborIndex.from_images(all_images(data))
     label_dropout = DIT_LABEL_DROPOUT if data.labels is not None else 1.0
 
     def validation_fn(model, step: int) -> dict[str, float]:
@@ -228,9 +230,11 @@ def train_pipeline(
 
     validation_fn = None
     metrics: dict = {}
+    reference = NearestNeighborIndex.from_images(all_images(data)) if len(data) >= 2 else None
     if validation_num_samples > 0:
         measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
-                                     validation_inference_steps, seed=config.seed, accelerator=accelerator)
+                                     validation_inference_steps, seed=config.seed, accelerator=accelerator,
+                                     reference=reference)
 
         def validation_fn(model_with_ema, step):
             metrics.clear()
@@ -248,7 +252,7 @@ def train_pipeline(
         # A resume that starts at the last step runs no step, hence no validation: measure the final model here.
         with torch.no_grad():
             validation_fn(final_model, result.steps)
-    pipeline = build_pipeline(final_model, noise_scheduler, data)
+    pipeline = build_pipeline(final_model, noise_scheduler, data, reference)
     hub_url = None
     if accelerator.is_main_process:
         save_pipeline_folder(pipeline, output_dir)
