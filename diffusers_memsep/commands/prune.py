@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", required=True, help="A MemSepPipeline folder or Hub repo id.")
     parser.add_argument("--output_dir", required=True, help="Where the report, CSVs, figures and variants go.")
     parser.add_argument("--overwrite_output_dir", action="store_true",
-                        help="Replace an earlier study in --output_dir (its report, CSVs, figures and variants/ only).")
+                        help="Replace an earlier study in --output_dir (its report, CSVs, figures, variants/ only).")
     parser.add_argument("--methods", nargs="+", default=list(study.methods), choices=METHODS,
                         help="Head scores: small_t (Algorithm 2), uniform_t, ablation, random (baseline).")
     parser.add_argument("--etas", nargs="+", type=float, default=list(study.etas), help="Fractions of heads to prune.")

@@ -164,6 +164,9 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 
     Returns:
         ``(precision, recall)`` as floats in ``[0, 1]``.
+
+    A fake sample with NaN or infinite features (a diverged sample) lies on no manifold: it counts as outside the
+    real one (it lowers precision) and adds no ball to the fake one. Real features must be finite.
     """
     real = _features_2d(real_features, "real_features")
     fake = _features_2d(fake_features, "fake_features").to(real.device)
@@ -171,12 +174,17 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
         raise ValueError(
             f"real features have {real.shape[1]} dimensions, fake ones {fake.shape[1]}; use the same feature extractor."
         )
-    if k < 1 or k >= min(real.shape[0], fake.shape[0]):
+    if not bool(torch.isfinite(real).all()):
+        raise ValueError("real_features hold NaN or infinite values; clean the real images before measuring quality.")
+    finite_fake = fake[torch.isfinite(fake).all(1)]
+    if k < 1 or k >= min(real.shape[0], finite_fake.shape[0]):
         raise ValueError(
-            f"k={k} needs 1 <= k < min(#real, #fake) = {min(real.shape[0], fake.shape[0])}; use more samples or a smaller k."
+            f"k={k} needs 1 <= k < min(#real, #finite fake) = {min(real.shape[0], finite_fake.shape[0])} "
+            f"({fake.shape[0] - finite_fake.shape[0]} fake samples are not finite); use more samples or a smaller k."
         )
-    precision = _inside_any_ball(fake, real, _kth_neighbor_radius(real, k)).float().mean().item()
-    recall = _inside_any_ball(real, fake, _kth_neighbor_radius(fake, k)).float().mean().item()
+    inside_real = _inside_any_ball(finite_fake, real, _kth_neighbor_radius(real, k))
+    precision = inside_real.float().sum().item() / fake.shape[0]
+    recall = _inside_any_ball(real, finite_fake, _kth_neighbor_radius(finite_fake, k)).float().mean().item()
     return precision, recall
 
 

@@ -167,15 +167,18 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         kwargs.setdefault("use_safetensors", True)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        problems = {what: info.get(key) for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
-                                                          ("of another shape", "mismatched_keys"))}
-        problems = {what: keys for what, keys in problems.items() if keys}
+        kinds = (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                 ("of another shape", "mismatched_keys"))
+        problems = {what: info.get(key) for what, key in kinds if info.get(key)}
         if problems:
-            where = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            local = os.path.isdir(folder)
+            files = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")] if local else []
+            where = os.path.join(folder, files[0]) if len(files) == 1 else folder
             listed = "; ".join(f"{len(keys)} {what} (e.g. {_key_name(keys[0])})" for what, keys in problems.items())
             raise ValueError(
-                f"the weights in {where!r} do not match its config.json: {listed}; restore the config.json saved "
-                "with these weights (num_layers, num_attention_heads, pruned_heads...) or save the model again."
+                f"the weights {where!r} do not match the config.json beside them: {listed}; restore the config.json "
+                "saved with these weights (num_layers, num_attention_heads, pruned_heads...) or save the model again."
             )
         return (model, info) if want_info else model
 
@@ -212,7 +215,7 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
             if not mask.is_floating_point():
                 raise TypeError(f"head mask must be a floating-point tensor, got {mask.dtype}; use mask.float().")
             if not bool(torch.isfinite(mask.detach()).all()):
-                raise ValueError("head mask holds NaN or infinite values; use finite gates (1 keeps a head, 0 drops it).")
+                raise ValueError("head mask holds NaN or infinite values; use finite gates (1 keeps, 0 drops a head).")
         self._head_mask = mask
         for block in self.transformer_blocks:
             block.attn1.processor.head_mask = mask
