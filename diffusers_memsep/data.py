@@ -23,7 +23,9 @@ EMBEDDED_DATASET = "sklearn-digits"
 
 # Extensions the ``imagefolder`` builder of ``datasets`` reads; used only to give a clear error on an empty folder.
 _IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-_GREY_MODES = {"1", "L", "I", "I;16", "F"}
+_GREY_MODES = {"1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# Grey modes deeper than 8 bits: ``convert("L")`` would clip them to 0..255 instead of scaling them.
+_DEEP_GREY_MODES = _GREY_MODES - {"1", "L"}
 
 
 @dataclass
@@ -145,8 +147,13 @@ def load_training_data(
         streaming: return a :class:`StreamingTrainingData` that decodes batches on the fly instead of one tensor
             (Hub datasets and image folders; the embedded digits are always held in memory).
 
-    Grey images (PIL modes ``L``, ``1``, ``I``, ``F``) give one channel when every chosen image is grey;
+    Grey images (PIL modes ``L``, ``1``, ``I;16``, ``I``, ``F``) give one channel when every chosen image is grey;
     otherwise images are converted to RGB.
+
+    Choices the loader makes: 16-bit grey images (modes ``I;16*``, and ``I``, which Pillow also uses for 16-bit
+    PNG, TIFF and PGM files) are scaled by their 16-bit range (``v / 65535``), so no precision is lost before the
+    resize; ``I`` images with values outside ``0..65535`` are refused. ``F`` (float) images are read on Pillow's
+    8-bit scale ``0..255`` (as ``convert("L")`` does) and refused outside it.
     """
     if dataset_name is None and train_data_dir is None:
         return _load_digits(label_column, resolution, center_crop, max_train_samples, seed)
@@ -272,7 +279,9 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str,
         mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
     arrays = []
     for image in pil_images:
-        image = image.convert(mode)
+        if image.mode in _DEEP_GREY_MODES:
+            image = _deep_grey_as_float(image, name)  # mode F on the 0..255 scale, not rounded
+        image = image.convert(mode) if image.mode != "F" or mode == "RGB" else image
         if resolution is not None:
             if center_crop:
                 width, height = image.size
@@ -283,7 +292,7 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str,
                 image = image.crop((left, top, left + resolution, top + resolution))
             elif image.size != (resolution, resolution):
                 image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(image, dtype=np.uint8))
+        arrays.append(np.asarray(image, dtype=np.float32))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(
@@ -293,6 +302,25 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str,
     if stacked.ndim == 3:
         stacked = stacked.unsqueeze(-1)
     return (stacked.permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0).contiguous()
+
+
+def _deep_grey_as_float(image, name: str):
+    """A grey image of more than 8 bits as a mode ``F`` image on the 8-bit scale 0..255, scaled by its bit depth
+    (see "Choices" in :func:`load_training_data`)."""
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        top = 255.0
+    else:  # I;16* and I: 16-bit
+        top = 65535.0
+    if low < 0 or high > top:
+        raise ValueError(
+            f"an image of {name} (mode {image.mode}) holds values in [{low:g}, {high:g}], outside the {top:g} range "
+            f"its mode is read with; save the images as 8- or 16-bit PNG."
+        )
+    return Image.fromarray((values * (255.0 / top)).astype(np.float32))
 
 
 def _labels(dataset, label_column: str) -> tuple[torch.Tensor, int]:

@@ -79,21 +79,26 @@ def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
 WRITE_CHECK_PREFIX = ".memsep-write-check"
 
 
-def check_writable_dir(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove it writable with a probe file, before any expensive work.
+def check_writable_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
+    """Raise a ValueError naming the problem and the fix when ``path`` cannot become a folder we write into: a file
+    is in the way (at ``path`` or at one of its parents), or the nearest existing folder refuses a new file.
 
-    Permission bits alone do not tell (root ignores them; a read-only mount or a full disk does not show in them),
-    so a file is really written and removed. Raises ValueError naming the folder and the fix.
+    Meant to run before any expensive work. The check creates and removes one probe file in the nearest existing
+    folder and creates nothing else (missing folders are made later by the writers).
     """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is a file, not a folder; pass a folder path.")
-    probe = folder / f"{WRITE_CHECK_PREFIX}.{os.getpid()}"
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {str(existing)!r} is a file"
+        raise ValueError(f"{what} {str(path)!r} {where}; pass a folder path, or move the file away.")
+    probe = existing / f"{WRITE_CHECK_PREFIX}.{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
+        with open(probe, "x"):
+            pass
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"cannot write to {str(folder)!r} ({error.strerror or error}); choose a writable folder "
-                         "with free space.") from None
-    return folder
+        raise ValueError(f"{what} {str(path)!r} is not writable ({error.strerror or error} in {str(existing)!r}); "
+                         "choose a folder you can write to.") from None
+    return path

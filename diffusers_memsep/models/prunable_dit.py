@@ -27,6 +27,7 @@ Design notes (why not the alternatives):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -166,6 +167,30 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         parameter = next(dit.parameters())
         return model.to(device=parameter.device, dtype=parameter.dtype).train(dit.training)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """:meth:`diffusers.ModelMixin.from_pretrained`, safetensors only by default (``use_safetensors=True``), and
+        strict: weights missing for the config (e.g. a hand-edited ``num_layers`` or ``pruned_heads``), left over,
+        or of another shape raise a ValueError naming the weights file, where diffusers would only warn and keep
+        randomly initialised weights."""
+        kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        kinds = (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                 ("of another shape", "mismatched_keys"))
+        problems = {what: info.get(key) for what, key in kinds if info.get(key)}
+        if problems:
+            folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            local = os.path.isdir(folder)
+            files = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")] if local else []
+            where = os.path.join(folder, files[0]) if len(files) == 1 else folder
+            listed = "; ".join(f"{len(keys)} {what} (e.g. {_key_name(keys[0])})" for what, keys in problems.items())
+            raise ValueError(
+                f"the weights {where!r} do not match the config.json beside them: {listed}; restore the config.json "
+                "saved with these weights (num_layers, num_attention_heads, pruned_heads...) or save the model again."
+            )
+        return (model, info) if want_info else model
+
     # ------------------------------------------------------------------------------------------------ inspection
     def kept_heads(self) -> list[list[int]]:
         """Original indices of the heads still in the weights, layer by layer."""
@@ -198,6 +223,8 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
                 )
             if not mask.is_floating_point():
                 raise TypeError(f"head mask must be a floating-point tensor, got {mask.dtype}; use mask.float().")
+            if not bool(torch.isfinite(mask.detach()).all()):
+                raise ValueError("head mask holds NaN or infinite values; use finite gates (1 keeps, 0 drops a head).")
         self._head_mask = mask
         for block in self.transformer_blocks:
             block.attn1.processor.head_mask = mask
@@ -277,6 +304,11 @@ def _validate_new_heads(
                 raise ValueError(f"{what}: layer {layer} is given twice with the same heads.")
             parsed[layer] = sorted(parsed[layer] + values)
     return parsed
+
+
+def _key_name(key) -> str:
+    """A state-dict key, or the first item of a (key, shape, shape) entry of ``mismatched_keys``."""
+    return str(key[0] if isinstance(key, (tuple, list)) else key)
 
 
 def _to_config(layout: PrunedHeads) -> dict[str, list[int]]:
