@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ("demo", "The main job: train a DiT on the embedded digits until it memorizes, prune, compare."),
     "train": ("train", "Train a (prunable) DiT and write a MemSepPipeline folder (Accelerate)."),
     "prune": ("prune", "Algorithm 1: score heads, prune, fine-tune, evaluate against random pruning."),
+    "reference": ("reference", "Attach a training-set reference to any DiT pipeline, so its samples are checked."),
     "loss-gap": ("loss_gap", "Figure 1: Loss-Gap_t = Fisher divergence against t for several n."),
     "gmm": ("gmm", "Figures 2-3: Gaussian-mixture capacity experiments and the capacity threshold."),
 }

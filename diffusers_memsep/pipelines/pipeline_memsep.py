@@ -1,7 +1,8 @@
 """MemSepPipeline: class-conditional DiT sampling in pixel or latent space that says which samples copy training data.
 
 diffusers' ``DiTPipeline`` requires a VAE and hard-codes ImageNet's null class 1000; this pipeline serves small
-pixel-space DiTs, takes the null class from the model itself, and carries the training-set reference
+pixel-space DiTs as well as latent ones (it loads a stock ``DiTPipeline`` folder such as ``facebook/DiT-XL-2-256``,
+keeping its ``id2label`` table), takes the null class from the model itself, and carries the training-set reference
 (:class:`~diffusers_memsep.memorization.NearestNeighborIndex`) so a pipeline loaded later can still apply the
 paper's memorization rule to what it generates.
 """
@@ -9,13 +10,16 @@ paper's memorization rule to what it generates.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -28,6 +32,13 @@ from ..models import PrunableDiTTransformer2DModel  # noqa: F401  (registers the
 logger = logging.get_logger(__name__)
 
 __all__ = ["MemSepPipeline", "MemSepPipelineOutput"]
+
+#: Component classes of this library; a saved folder ships their code (``<component>/<module>.py``, the file named by
+#: ``model_index.json``'s ``["<module>", "<class>"]``), the layout diffusers documents for custom components.
+SHIPPED_COMPONENTS = {cls.__name__: cls for cls in (PrunableDiTTransformer2DModel, NearestNeighborIndex)}
+#: Keyword arguments of ``from_pretrained`` that also apply to loading one component.
+_COMPONENT_LOAD_KWARGS = ("torch_dtype", "cache_dir", "revision", "token", "local_files_only", "force_download",
+                          "proxies", "variant", "use_safetensors")
 
 
 @dataclass
@@ -76,6 +87,8 @@ class MemSepPipeline(DiffusionPipeline):
         label_dropout_prob (`float`, *optional*): fraction of training labels replaced by the null class, written by
             the trainer: 0 means the null class was never learned (guidance and unconditional sampling refused),
             1 means an unconditional model (class labels refused); None = unknown (only the label table is checked).
+        id2label (`dict[int | str, str]`, *optional*): class names, as ``DiTPipeline`` takes them (``"tench, Tinca tinca"``:
+            several comma-separated names for one class); see :attr:`labels` and :meth:`get_label_ids`.
 
     Where the memorization check looks: at the generated images in pixel space, after the VAE decode and the clamp
     to ``[-1, 1]``, against the training images in the same space. The paper's rule is defined on data points and
@@ -95,6 +108,7 @@ class MemSepPipeline(DiffusionPipeline):
         small_t_transformer: DiTTransformer2DModel | None = None,
         small_t_switch: int | None = None,
         label_dropout_prob: float | None = None,
+        id2label: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -105,7 +119,107 @@ class MemSepPipeline(DiffusionPipeline):
             small_t_transformer=small_t_transformer,
         )
         self.register_to_config(small_t_switch=small_t_switch, label_dropout_prob=label_dropout_prob)
+        # Saved in model_index.json with string keys (JSON), as in the Hub's DiT repositories.
+        self.register_to_config(id2label={str(k): str(v) for k, v in id2label.items()} if id2label else None)
         self.check_components()
+
+    # -------------------------------------------------------------------------------------- save and load
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained``, plus the code stock diffusers needs to load the folder.
+
+        The folder gets ``pipeline_memsep.py`` (this pipeline) and, beside each custom component's weights, the
+        file of its class; ``model_index.json`` names those files, so
+        ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_memsep", trust_remote_code=True)``
+        loads it without diffusers-memsep installed (see :mod:`diffusers_memsep.pipelines.remote_code`).
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        push_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id")
+                       if k in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        try:  # importlib: this file also runs as code shipped in a folder, where the package may be missing
+            remote_code = importlib.import_module("diffusers_memsep.pipelines.remote_code")
+        except ImportError:
+            logger.warning("diffusers-memsep is not installed: the folder is saved without its loading code.")
+        else:
+            remote_code.write_remote_code(save_directory)
+        if push_to_hub:  # after the code is written, so the pushed folder is complete
+            from huggingface_hub import create_repo
+
+            repo_id = push_kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            repo_id = create_repo(repo_id, exist_ok=True, private=push_kwargs.get("private"),
+                                  token=push_kwargs.get("token")).repo_id
+            self._upload_folder(save_directory, repo_id, token=push_kwargs.get("token"),
+                                commit_message=push_kwargs.get("commit_message"),
+                                create_pr=push_kwargs.get("create_pr", False))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``; this library's components are loaded with the installed classes,
+        so the code a folder ships for stock diffusers (``<component>/<module>.py``) is never executed."""
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "force_download",
+                                             "proxies") if k in kwargs}
+        config = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
+        component_kwargs = {k: kwargs[k] for k in _COMPONENT_LOAD_KWARGS if k in kwargs}
+        for name, value in config.items():
+            component = SHIPPED_COMPONENTS.get(value[1]) if isinstance(value, (list, tuple)) and len(value) == 2 else None
+            if component is not None and value[0] == component.__module__ and name not in kwargs:
+                kwargs[name] = component.from_pretrained(pretrained_model_name_or_path, subfolder=name,
+                                                         **component_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- class names
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> class id, sorted by name, every comma-separated name of ``id2label`` (as ``DiTPipeline``)."""
+        names = {}
+        for key, value in (self.config.get("id2label") or {}).items():
+            for name in value.split(","):
+                names[name.strip()] = int(key)
+        return dict(sorted(names.items()))
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class ids of class names (``pipe.labels`` lists them); raises ValueError naming an unknown name."""
+        names = [label] if isinstance(label, str) else list(label)
+        labels = self.labels
+        for name in names:
+            if name not in labels:
+                known = ", ".join(list(labels)[:20]) + (", ..." if len(labels) > 20 else "")
+                raise ValueError(f"{name!r} is not a class name of this pipeline; choose from pipe.labels ({known})."
+                                 if labels else f"{name!r} is not a class name: this pipeline has no id2label table; "
+                                 "pass class ids (ints).")
+        return [labels[name] for name in names]
+
+    # ------------------------------------------------------------------------------------------ reference
+    def attach_reference(self, images: torch.Tensor) -> NearestNeighborIndex:
+        """Make ``images`` (the training images, ``[n, C, H, W]`` in ``[-1, 1]``) the pipeline's reference.
+
+        The reference lives where samples are judged: pixel space at the pipeline's output resolution
+        (:attr:`image_shape`, after the VAE decode for a latent model); images are first brought there by
+        :meth:`match_image_shape`, so a stock checkpoint can be checked against any user's image set. Returns the
+        new index (also ``pipe.reference``, saved by ``save_pretrained``).
+        """
+        reference = NearestNeighborIndex.from_images(self.match_image_shape(images))
+        self.register_modules(reference=reference)
+        return reference
+
+    def match_image_shape(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (``[n, C, H, W]`` in ``[-1, 1]``) at :attr:`image_shape`, float32 on the CPU.
+
+        Another size is resized (bilinear, antialiased); grey images are repeated to 3 channels when the pipeline
+        makes RGB images. Raises ValueError for other channel counts.
+        """
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError("expected training images as a tensor [n, C, H, W] in [-1, 1].")
+        channels, height, width = self.image_shape
+        images = images.detach().float().cpu()
+        if images.shape[1] == 1 and channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[1] != channels:
+            raise ValueError(f"the images have {images.shape[1]} channels but this pipeline generates {channels}; "
+                             f"load them with {channels} channel(s).")
+        if tuple(images.shape[-2:]) != (height, width):
+            images = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        return images.clamp(-1, 1).contiguous()
 
     # ------------------------------------------------------------------------------------------------ checks
     @property
@@ -175,6 +289,11 @@ class MemSepPipeline(DiffusionPipeline):
             return torch.full((batch_size or 1,), self.null_class, dtype=torch.long, device=device)
         if self.config.get("label_dropout_prob") == 1:
             raise ValueError("This model was trained unconditionally (label_dropout_prob=1): pass class_labels=None.")
+        if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple)) and class_labels
+                                              and all(isinstance(label, str) for label in class_labels)):
+            class_labels = self.get_label_ids(class_labels)  # class names, as DiTPipeline.get_label_ids takes them
+            if len(class_labels) == 1 and batch_size:
+                class_labels = class_labels[0]
         if isinstance(class_labels, int) and not isinstance(class_labels, bool):
             labels = torch.full((batch_size or 1,), class_labels, dtype=torch.long)
         else:
@@ -212,7 +331,8 @@ class MemSepPipeline(DiffusionPipeline):
 
         Args:
             class_labels: one label per sample (list or 1-D tensor), one int for all ``batch_size`` samples, or None
-                for unconditional samples (the model's null class ``num_embeds_ada_norm``).
+                for unconditional samples (the model's null class ``num_embeds_ada_norm``). Class names of
+                :attr:`labels` (a string, or a list of strings) are accepted too.
             batch_size: number of samples when ``class_labels`` is None or an int (default 1).
             num_inference_steps: denoising steps (>= 1).
             guidance_scale: classifier-free guidance weight ``w``: ``eps = eps_null + w (eps_class - eps_null)``;
@@ -281,7 +401,12 @@ class MemSepPipeline(DiffusionPipeline):
 
         memorized = distance_ratio = nearest_index = None
         if check_memorization and self.reference is not None:
-            result = memorization_report(samples, self.reference)
+            reference = self.reference
+            if not isinstance(reference, NearestNeighborIndex):
+                # Only under stock diffusers loading the shipped code: the reference's class comes from its own copy
+                # of this file, a different module; rebuild it with this module's class.
+                reference = NearestNeighborIndex.from_images(reference.images)
+            result = memorization_report(samples, reference)
             memorized, distance_ratio = result.memorized.cpu(), result.distance_ratio.cpu()
             nearest_index = result.nearest_index.cpu()
 
