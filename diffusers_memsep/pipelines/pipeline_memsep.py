@@ -142,14 +142,16 @@ class MemSepPipeline(DiffusionPipeline):
             logger.warning("diffusers-memsep is not installed: the folder is saved without its loading code.")
         else:
             remote_code.write_remote_code(save_directory)
-        if push_to_hub:  # after the code is written, so the pushed folder is complete
-            from huggingface_hub import create_repo
+        if push_to_hub:  # what DiffusionPipeline.save_pretrained does, after the code is written
+            from diffusers.pipelines import pipeline_utils
 
-            repo_id = push_kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
-            repo_id = create_repo(repo_id, exist_ok=True, private=push_kwargs.get("private"),
-                                  token=push_kwargs.get("token")).repo_id
-            self._upload_folder(save_directory, repo_id, token=push_kwargs.get("token"),
-                                commit_message=push_kwargs.get("commit_message"),
+            token = push_kwargs.get("token")
+            repo_id = push_kwargs.get("repo_id") or str(save_directory).split(os.path.sep)[-1]
+            repo_id = pipeline_utils.create_repo(repo_id, exist_ok=True, private=push_kwargs.get("private"),
+                                                 token=token).repo_id
+            card = pipeline_utils.load_or_create_model_card(repo_id, token=token, is_pipeline=True)
+            pipeline_utils.populate_model_card(card).save(os.path.join(save_directory, "README.md"))
+            self._upload_folder(save_directory, repo_id, token=token, commit_message=push_kwargs.get("commit_message"),
                                 create_pr=push_kwargs.get("create_pr", False))
 
     @classmethod
