@@ -112,7 +112,8 @@ def render_model_card(template_name: str, metadata: dict[str, Any] | None = None
             entry.setdefault("dataset_name", entry.get("dataset_type", "custom"))
             # The type is a Hub dataset id (a link on the Hub); a local folder or free text is "custom".
             dataset_type = entry.get("dataset_type") or entry["dataset_name"]
-            entry["dataset_type"] = (hub_repo_id(dataset_type) if dataset_type != EMBEDDED_DATASET else None) or "custom"
+            is_hub_id = dataset_type != EMBEDDED_DATASET and hub_repo_id(dataset_type)
+            entry["dataset_type"] = dataset_type if is_hub_id else "custom"
             results.append(EvalResult(**entry))
         metadata["eval_results"] = results
     card_data = ModelCardData(**metadata)
@@ -191,4 +192,5 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-__all__ = ["HubPushError", "hub_repo_id", "render_model_card", "save_model_card", "push_folder_to_hub", "template_path"]
+__all__ = ["HubPushError", "hub_repo_id", "render_model_card", "save_model_card", "push_folder_to_hub",
+           "template_path"]

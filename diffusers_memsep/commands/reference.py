@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 0 or args.num_inference_steps < 1:
         raise ValueError("--num_samples must be >= 0 and --num_inference_steps >= 1.")
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite_output_dir:
+    occupied = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+    if occupied and not args.overwrite_output_dir:
         raise FileExistsError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace the "
                               "pipeline there, or choose another folder.")
     pipe = load_pipeline(args.pipeline)

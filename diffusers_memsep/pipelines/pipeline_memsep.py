@@ -87,8 +87,9 @@ class MemSepPipeline(DiffusionPipeline):
         label_dropout_prob (`float`, *optional*): fraction of training labels replaced by the null class, written by
             the trainer: 0 means the null class was never learned (guidance and unconditional sampling refused),
             1 means an unconditional model (class labels refused); None = unknown (only the label table is checked).
-        id2label (`dict[int | str, str]`, *optional*): class names, as ``DiTPipeline`` takes them (``"tench, Tinca tinca"``:
-            several comma-separated names for one class); see :attr:`labels` and :meth:`get_label_ids`.
+        id2label (`dict[int | str, str]`, *optional*): class names, as ``DiTPipeline`` takes them
+            (``"tench, Tinca tinca"``: several comma-separated names for one class); see :attr:`labels` and
+            :meth:`get_label_ids`.
 
     Where the memorization check looks: at the generated images in pixel space, after the VAE decode and the clamp
     to ``[-1, 1]``, against the training images in the same space. The paper's rule is defined on data points and
@@ -163,7 +164,8 @@ class MemSepPipeline(DiffusionPipeline):
         config = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
         component_kwargs = {k: kwargs[k] for k in _COMPONENT_LOAD_KWARGS if k in kwargs}
         for name, value in config.items():
-            component = SHIPPED_COMPONENTS.get(value[1]) if isinstance(value, (list, tuple)) and len(value) == 2 else None
+            is_component = isinstance(value, (list, tuple)) and len(value) == 2
+            component = SHIPPED_COMPONENTS.get(value[1]) if is_component else None
             if component is not None and value[0] == component.__module__ and name not in kwargs:
                 kwargs[name] = component.from_pretrained(pretrained_model_name_or_path, subfolder=name,
                                                          **component_kwargs)
