@@ -5,6 +5,7 @@ through memsep reference / memsep prune, and back through MemSepPipeline and sto
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,23 +224,33 @@ def test_variant_cards_metadata_and_usage(pruned_dir):
     assert 'from_pretrained("me/dit-small_t"' in hub_card.text
 
 
-def test_saved_variant_loads_with_stock_diffusers_alone(pruned_dir, tmp_path):
-    """No diffusers_memsep import allowed: the folder's own code (pipeline_memsep.py + component files) is used."""
+@pytest.mark.parametrize("by_repo_id", [False, True], ids=["folder", "repo_id"])
+def test_saved_variant_loads_with_stock_diffusers_alone(pruned_dir, tmp_path, by_repo_id):
+    """No diffusers_memsep import allowed: the folder's own code (pipeline_memsep.py + component files) is used.
+    By repo id: the folder laid out as a Hub cache after a download (no network), loaded with HF_HUB_OFFLINE=1."""
     folder = pruned_dir / "variants" / "random-eta0.5"
     assert (folder / "pipeline_memsep.py").is_file()
+    source = str(folder)
+    if by_repo_id:
+        source, revision = "someone/dit-random", "0123456789abcdef0123456789abcdef01234567"
+        repo_dir = tmp_path / "hub" / "models--someone--dit-random"
+        shutil.copytree(folder, repo_dir / "snapshots" / revision)
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(revision)
     script = f"""
 import sys
 sys.modules["diffusers_memsep"] = None  # any import of the installed package fails
 import torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, custom_pipeline="pipeline_memsep", trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained({source!r}, custom_pipeline="pipeline_memsep", trust_remote_code=True)
 assert type(pipe).__name__ == "MemSepPipeline", type(pipe)
 assert type(pipe.transformer).__name__ == "PrunableDiTTransformer2DModel"
 out = pipe(class_labels=["cat", "bird"], num_inference_steps=2, output_type="pt")
 assert out.images.shape == (2, 3, 8, 8) and out.memorized.shape == (2,)
 print("stock ok", sum(pipe.transformer.heads_per_layer()))
 """
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",
+           "HF_HUB_CACHE": str(tmp_path / "hub")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
