@@ -190,6 +190,13 @@ def pruned_dir(stock_folder, image_folder, tmp_path_factory):
     return output
 
 
+def test_prune_without_reference_or_data_flags_says_how(stock_folder, tmp_path, capsys):
+    assert main(["prune", "--pipeline", str(stock_folder), "--output_dir", str(tmp_path / "out"), *QUICK_PRUNE]) == 2
+    error = capsys.readouterr().err
+    assert "has no training reference" in error and "--train_data_dir" in error and "memsep reference" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_a_stock_checkpoint_without_reference(pruned_dir):
     assert len(list((pruned_dir / "latent_cache").glob("latents-*.safetensors"))) == 1  # encoded once for all
     rows = list(csv.DictReader((pruned_dir / "runs.csv").open()))
