@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("train", "Train a (prunable) DiT and write a MemSepPipeline folder (Accelerate)."),
     "prune": ("prune", "Algorithm 1: score heads, prune, fine-tune, evaluate against random pruning."),
     "push": ("push", "Upload a saved pipeline folder (trained model or pruned variant) to the Hugging Face Hub."),
+    "reference": ("reference", "Attach a training-set reference to any DiT pipeline, so its samples are checked."),
     "loss-gap": ("loss_gap", "Figure 1: Loss-Gap_t = Fisher divergence against t for several n."),
     "gmm": ("gmm", "Figures 2-3: Gaussian-mixture capacity experiments and the capacity threshold."),
 }

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .data import EMBEDDED_DATASET
 from .utils import write_text
 
 #: The templates live in the repository's ``model_cards/`` (the project is installed editable from a clone).
@@ -24,7 +25,32 @@ TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "model_cards",)
 #: Never uploaded: training checkpoints (optimizer state, hundreds of MB), temporary folders, local logs.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "*.tmp"]
 
-DEFAULT_TAGS = ["diffusers", "diffusers-memsep", "dit", "memorization", "unconditional-image-generation"]
+DEFAULT_TAGS = ["diffusers", "diffusers-memsep", "dit", "memorization"]
+
+#: The Hub has no task for class-conditional image generation (``facebook/DiT-XL-2-256`` carries no pipeline tag),
+#: so class-conditional cards set no ``pipeline_tag`` and carry this tag; unconditional cards use the Hub's
+#: ``unconditional-image-generation`` task.
+CLASS_CONDITIONAL_TAG = "class-conditional-image-generation"
+UNCONDITIONAL_TASK = "unconditional-image-generation"
+
+
+def hub_repo_id(name: str | os.PathLike | None) -> str | None:
+    """``name`` when it can be a Hub repo id (``owner/name`` or ``name``), None for a local path or free text.
+
+    Model cards list only Hub ids in ``base_model`` and ``datasets``: a local path there is a broken link.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name is None:
+        return None
+    name = str(name)
+    if os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 class HubPushError(RuntimeError):
@@ -54,27 +80,47 @@ def render_model_card(template_name: str, metadata: dict[str, Any] | None = None
     Args:
         template_name: ``"base_model"`` (a trained DiT) or ``"pruned_variant"`` (a head-pruned, fine-tuned DiT).
         metadata: YAML header fields for ``ModelCardData`` (``license``, ``tags``, ``datasets``, ``base_model``,
-            ``model_name``...); ``library_name="diffusers"`` and the project's tags are added.
+            ``model_name``...); ``library_name="diffusers"`` and the project's tags are added. ``datasets`` and
+            ``base_model`` keep only Hub ids (:func:`hub_repo_id`; local paths are dropped); a ``base_model``
+            gets ``base_model_relation="finetune"`` (a pruned and fine-tuned copy) unless one is given.
+            ``pipeline_tag``: ``unconditional-image-generation`` for an unconditional model; none for a
+            class-conditional one (see :data:`CLASS_CONDITIONAL_TAG`).
         eval_results: ``model-index`` entries, each a dict with ``metric_type``, ``metric_value`` and optionally
             ``metric_name``, ``dataset_name``, ``dataset_type``, ``task_type``
             (default ``"unconditional-image-generation"``); needs ``metadata["model_name"]``.
-        fields: the template's variables (see the template's header comment for the ones it uses).
+        fields: the template's variables (see the template's header comment for the ones it uses); a truthy
+            ``num_classes`` marks a class-conditional model.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     metadata = dict(metadata or {})
     metadata.setdefault("library_name", "diffusers")
-    metadata.setdefault("pipeline_tag", "unconditional-image-generation")
-    metadata["tags"] = list(dict.fromkeys(DEFAULT_TAGS + list(metadata.get("tags") or [])))
+    conditional = bool(fields.get("num_classes"))
+    task_tags = [CLASS_CONDITIONAL_TAG] if conditional else [UNCONDITIONAL_TASK]
+    if not conditional:
+        metadata.setdefault("pipeline_tag", UNCONDITIONAL_TASK)
+    metadata["tags"] = list(dict.fromkeys(DEFAULT_TAGS + task_tags + list(metadata.get("tags") or [])))
+    datasets = [hub_repo_id(name) for name in metadata.pop("datasets", None) or [] if name != EMBEDDED_DATASET]
+    if any(datasets):
+        metadata["datasets"] = [name for name in datasets if name]
+    base_model = hub_repo_id(metadata.pop("base_model", None))
+    if base_model:
+        metadata["base_model"] = base_model
+        metadata.setdefault("base_model_relation", "finetune")
+    else:
+        metadata.pop("base_model_relation", None)
     if eval_results:
         if not metadata.get("model_name"):
             raise ValueError("eval_results need metadata['model_name'] (the model-index entry's name).")
         results = []
         for entry in eval_results:
             entry = dict(entry)
-            entry.setdefault("task_type", "unconditional-image-generation")
-            entry.setdefault("dataset_type", entry.get("dataset_name", "custom"))
-            entry.setdefault("dataset_name", entry["dataset_type"])
+            entry.setdefault("task_type", CLASS_CONDITIONAL_TAG if conditional else UNCONDITIONAL_TASK)
+            entry.setdefault("dataset_name", entry.get("dataset_type", "custom"))
+            # The type is a Hub dataset id (a link on the Hub); a local folder or free text is "custom".
+            dataset_type = entry.get("dataset_type") or entry["dataset_name"]
+            is_hub_id = dataset_type != EMBEDDED_DATASET and hub_repo_id(dataset_type)
+            entry["dataset_type"] = dataset_type if is_hub_id else "custom"
             results.append(EvalResult(**entry))
         metadata["eval_results"] = results
     card_data = ModelCardData(**metadata)
@@ -173,5 +219,5 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-__all__ = ["HubPushError", "check_hub_repo", "push_folder_to_hub", "render_model_card", "require_templates",
-           "save_model_card", "template_path"]
+__all__ = ["HubPushError", "check_hub_repo", "hub_repo_id", "push_folder_to_hub", "render_model_card",
+           "require_templates", "save_model_card", "template_path"]

@@ -8,6 +8,11 @@ Seeds. For seed ``s``, the scores (random ones included) use generator seed ``s`
 the same seeds, so each pruned row has a paired original row. Every variant of a given seed starts from the same
 noise. Variant folders are saved for the first seed.
 
+Latent DiTs (a pipeline with a VAE, e.g. a stock ``DiTPipeline`` checkpoint). The training images are encoded once
+(:func:`diffusers_memsep.latents.latent_training_data`, cached in ``<output_dir>/latent_cache``) and every method,
+eta and seed scores and fine-tunes on those latents; every evaluated and saved pipeline keeps the VAE, so
+memorization and quality are measured on decoded images in pixel space, against the pixel-space reference.
+
 Time-routed sampling (beyond the paper). With ``routed_switch = s`` each pruned model also gets a row in which the
 ORIGINAL model denoises steps ``t >= s`` and the pruned one only ``t < s`` (``MemSepPipeline.small_t_transformer``).
 """
@@ -33,6 +38,7 @@ from .evaluate import (
     summarize,
 )
 from .hub import save_model_card
+from .latents import latent_training_data
 from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
 from .pruning.importance import SMALL_TIME, UNIFORM_TIME
@@ -135,7 +141,8 @@ def check_study_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: 
 
 def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, config: PruningStudyConfig,
                       output_dir: str | Path, base_model_name: str = "a trained DiT",
-                      extra_rows: list[dict] | None = None, overwrite_output_dir: bool = True) -> PruningStudyResult:
+                      extra_rows: list[dict] | None = None, overwrite_output_dir: bool = True,
+                      dataset_id: str | None = None, hub_model_id_prefix: str | None = None) -> PruningStudyResult:
     """Prune ``pipe.transformer`` by every method, eta and seed; evaluate; write everything under ``output_dir``.
 
     ``data`` is the training set (``images``, ``labels``, ``num_classes``): the scores and the fine-tuning use it
@@ -145,14 +152,26 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
     so that ``memsep demo`` can be re-run into its own folder) an earlier study's outputs there are replaced: the
     files one by one, atomically, and ``variants/`` as a whole (no stale variant of an earlier run survives);
     ``memsep prune`` passes ``--overwrite_output_dir``, False by default. Nothing else in the folder is touched.
+
+    Model cards: ``base_model_name`` and ``dataset_id`` enter the card's metadata when they are Hub ids; variant
+    ``<method>-eta<eta>`` shows the repo ``<hub_model_id_prefix>-<method>-eta<eta>`` in its usage snippet (its own
+    folder without a prefix).
     """
     if pipe.reference is None:
-        raise ValueError("the pipeline has no training reference; add one with pipe.register_modules(reference="
-                         "NearestNeighborIndex.from_images(train_images)) so memorization can be measured.")
+        raise ValueError("the pipeline has no training reference; add one with pipe.attach_reference(train_images) "
+                         "(or `memsep reference`) so memorization can be measured.")
     output_dir = check_study_output_dir(output_dir, overwrite_output_dir)
     train_scheduler = training_scheduler(pipe)
-    eval_pipe = MemSepPipeline(transformer=pipe.transformer, scheduler=sampling_scheduler(pipe, config.sampler),
-                               reference=pipe.reference, label_dropout_prob=pipe.config.get("label_dropout_prob"))
+    # A latent DiT scores and fine-tunes on the VAE latents of the training images, encoded once for every run.
+    train_data = data if pipe.vae is None else latent_training_data(data, pipe.vae, output_dir / "latent_cache")
+
+    def pipeline_like(transformer, scheduler, **components):
+        """A MemSepPipeline with ``pipe``'s VAE, reference, class names and label dropout."""
+        return MemSepPipeline(transformer=transformer, scheduler=scheduler, vae=pipe.vae, reference=pipe.reference,
+                              label_dropout_prob=pipe.config.get("label_dropout_prob"),
+                              id2label=pipe.config.get("id2label"), **components)
+
+    eval_pipe = pipeline_like(pipe.transformer, sampling_scheduler(pipe, config.sampler))
     eval_pipe.set_progress_bar_config(disable=True)
     labels = balanced_labels(config.num_samples, data.num_classes)
     evaluate = lambda p, name, seed: evaluate_pipeline(  # noqa: E731
@@ -170,13 +189,12 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
         progress.update()
         for method, eta in [(m, e) for (s, m, e) in runs if s == seed]:
             finetune = replace(config.finetune, seed=seed)
-            pruned = one_shot_prune(pipe.transformer, data, train_scheduler, ratio=eta, method=method,
+            pruned = one_shot_prune(pipe.transformer, train_data, train_scheduler, ratio=eta, method=method,
                                     finetune_config=finetune, num_batches=config.importance_batches,
                                     batch_size=config.importance_batch_size,
                                     generator=torch.Generator().manual_seed(seed))
             name = f"{method}-eta{eta:g}"
-            variant = MemSepPipeline(transformer=pruned.model, scheduler=eval_pipe.scheduler, reference=pipe.reference,
-                                     label_dropout_prob=pipe.config.get("label_dropout_prob"))
+            variant = pipeline_like(pruned.model, eval_pipe.scheduler)
             variant.set_progress_bar_config(disable=True)
             result = evaluate(variant, name, seed)
             num_pruned = sum(len(h) for h in pruned.pruned_heads.values())
@@ -185,10 +203,8 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
                 evaluations.append(result)
                 first_models[(method, eta)] = pruned
             if config.routed_switch is not None:
-                routed = MemSepPipeline(transformer=pipe.transformer, scheduler=eval_pipe.scheduler,
-                                        reference=pipe.reference, small_t_transformer=pruned.model,
-                                        small_t_switch=config.routed_switch,
-                                        label_dropout_prob=pipe.config.get("label_dropout_prob"))
+                routed = pipeline_like(pipe.transformer, eval_pipe.scheduler, small_t_transformer=pruned.model,
+                                       small_t_switch=config.routed_switch)
                 routed.set_progress_bar_config(disable=True)
                 result = evaluate(routed, f"{name}+routed", seed)
                 rows.append({**result.row(), "method": f"{method}+routed(t<{config.routed_switch})", "eta": eta,
@@ -205,10 +221,13 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
             shutil.rmtree(staging, ignore_errors=True)
             for (method, eta), pruned in first_models.items():
                 name = f"{method}-eta{eta:g}"
-                variant = MemSepPipeline(transformer=pruned.model, scheduler=pipe.scheduler, reference=pipe.reference,
-                                         label_dropout_prob=pipe.config.get("label_dropout_prob"))
+                variant = pipeline_like(pruned.model, pipe.scheduler)
                 variant.save_pretrained(staging / name, safe_serialization=True)
-                write_variant_card(staging / name, method, eta, pruned, config, data, summary, base_model_name)
+                hub_model_id = f"{hub_model_id_prefix}-{name}" if hub_model_id_prefix else None
+                write_variant_card(staging / name, method, eta, pruned, config, data, summary, base_model_name,
+                                   dataset_id=dataset_id, hub_model_id=hub_model_id, latent=pipe.vae is not None,
+                                   conditional=pipe.config.get("label_dropout_prob") != 1,
+                                   final_folder=variants_dir / name)
                 variant_dirs[name] = variants_dir / name
             replace_path(staging, variants_dir)
         elif variants_dir.is_dir():
@@ -277,8 +296,13 @@ def _relative(value: float, reference: float) -> str:
 
 
 def write_variant_card(folder: Path, method: str, eta: float, pruned, config: PruningStudyConfig, data,
-                       summary: list[dict], base_model_name: str) -> None:
-    """The pruned variant's model card: settings, and the before/after table with the random baseline."""
+                       summary: list[dict], base_model_name: str, dataset_id: str | None = None,
+                       hub_model_id: str | None = None, latent: bool = False, conditional: bool | None = None,
+                       final_folder: Path | None = None) -> None:
+    """The pruned variant's model card: settings, and the before/after table with the random baseline.
+
+    ``final_folder`` is where the variant will live (its usage snippet names it) when ``folder`` is a staging copy.
+    """
     metrics = [{"model": "original" if row["method"] == "original" else f"{row['method']}-eta{row['eta']:g}",
                 "method": METHOD_TITLES.get(row["method"], row["method"]), "eta": row["eta"] or None,
                 "memorization": row.get("memorization_ratio"), "memorization_std": row.get("memorization_ratio_std"),
@@ -292,11 +316,14 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
                 "small_t_top": str(SMALL_TIME)}.get(method)
     save_model_card(
         folder, "pruned_variant",
-        metadata={"model_name": model_name, "license": "apache-2.0"},
+        metadata={"model_name": model_name, "license": "apache-2.0", "base_model": base_model_name,
+                  "datasets": [dataset_id] if dataset_id else []},
         eval_results=[{"metric_type": "memorization_ratio", "metric_name": "Memorization ratio (1/3 rule)",
-                       "metric_value": round(own["memorization_ratio"], 4), "dataset_name": data.source},
+                       "metric_value": round(own["memorization_ratio"], 4), "dataset_name": data.source,
+                       "dataset_type": dataset_id},
                       {"metric_type": "frechet_distance", "metric_name": "Frechet distance (own feature space)",
-                       "metric_value": round(own["frechet_distance"], 4), "dataset_name": data.source}],
+                       "metric_value": round(own["frechet_distance"], 4), "dataset_name": data.source,
+                       "dataset_type": dataset_id}],
         model_name=model_name, base_model=base_model_name, method=METHOD_TITLES.get(method, method), eta=eta,
         num_pruned_heads=sum(len(h) for h in pruned.pruned_heads.values()),
         num_heads=sum(pruned.model.heads_per_layer()) + sum(len(h) for h in pruned.pruned_heads.values()),
@@ -305,4 +332,8 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
         finetune_steps=config.finetune.max_train_steps, num_train_images=len(data), dataset_source=data.source,
         metrics=metrics, num_seeds=len(config.seeds),
         sampler=f"{config.sampler.upper()} {config.num_inference_steps} steps",
+        num_classes=(pruned.model.config.num_embeds_ada_norm
+                     if (data.labels is not None if conditional is None else conditional) else None),
+        hub_model_id=hub_model_id, local_folder=str(Path(final_folder or folder).resolve()),
+        latent=latent,
     )

@@ -6,8 +6,10 @@ Loads a ``MemSepPipeline`` (local folder or Hub id), prunes its transformer by e
 
 Training data. The pipeline's ``reference`` holds exactly the training images, which is all an unconditional model
 needs. A class-conditional model also needs the labels: pass the data flags of ``memsep train`` (the images they load
-must equal the reference). Quality is measured against ``--real_data`` (default: all 1,797 digits for the
-embedded data set, the training images otherwise).
+must equal the reference). A pipeline without a reference (e.g. a stock ``DiTPipeline`` checkpoint) gets one built
+from the data flags, as ``memsep reference`` does: the images are loaded at the pipeline's output resolution (pixel
+space, after the VAE decode). Quality is measured against the population: all 1,797 digits for the embedded data
+set, the training images otherwise.
 """
 
 from __future__ import annotations
@@ -42,23 +44,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=study.sampler, choices=SAMPLERS)
     parser.add_argument("--routed_switch", type=int, default=None,
                         help="Also evaluate time-routed sampling: the pruned model only for timesteps < this.")
-    data = parser.add_argument_group("training data (needed for class-conditional models)")
-    data.add_argument("--dataset_name", default=None)
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--train_data_dir", default=None)
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--label_column", default=None)
-    data.add_argument("--resolution", type=int, default=None)
-    data.add_argument("--center_crop", action="store_true")
-    data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--data_seed", type=int, default=0, help="The --seed the model was trained with.")
-    data.add_argument("--embedded_digits", action="store_true",
-                      help="Reload the embedded digits subset (with --max_train_samples/--data_seed).")
+    add_data_arguments(parser.add_argument_group(
+        "training data (needed for class-conditional models, and for a pipeline without a reference)"))
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload every variant folder after saving it.")
     hub.add_argument("--hub_model_id_prefix", default=None, help="Variants go to <prefix>-<method>-eta<eta>.")
     hub.add_argument("--hub_private_repo", action="store_true")
     hub.add_argument("--hub_token", default=None)
+
+
+def add_data_arguments(group) -> None:
+    """The data flags of ``memsep train``, shared by ``memsep prune`` and ``memsep reference``."""
+    group.add_argument("--dataset_name", default=None)
+    group.add_argument("--dataset_config_name", default=None)
+    group.add_argument("--train_data_dir", default=None)
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--label_column", default=None)
+    group.add_argument("--resolution", type=int, default=None,
+                       help="Default: the pipeline's output resolution (images are resized to it).")
+    group.add_argument("--center_crop", action="store_true")
+    group.add_argument("--max_train_samples", type=int, default=None)
+    group.add_argument("--data_seed", type=int, default=0, help="The --seed the model was trained with.")
+    group.add_argument("--embedded_digits", action="store_true",
+                       help="Reload the embedded digits subset (with --max_train_samples/--data_seed).")
+
+
+def has_data_flags(args: argparse.Namespace) -> bool:
+    return bool(args.dataset_name or args.train_data_dir or args.embedded_digits)
+
+
+def load_pipeline_data(pipe, args: argparse.Namespace):
+    """The training data of the data flags, as the pipeline sees images: at its output resolution and channels."""
+    from dataclasses import replace
+
+    from diffusers_memsep.data import load_training_data
+
+    data = load_training_data(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                              args.label_column, args.resolution or pipe.image_shape[-1], args.center_crop,
+                              args.max_train_samples, args.data_seed)
+    return replace(data, images=pipe.match_image_shape(data.images))
+
+
+def load_pipeline(name: str):
+    """``MemSepPipeline.from_pretrained`` of a local folder or Hub id, with a clear error for a missing folder."""
+    from diffusers_memsep.pipelines import MemSepPipeline
+
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(f"no pipeline folder at {name}; pass a folder written by `memsep train` / "
+                                "`memsep demo` (e.g. outputs/demo/base), a DiTPipeline folder, or a Hub repo id "
+                                "(user/name).")
+    return MemSepPipeline.from_pretrained(os.path.expanduser(name))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
     from diffusers_memsep.data import TrainingData, load_training_data
     from diffusers_memsep.hub import push_folder_to_hub
     from diffusers_memsep.mitigation import PruningStudyConfig, check_study_output_dir, run_pruning_study
-    from diffusers_memsep.pipelines import MemSepPipeline
     from diffusers_memsep.training import TrainingConfig
 
     if args.push_to_hub and not args.hub_model_id_prefix:
@@ -80,22 +115,19 @@ def run(args: argparse.Namespace) -> int:
                                 importance_batch_size=args.importance_batch_size, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, sampler=args.sampler,
                                 routed_switch=args.routed_switch)
-    looks_local = args.pipeline.startswith((".", "/", "~")) or args.pipeline.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(args.pipeline)):
-        raise FileNotFoundError(f"no pipeline folder at {args.pipeline}; pass a folder written by `memsep train` / "
-                                "`memsep demo` (e.g. outputs/demo/base) or a Hub repo id (user/name).")
     # Before loading anything: a study that cannot write its results must not run for minutes first.
     check_study_output_dir(args.output_dir, args.overwrite_output_dir, pipeline_dir=args.pipeline)
-    pipe = MemSepPipeline.from_pretrained(os.path.expanduser(args.pipeline))  # safetensors only
-    if pipe.reference is None:
-        raise ValueError(f"{args.pipeline} has no training reference; add one with pipe.register_modules(reference="
-                         "NearestNeighborIndex.from_images(train_images)) and save it, so memorization can be measured.")
+    pipe = load_pipeline(args.pipeline)
     conditional = pipe.config.get("label_dropout_prob") != 1.0
-    reference_images = pipe.reference.images.cpu()
-    if args.dataset_name or args.train_data_dir or args.embedded_digits:
-        data = load_training_data(args.dataset_name, args.dataset_config_name, args.train_data_dir,
-                                  args.image_column, args.label_column, args.resolution, args.center_crop,
-                                  args.max_train_samples, args.data_seed)
+    if pipe.reference is None:
+        if not has_data_flags(args):
+            raise ValueError(f"{args.pipeline} has no training reference; pass the data flags of its training images "
+                             "(e.g. --train_data_dir my_images) to build one, or add it with `memsep reference`.")
+        data = load_pipeline_data(pipe, args)
+        pipe.attach_reference(data.images)
+    elif has_data_flags(args):
+        data = load_pipeline_data(pipe, args)
+        reference_images = pipe.reference.images.cpu()
         if data.images.shape != reference_images.shape or not torch.allclose(data.images, reference_images, atol=1e-5):
             raise ValueError("the loaded training data differs from the pipeline's reference images; pass the data "
                              "flags (and --data_seed / --max_train_samples) the model was trained with.")
@@ -103,12 +135,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("this model is class-conditional: pass the data flags it was trained with (e.g. "
                          "--embedded_digits --label_column label --max_train_samples 64) so fine-tuning has labels.")
     else:
+        reference_images = pipe.reference.images.cpu()
         data = TrainingData(reference_images, None, None, f"the pipeline's reference ({len(reference_images)} images)")
     is_digits = tuple(data.images.shape[1:]) == (1, 8, 8) and not (args.dataset_name or args.train_data_dir)
     real_images = load_training_data().images if is_digits else data.images
 
     result = run_pruning_study(pipe, data, real_images, config, args.output_dir, base_model_name=str(args.pipeline),
-                               overwrite_output_dir=args.overwrite_output_dir)
+                               overwrite_output_dir=args.overwrite_output_dir, dataset_id=args.dataset_name,
+                               hub_model_id_prefix=args.hub_model_id_prefix)
     print(result.report_path.read_text())
     for name, folder in result.variant_dirs.items():
         print(f"variant {name}: {folder}")

@@ -1,7 +1,8 @@
 """MemSepPipeline: class-conditional DiT sampling in pixel or latent space that says which samples copy training data.
 
 diffusers' ``DiTPipeline`` requires a VAE and hard-codes ImageNet's null class 1000; this pipeline serves small
-pixel-space DiTs, takes the null class from the model itself, and carries the training-set reference
+pixel-space DiTs as well as latent ones (it loads a stock ``DiTPipeline`` folder such as ``facebook/DiT-XL-2-256``,
+keeping its ``id2label`` table), takes the null class from the model itself, and carries the training-set reference
 (:class:`~diffusers_memsep.memorization.NearestNeighborIndex`) so a pipeline loaded later can still apply the
 paper's memorization rule to what it generates.
 """
@@ -9,6 +10,7 @@ paper's memorization rule to what it generates.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import numbers
@@ -19,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -36,6 +39,13 @@ __all__ = ["MemSepPipeline", "MemSepPipelineOutput", "PipelineLoadError"]
 class PipelineLoadError(OSError):
     """A pipeline folder or Hub repo could not be loaded (not cached offline, damaged file); the message says the
     fix. An ``OSError``, as diffusers' own load errors are, so ``except OSError`` keeps working."""
+
+#: Component classes of this library; a saved folder ships their code (``<component>/<module>.py``, the file named by
+#: ``model_index.json``'s ``["<module>", "<class>"]``), the layout diffusers documents for custom components.
+SHIPPED_COMPONENTS = {cls.__name__: cls for cls in (PrunableDiTTransformer2DModel, NearestNeighborIndex)}
+#: Keyword arguments of ``from_pretrained`` that also apply to loading one component.
+_COMPONENT_LOAD_KWARGS = ("torch_dtype", "cache_dir", "revision", "token", "local_files_only", "force_download",
+                          "proxies", "variant", "use_safetensors")
 
 
 @dataclass
@@ -88,6 +98,9 @@ class MemSepPipeline(DiffusionPipeline):
         label_dropout_prob (`float`, *optional*): fraction of training labels replaced by the null class, written by
             the trainer: 0 means the null class was never learned (guidance and unconditional sampling refused),
             1 means an unconditional model (class labels refused); None = unknown (only the label table is checked).
+        id2label (`dict[int | str, str]`, *optional*): class names, as ``DiTPipeline`` takes them
+            (``"tench, Tinca tinca"``: several comma-separated names for one class); see :attr:`labels` and
+            :meth:`get_label_ids`.
 
     Where the memorization check looks: at the generated images in pixel space, after the VAE decode and the clamp
     to ``[-1, 1]``, against the training images in the same space. The paper's rule is defined on data points and
@@ -107,6 +120,7 @@ class MemSepPipeline(DiffusionPipeline):
         small_t_transformer: DiTTransformer2DModel | None = None,
         small_t_switch: int | None = None,
         label_dropout_prob: float | None = None,
+        id2label: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -117,12 +131,47 @@ class MemSepPipeline(DiffusionPipeline):
             small_t_transformer=small_t_transformer,
         )
         self.register_to_config(small_t_switch=small_t_switch, label_dropout_prob=label_dropout_prob)
+        # Saved in model_index.json with string keys (JSON), as in the Hub's DiT repositories.
+        self.register_to_config(id2label={str(k): str(v) for k, v in id2label.items()} if id2label else None)
         self.check_components()
+
+    # -------------------------------------------------------------------------------------- save and load
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained``, plus the code stock diffusers needs to load the folder.
+
+        The folder gets ``pipeline_memsep.py`` (this pipeline) and, beside each custom component's weights, the
+        file of its class; ``model_index.json`` names those files, so
+        ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_memsep", trust_remote_code=True)``
+        loads it without diffusers-memsep installed (see :mod:`diffusers_memsep.pipelines.remote_code`).
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        push_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id")
+                       if k in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        try:  # importlib: this file also runs as code shipped in a folder, where the package may be missing
+            remote_code = importlib.import_module("diffusers_memsep.pipelines.remote_code")
+        except ImportError:
+            logger.warning("diffusers-memsep is not installed: the folder is saved without its loading code.")
+        else:
+            remote_code.write_remote_code(save_directory)
+        if push_to_hub:  # what DiffusionPipeline.save_pretrained does, after the code is written
+            from diffusers.pipelines import pipeline_utils
+
+            token = push_kwargs.get("token")
+            repo_id = push_kwargs.get("repo_id") or str(save_directory).split(os.path.sep)[-1]
+            repo_id = pipeline_utils.create_repo(repo_id, exist_ok=True, private=push_kwargs.get("private"),
+                                                 token=token).repo_id
+            card = pipeline_utils.load_or_create_model_card(repo_id, token=token, is_pipeline=True)
+            pipeline_utils.populate_model_card(card).save(os.path.join(save_directory, "README.md"))
+            self._upload_folder(save_directory, repo_id, token=token, commit_message=push_kwargs.get("commit_message"),
+                                create_pr=push_kwargs.get("create_pr", False))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "MemSepPipeline":
         """:meth:`diffusers.DiffusionPipeline.from_pretrained`, loading only safetensors weights by default
-        (``use_safetensors=True``: no pickle is read from a folder or Hub repo someone else wrote).
+        (``use_safetensors=True``: no pickle is read from a folder or Hub repo someone else wrote). This library's
+        components are loaded with the installed classes, so the code a folder ships for stock diffusers
+        (``<component>/<module>.py``) is never executed.
 
         A failure to load (a Hub id that is not cached while offline, a damaged ``model_index.json`` or config,
         truncated weights) raises one :class:`PipelineLoadError` line naming the file and the fix; weights that do
@@ -130,11 +179,79 @@ class MemSepPipeline(DiffusionPipeline):
         """
         kwargs.setdefault("use_safetensors", True)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return cls._from_pretrained_with_installed_components(pretrained_model_name_or_path, **kwargs)
         except PipelineLoadError:
             raise
         except OSError as error:
             raise PipelineLoadError(_load_failure_message(pretrained_model_name_or_path, error)) from error
+
+    @classmethod
+    def _from_pretrained_with_installed_components(cls, pretrained_model_name_or_path, **kwargs):
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "force_download",
+                                             "proxies") if k in kwargs}
+        config = cls.load_config(pretrained_model_name_or_path, **hub_kwargs)
+        component_kwargs = {k: kwargs[k] for k in _COMPONENT_LOAD_KWARGS if k in kwargs}
+        for name, value in config.items():
+            is_component = isinstance(value, (list, tuple)) and len(value) == 2
+            component = SHIPPED_COMPONENTS.get(value[1]) if is_component else None
+            if component is not None and value[0] == component.__module__ and name not in kwargs:
+                kwargs[name] = component.from_pretrained(pretrained_model_name_or_path, subfolder=name,
+                                                         **component_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- class names
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> class id, sorted by name, every comma-separated name of ``id2label`` (as ``DiTPipeline``)."""
+        names = {}
+        for key, value in (self.config.get("id2label") or {}).items():
+            for name in value.split(","):
+                names[name.strip()] = int(key)
+        return dict(sorted(names.items()))
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class ids of class names (``pipe.labels`` lists them); raises ValueError naming an unknown name."""
+        names = [label] if isinstance(label, str) else list(label)
+        labels = self.labels
+        for name in names:
+            if name not in labels:
+                known = ", ".join(list(labels)[:20]) + (", ..." if len(labels) > 20 else "")
+                raise ValueError(f"{name!r} is not a class name of this pipeline; choose from pipe.labels ({known})."
+                                 if labels else f"{name!r} is not a class name: this pipeline has no id2label table; "
+                                 "pass class ids (ints).")
+        return [labels[name] for name in names]
+
+    # ------------------------------------------------------------------------------------------ reference
+    def attach_reference(self, images: torch.Tensor) -> NearestNeighborIndex:
+        """Make ``images`` (the training images, ``[n, C, H, W]`` in ``[-1, 1]``) the pipeline's reference.
+
+        The reference lives where samples are judged: pixel space at the pipeline's output resolution
+        (:attr:`image_shape`, after the VAE decode for a latent model); images are first brought there by
+        :meth:`match_image_shape`, so a stock checkpoint can be checked against any user's image set. Returns the
+        new index (also ``pipe.reference``, saved by ``save_pretrained``).
+        """
+        reference = NearestNeighborIndex.from_images(self.match_image_shape(images))
+        self.register_modules(reference=reference)
+        return reference
+
+    def match_image_shape(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (``[n, C, H, W]`` in ``[-1, 1]``) at :attr:`image_shape`, float32 on the CPU.
+
+        Another size is resized (bilinear, antialiased); grey images are repeated to 3 channels when the pipeline
+        makes RGB images. Raises ValueError for other channel counts.
+        """
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError("expected training images as a tensor [n, C, H, W] in [-1, 1].")
+        channels, height, width = self.image_shape
+        images = images.detach().float().cpu()
+        if images.shape[1] == 1 and channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[1] != channels:
+            raise ValueError(f"the images have {images.shape[1]} channels but this pipeline generates {channels}; "
+                             f"load them with {channels} channel(s).")
+        if tuple(images.shape[-2:]) != (height, width):
+            images = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        return images.clamp(-1, 1).contiguous()
 
     # ------------------------------------------------------------------------------------------------ checks
     @property
@@ -204,6 +321,11 @@ class MemSepPipeline(DiffusionPipeline):
             return torch.full((batch_size or 1,), self.null_class, dtype=torch.long, device=device)
         if self.config.get("label_dropout_prob") == 1:
             raise ValueError("This model was trained unconditionally (label_dropout_prob=1): pass class_labels=None.")
+        if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple)) and class_labels
+                                              and all(isinstance(label, str) for label in class_labels)):
+            class_labels = self.get_label_ids(class_labels)  # class names, as DiTPipeline.get_label_ids takes them
+            if len(class_labels) == 1 and batch_size:
+                class_labels = class_labels[0]
         if isinstance(class_labels, int) and not isinstance(class_labels, bool):
             labels = torch.full((batch_size or 1,), class_labels, dtype=torch.long)
         else:
@@ -241,7 +363,8 @@ class MemSepPipeline(DiffusionPipeline):
 
         Args:
             class_labels: one label per sample (list or 1-D tensor), one int for all ``batch_size`` samples, or None
-                for unconditional samples (the model's null class ``num_embeds_ada_norm``).
+                for unconditional samples (the model's null class ``num_embeds_ada_norm``). Class names of
+                :attr:`labels` (a string, or a list of strings) are accepted too.
             batch_size: number of samples when ``class_labels`` is None or an int (default 1).
             num_inference_steps: denoising steps (>= 1).
             guidance_scale: classifier-free guidance weight ``w``: ``eps = eps_null + w (eps_class - eps_null)``;
@@ -317,7 +440,12 @@ class MemSepPipeline(DiffusionPipeline):
 
         memorized = distance_ratio = nearest_index = finite = None
         if check_memorization and self.reference is not None:
-            result = memorization_report(samples, self.reference)  # warns when some samples are not finite
+            reference = self.reference
+            if not isinstance(reference, NearestNeighborIndex):
+                # Only under stock diffusers loading the shipped code: the reference's class comes from its own copy
+                # of this file, a different module; rebuild it with this module's class.
+                reference = NearestNeighborIndex.from_images(reference.images)
+            result = memorization_report(samples, reference)  # warns when some samples are not finite
             memorized, distance_ratio = result.memorized.cpu(), result.distance_ratio.cpu()
             nearest_index, finite = result.nearest_index.cpu(), result.finite.cpu()
 

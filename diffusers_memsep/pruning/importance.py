@@ -108,6 +108,13 @@ def _batches(model, data, scheduler, time_distribution: BetaTime, num_batches: i
     images, labels = data.images, data.labels
     if images.shape[0] == 0:
         raise ValueError("the data holds no images; head importance needs training images.")
+    expected = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    if tuple(images.shape[1:]) != expected:
+        raise ValueError(
+            f"the data hold samples of shape {tuple(images.shape[1:])} but the model takes {expected}; for a latent "
+            "DiT encode the training images with its VAE first: diffusers_memsep.latents.latent_training_data(data, "
+            "vae) (one_shot_prune(..., vae=vae) does it)."
+        )
     device = next(model.parameters()).device
     num_train_timesteps = scheduler.config.num_train_timesteps
     for _ in range(num_batches):
@@ -152,7 +159,9 @@ def small_time_head_importance(
     Args:
         model: the DiT to score (unchanged on return; masks cleared).
         data: an object with ``images`` (``[n, C, H, W]`` in ``[-1, 1]``) and ``labels`` (``LongTensor[n]`` or None),
-            e.g. :class:`diffusers_memsep.data.TrainingData`.
+            e.g. :class:`diffusers_memsep.data.TrainingData`; for a latent DiT, the VAE latents of the training
+            images (:func:`diffusers_memsep.latents.latent_training_data`). Learned-sigma models are scored on the
+            epsilon half of their output, as ``dsm_loss`` trains them.
         scheduler: the diffusers noise scheduler the model was trained with (``add_noise``, ``prediction_type``).
         time_distribution: law of normalised time; the paper's ``Beta(0.8, 2)`` by default.
         num_batches, batch_size: the data used for the scores.

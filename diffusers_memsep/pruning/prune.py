@@ -110,6 +110,8 @@ def one_shot_prune(
     batch_size: int = 64,
     time_distribution: BetaTime | None = None,
     generator: torch.Generator | None = None,
+    vae=None,
+    latent_cache_dir=None,
 ) -> PruneResult:
     """Algorithm 1: importance scores -> remove ``floor(ratio * H)`` heads globally -> fine-tune.
 
@@ -123,6 +125,10 @@ def one_shot_prune(
         finetune_config: the fine-tuning settings (M = ``max_train_steps``); None skips fine-tuning.
         num_batches, batch_size, time_distribution: passed to the scoring.
         generator: CPU generator for the scoring (random method included).
+        vae: for a latent DiT, its ``AutoencoderKL``: ``data`` then holds pixel images, encoded once
+            (:func:`diffusers_memsep.latents.latent_training_data`, cached under ``latent_cache_dir`` when given)
+            and the scores and the fine-tuning run on the latents. Without it ``data`` must already match the
+            model's input (pixels for a pixel DiT, latents for a latent one).
     """
     if not isinstance(model, DiTTransformer2DModel):
         raise TypeError(f"one_shot_prune needs a DiT (diffusers DiTTransformer2DModel), got {type(model).__name__}.")
@@ -131,6 +137,10 @@ def one_shot_prune(
     else:
         pruned = PrunableDiTTransformer2DModel.from_dit(model)
     number_of_heads_to_prune(ratio, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work
+    if vae is not None:
+        from ..latents import latent_training_data
+
+        data = latent_training_data(data, vae, latent_cache_dir)
     importance = head_importance(method, pruned, data, scheduler, num_batches=num_batches, batch_size=batch_size,
                                  generator=generator, time_distribution=time_distribution)
     heads = select_heads_to_prune(importance, ratio)
