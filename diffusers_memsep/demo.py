@@ -72,8 +72,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     trained = train_pipeline(base_dir, data, model, make_noise_scheduler(), config.train, overwrite_output_dir=True,
                              validation_inference_steps=config.study.num_inference_steps)
     pipe = trained.pipeline
-    study = run_pruning_study(pipe, data, population.images, config.study, output_dir,
-                              base_model_name=f"the demo DiT trained {config.train.max_train_steps} steps on {data.source}",
+    base_model_name = f"the demo DiT trained {config.train.max_train_steps} steps on {data.source}"
+    study = run_pruning_study(pipe, data, population.images, config.study, output_dir, base_model_name=base_model_name,
                               feature_space=feature_space, population_source=population.source)
     return DemoResult(output_dir=output_dir, base_dir=base_dir, study=study, train_seconds=trained.train_seconds,
                       total_seconds=time.perf_counter() - start)

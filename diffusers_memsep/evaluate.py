@@ -9,8 +9,9 @@ Metrics, and the choices behind them:
 - ``memorized_features`` (beyond the paper): the same rule in the quality feature space (sample features against
   the training images' features), which also catches copies that differ by small pixel shifts or noise;
 - precision / recall (Kynkaanniemi et al. 2019, k = 3), the Frechet distance and the KID formula (Binkowski et al.
-  2018: unbiased MMD^2, cubic polynomial kernel, mean and standard error over subsets), all in one named
-  :class:`~diffusers_memsep.memorization.FeatureSpace`, on the first ``num_quality_samples`` samples, against the
+  2018: unbiased MMD^2, cubic polynomial kernel, mean and standard error over subsets; outside the Inception space
+  on features standardised with the population's statistics, see :meth:`QualityReference.kid_features`), all in
+  one named :class:`~diffusers_memsep.memorization.FeatureSpace`, on the first ``num_quality_samples`` samples, against the
   POPULATION (for the digits: all 1,797 images; for a folder or dataset: every image of it), never the training
   subset: a model that only reproduces its n training images must lose recall and gain Frechet distance and KID.
   The population's features are computed once (:class:`QualityReference`) and shared by every row.
@@ -27,7 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils import BaseOutput
 
-from .memorization import NearestNeighborIndex, frechet_distance, kernel_distance, memorization_report, precision_recall
+from .memorization import (
+    NearestNeighborIndex,
+    frechet_distance,
+    kernel_distance,
+    memorization_report,
+    precision_recall,
+)
 from .memorization.features import FeatureSpace, digits_feature_space, resolve_feature_space
 from .utils import save_figure
 
@@ -66,7 +73,8 @@ class EvaluationResult(BaseOutput):
 
     def row(self) -> dict:
         """The scalar fields, for CSV and markdown tables."""
-        return {"name": self.name, **{k: getattr(self, k) for k in METRIC_COLUMNS}, "feature_space": self.feature_space,
+        return {"name": self.name, **{k: getattr(self, k) for k in METRIC_COLUMNS},
+                "feature_space": self.feature_space,
                 "num_samples": self.num_samples, "num_quality_samples": self.num_quality_samples,
                 "num_real_images": self.num_real_images, "num_parameters": self.num_parameters,
                 "sampling_seconds": round(self.sampling_seconds, 3), **self.extra}
@@ -91,6 +99,15 @@ class QualityReference:
     @property
     def num_real_images(self) -> int:
         return self.real_features.shape[0]
+
+    def kid_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Features as the KID formula sees them: raw in the Inception space (standard KID); elsewhere standardised
+        per dimension with the population's mean and standard deviation, so that ``x.y / d`` is of order one, as
+        for Inception pool features (raw pre-activation features of the small CNNs have norms in the tens, where
+        the cubic kernel is ruled by a handful of samples and the estimate swings by orders of magnitude)."""
+        if self.feature_space.key == "inception":
+            return features
+        return (features - self.real_features.mean(0)) / self.real_features.std(0).clamp_min(1e-8)
 
     @classmethod
     def build(cls, feature_space: FeatureSpace, real_images: torch.Tensor, train_images: torch.Tensor,
@@ -170,7 +187,8 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
     fake_features = space(samples[:num_quality_samples])
     in_features = memorization_report(space(samples[:num_samples]), reference.train_features)
     precision, recall = precision_recall(reference.real_features, fake_features, k=3)
-    kid, kid_se = kernel_distance(reference.real_features, fake_features, num_subsets=kid_subsets, seed=seed)
+    kid, kid_se = kernel_distance(reference.kid_features(reference.real_features),
+                                  reference.kid_features(fake_features), num_subsets=kid_subsets, seed=seed)
     models = [pipe.transformer] + ([pipe.small_t_transformer] if getattr(pipe, "small_t_transformer", None) else [])
     return EvaluationResult(
         name=name, memorization_ratio=report.memorized.float().mean().item(), precision=precision, recall=recall,
@@ -242,8 +260,9 @@ def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLik
     figure, axis = plt.subplots(figsize=(6.4, 4.6))
     for row in summary:
         label = row["method"] if row.get("eta") in (None, 0, 0.0) else f"{row['method']} (eta={row['eta']:g})"
-        axis.errorbar(row["frechet_distance"], 100 * row["memorization_ratio"], xerr=row.get("frechet_distance_std", 0),
-                      yerr=100 * row.get("memorization_ratio_std", 0), fmt="o", capsize=3, label=label)
+        axis.errorbar(row["frechet_distance"], 100 * row["memorization_ratio"],
+                      xerr=row.get("frechet_distance_std", 0), yerr=100 * row.get("memorization_ratio_std", 0),
+                      fmt="o", capsize=3, label=label)
     axis.set_xlabel(f"{frechet_title} (lower is better)")
     axis.set_ylabel("memorization ratio (%)")
     axis.set_title("Memorization vs quality (mean +- std over seeds)")

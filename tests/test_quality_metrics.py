@@ -222,8 +222,8 @@ def test_prune_without_a_population_is_refused(tmp_path, capsys):
     from diffusers_memsep.training import build_pipeline, make_dit, make_noise_scheduler
 
     images = torch.rand(6, 3, 16, 16) * 2 - 1
-    pipe = build_pipeline(make_dit(sample_size=16, in_channels=3, num_layers=1, num_attention_heads=2,
-                                   attention_head_dim=8), make_noise_scheduler(), TrainingData(images, None, None, "x"))
+    model = make_dit(sample_size=16, in_channels=3, num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    pipe = build_pipeline(model, make_noise_scheduler(), TrainingData(images, None, None, "x"))
     pipe.save_pretrained(tmp_path / "pipe")
     assert main(["prune", "--pipeline", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out")]) == 2
     assert "--population_data_dir" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -231,7 +231,8 @@ class DigitsFeatureExtractor(ConvFeatureExtractor):
 
 
 def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 sklearn digits as ``[-1, 1]`` images ``[n, 1, 8, 8]`` (``x / 16 * 2 - 1``, as ``data.py``) and labels."""
+    """All 1,797 sklearn digits as ``[-1, 1]`` images ``[n, 1, 8, 8]`` (``x / 16 * 2 - 1``, as ``data.py``) and
+    labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -246,7 +247,8 @@ def load_digits_feature_extractor(path: str | os.PathLike | None = None, device:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"No digits feature-extractor weights at {path}; create them with `python training/train_digits_features.py`."
+            f"No digits feature-extractor weights at {path}; create them with "
+            "`python training/train_digits_features.py`."
         )
     model = DigitsFeatureExtractor()
     model.load_state_dict(load_file(path))
@@ -340,8 +342,8 @@ def train_feature_extractor(images: torch.Tensor, labels: torch.Tensor | None = 
     """
     if labels is not None and labels.unique().numel() < 2:
         labels = None
-    objective = "rotation prediction (4 classes)" if labels is None else f"classification ({int(labels.max()) + 1} classes)"
     num_outputs = 4 if labels is None else int(labels.max()) + 1
+    objective = "rotation prediction (4 classes)" if labels is None else f"classification ({num_outputs} classes)"
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     num_holdout = max(1, int(round(holdout_fraction * len(images)))) if len(images) >= 10 else 0
     holdout, train = order[:num_holdout], order[num_holdout:]
@@ -353,11 +355,12 @@ def train_feature_extractor(images: torch.Tensor, labels: torch.Tensor | None = 
          progress, "feature network")
     seconds = time.perf_counter() - start
     holdout_labels = None if labels is None else labels[holdout]
+    seen = train[:2048]  # training accuracy on at most 2,048 images
     recipe = {"objective": objective, "architecture": model.architecture(), "epochs": epochs,
               "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
               "num_train_images": len(train), "num_holdout_images": num_holdout,
               "holdout_accuracy": accuracy(model, images[holdout], holdout_labels) if num_holdout else None,
-              "train_accuracy": accuracy(model, images[train][:2048], None if labels is None else labels[train][:2048]),
+              "train_accuracy": accuracy(model, images[seen], None if labels is None else labels[seen]),
               "train_seconds": round(seconds, 2)}
     return model.requires_grad_(False), recipe
 
