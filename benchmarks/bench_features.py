@@ -14,8 +14,8 @@ What is measured, how, against what:
 - spread: "samples" are ``n`` digits drawn without replacement from the 1,797 sklearn digits (no model involved,
   so every number is the estimator's own noise at that ``n``), compared with all 1,797 digits as the population, in
   the digits-classifier space, ``--repeats`` draws per ``n``; printed: mean and standard deviation over draws of
-  the Frechet distance and of the KID formula (100 subsets of min(1000, n), on features standardised with the
-  population's statistics, as reports do outside the Inception space), and the mean within-draw KID standard
+  the Frechet distance and of the KID formula (100 subsets of min(1000, n), on features centred and scaled with
+  the population's statistics, as reports do outside the Inception space), and the mean within-draw KID standard
   error. An ideal model scores these numbers; a difference between two models smaller than the spread at the same
   ``n`` is not a difference. (The draws come from the population itself, so they share images with the real
   subsets; that pulls the KID estimate a little below zero, which a model's samples would not do.)
@@ -68,8 +68,8 @@ def main() -> None:
     rgb32 = torch.rand(args.speed_images, 3, 32, 32, generator=generator) * 2 - 1
     spaces = [("pixel space, 8x8 grey", pixel_feature_space(), grey8),
               ("digits classifier, 8x8 grey", digits_feature_space(), grey8),
-              ("trained CNN, 16x16 grey", FeatureSpace("trained", "16x16", ConvFeatureExtractor(1, 16).eval()), grey16),
-              ("trained CNN, 32x32 RGB", FeatureSpace("trained", "32x32", ConvFeatureExtractor(3, 32).eval()), rgb32)]
+              ("trained CNN, 16x16 grey", FeatureSpace("trained", "cnn", ConvFeatureExtractor(1, 16).eval()), grey16),
+              ("trained CNN, 32x32 RGB", FeatureSpace("trained", "cnn", ConvFeatureExtractor(3, 32).eval()), rgb32)]
     try:
         spaces.append(("Inception-v3 (FID), 32x32 RGB", inception_feature_space(args.inception_weights), rgb32[:64]))
     except (ImportError, FileNotFoundError, ValueError) as error:
@@ -83,10 +83,12 @@ def main() -> None:
     images, _ = load_digits_dataset()
     space = digits_feature_space()
     real = space(images)
-    standardised = lambda features: (features - real.mean(0)) / real.std(0)  # noqa: E731  as QualityReference does
+    scale = real.var(0).mean().sqrt()  # as QualityReference.kid_features does outside the Inception space
+    standardised = lambda features: (features - real.mean(0)) / scale  # noqa: E731
     print(f"\nSpread from the sample draw alone: n digits drawn from the 1,797 vs all 1,797, digits-classifier space, "
           f"{args.repeats} draws per n")
-    print(f"{'n':>5s} {'Frechet mean':>13s} {'Frechet std':>12s} {'KID mean':>10s} {'KID std':>9s} {'mean KID se':>12s}")
+    header = f"{'n':>5s} {'Frechet mean':>13s} {'Frechet std':>12s} {'KID mean':>10s} {'KID std':>9s}"
+    print(header + f" {'mean KID se':>12s}")
     for count in args.counts:
         fds, kids, errors = [], [], []
         for repeat in range(args.repeats):

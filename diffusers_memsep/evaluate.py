@@ -10,11 +10,11 @@ Metrics, and the choices behind them:
   the training images' features), which also catches copies that differ by small pixel shifts or noise;
 - precision / recall (Kynkaanniemi et al. 2019, k = 3), the Frechet distance and the KID formula (Binkowski et al.
   2018: unbiased MMD^2, cubic polynomial kernel, mean and standard error over subsets; outside the Inception space
-  on features standardised with the population's statistics, see :meth:`QualityReference.kid_features`), all in
-  one named :class:`~diffusers_memsep.memorization.FeatureSpace`, on the first ``num_quality_samples`` samples, against the
-  POPULATION (for the digits: all 1,797 images; for a folder or dataset: every image of it), never the training
-  subset: a model that only reproduces its n training images must lose recall and gain Frechet distance and KID.
-  The population's features are computed once (:class:`QualityReference`) and shared by every row.
+  on features centred and scaled with the population's statistics, see :meth:`QualityReference.kid_features`),
+  all in one named :class:`~diffusers_memsep.memorization.FeatureSpace`, on the first ``num_quality_samples``
+  samples, against the POPULATION (for the digits: all 1,797 images; for a folder or dataset: every image of it),
+  never the training subset: a model that only reproduces its n training images must lose recall and gain Frechet
+  distance and KID. The population's features are computed once (:class:`QualityReference`) and shared by every row.
 """
 
 from __future__ import annotations
@@ -101,13 +101,15 @@ class QualityReference:
         return self.real_features.shape[0]
 
     def kid_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Features as the KID formula sees them: raw in the Inception space (standard KID); elsewhere standardised
-        per dimension with the population's mean and standard deviation, so that ``x.y / d`` is of order one, as
-        for Inception pool features (raw pre-activation features of the small CNNs have norms in the tens, where
-        the cubic kernel is ruled by a handful of samples and the estimate swings by orders of magnitude)."""
+        """Features as the KID formula sees them: raw in the Inception space (standard KID); elsewhere centred on the
+        population's mean and divided by its root-mean-square standard deviation (one scale for all dimensions, so
+        that a dimension constant over the population cannot blow up), so that ``x.y / d`` is of order one, as for
+        Inception pool features (raw pre-activation features of the small CNNs have norms in the tens, where the
+        cubic kernel is ruled by a handful of samples and the estimate swings by orders of magnitude)."""
         if self.feature_space.key == "inception":
             return features
-        return (features - self.real_features.mean(0)) / self.real_features.std(0).clamp_min(1e-8)
+        scale = self.real_features.var(0).mean().sqrt().clamp_min(1e-8)
+        return (features - self.real_features.mean(0)) / scale
 
     @classmethod
     def build(cls, feature_space: FeatureSpace, real_images: torch.Tensor, train_images: torch.Tensor,
@@ -180,25 +182,39 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
 
             feature_space = resolve_feature_space(feature_space, TrainingData(real_images, None, None, "population"))
         reference = QualityReference.build(feature_space or feature_space_for(real_images), real_images, train_images)
-    space = reference.feature_space
     samples, seconds = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size,
                                        **call_kwargs)
     report = memorization_report(samples[:num_samples], pipe.reference if pipe.reference is not None else train_images)
-    fake_features = space(samples[:num_quality_samples])
-    in_features = memorization_report(space(samples[:num_samples]), reference.train_features)
-    precision, recall = precision_recall(reference.real_features, fake_features, k=3)
-    kid, kid_se = kernel_distance(reference.kid_features(reference.real_features),
-                                  reference.kid_features(fake_features), num_subsets=kid_subsets, seed=seed)
+    quality = quality_metrics(samples[:num_quality_samples], reference, kid_subsets=kid_subsets, seed=seed)
+    in_features = memorization_report(reference.feature_space(samples[:num_samples]), reference.train_features)
     models = [pipe.transformer] + ([pipe.small_t_transformer] if getattr(pipe, "small_t_transformer", None) else [])
     return EvaluationResult(
-        name=name, memorization_ratio=report.memorized.float().mean().item(), precision=precision, recall=recall,
-        frechet_distance=frechet_distance(reference.real_features, fake_features), feature_space=space.name,
+        name=name, memorization_ratio=report.memorized.float().mean().item(), precision=quality["precision"],
+        recall=quality["recall"], frechet_distance=quality["frechet_distance"], feature_space=quality["feature_space"],
         num_samples=num_samples, num_parameters=sum(m.num_parameters() for m in models), sampling_seconds=seconds,
         samples=samples[:num_samples], memorized=report.memorized.cpu(), nearest_index=report.nearest_index.cpu(),
         memorization_ratio_features=in_features.memorized.float().mean().item(),
-        memorized_features=in_features.memorized.cpu(), kid=kid, kid_se=kid_se,
+        memorized_features=in_features.memorized.cpu(), kid=quality["kid"], kid_se=quality["kid_se"],
         num_quality_samples=num_quality_samples, num_real_images=reference.num_real_images,
     )
+
+
+def quality_metrics(samples: torch.Tensor, reference: QualityReference, kid_subsets: int = 100,
+                    seed: int = 0) -> dict:
+    """Precision, recall, Frechet distance and the KID formula (mean, ``kid_se``) of ``samples`` (``[-1, 1]``)
+    against the population in ``reference``; also the space's name and ``num_real_images``, for logs and rows.
+    Used by :func:`evaluate_pipeline` and usable as is by a training-time validation."""
+    if samples.shape[0] < 4:
+        raise ValueError(f"quality metrics need at least 4 samples (precision/recall use k = 3), got "
+                         f"{samples.shape[0]}.")
+    fake_features = reference.feature_space(samples)
+    precision, recall = precision_recall(reference.real_features, fake_features, k=3)
+    kid, kid_se = kernel_distance(reference.kid_features(reference.real_features),
+                                  reference.kid_features(fake_features), num_subsets=kid_subsets, seed=seed)
+    return {"precision": precision, "recall": recall,
+            "frechet_distance": frechet_distance(reference.real_features, fake_features), "kid": kid,
+            "kid_se": kid_se, "feature_space": reference.feature_space.name,
+            "num_real_images": reference.num_real_images}
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
