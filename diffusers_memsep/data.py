@@ -341,3 +341,34 @@ def _labels(dataset, label_column: str) -> tuple[torch.Tensor, int]:
     raise ValueError(
         f"label column {label_column!r} holds {type(values[0]).__name__} values; it must hold integers or strings."
     )
+
+
+def load_population(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    image_column: str = "image",
+    label_column: str | None = None,
+    resolution: int | None = None,
+    center_crop: bool = False,
+    split: str = "train",
+    cache_dir: str | None = None,
+) -> TrainingData:
+    """Every image of a data source (all of a folder, all of a dataset split, all 1,797 embedded digits): the
+    population that quality metrics compare samples with, never a training subset.
+
+    Same arguments as :func:`load_training_data` (``data_dir`` is its ``train_data_dir``), without a subset. When
+    ``label_column`` is None the column ``"label"`` is read if the source has one (the sub-folder names of an image
+    folder, the digit of the embedded digits): a population-trained feature network then learns the classes.
+    """
+    load = lambda column: load_training_data(  # noqa: E731
+        dataset_name, dataset_config_name, data_dir, image_column, column, resolution, center_crop,
+        max_train_samples=None, cache_dir=cache_dir, split=split)
+    if label_column is not None:
+        return load(label_column)
+    try:
+        return load("label")
+    except ValueError as error:
+        if "label column 'label' not in" not in str(error):
+            raise
+    return load(None)

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import load_training_data
+from .data import load_population, load_training_data
+from .memorization import resolve_feature_space
 from .mitigation import PruningStudyConfig, PruningStudyResult, run_pruning_study
 from .training import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
 
@@ -31,6 +32,9 @@ class DemoConfig:
     train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, ema_max_decay=0.995, show_progress=True))
     model: dict = field(default_factory=dict)  # keyword arguments of training.make_dit
+    # Quality space (see diffusers_memsep.memorization.resolve_feature_space): "auto" is the shipped digits classifier.
+    feature_space: str = "auto"
+    inception_weights: str | None = None
     # The paper's selection (small_t), its baseline (random) and the inverse selection (small_t_top) at eta = 0.5,
     # where the README's measurements separate them; fine-tuning: 300 steps, the TrainingConfig defaults otherwise.
     study: PruningStudyConfig = field(default_factory=lambda: PruningStudyConfig(
@@ -54,7 +58,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     label_column = "label" if config.conditional else None
     data = load_training_data(label_column=label_column, max_train_samples=config.num_train_samples,
                               seed=config.data_seed)
-    population = load_training_data(label_column=label_column)  # all 1,797 digits: the quality reference
+    population = load_population()  # all 1,797 digits: the quality reference
+    try:  # resolved before training, so that a missing FID library or weights file stops the demo at once
+        feature_space = resolve_feature_space(config.feature_space, population, output_dir / "feature_network",
+                                              config.inception_weights, progress=True)
+    except ImportError as error:
+        raise ValueError(str(error)) from error
 
     model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
                      **config.model)
@@ -63,7 +72,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     trained = train_pipeline(base_dir, data, model, make_noise_scheduler(), config.train, overwrite_output_dir=True,
                              validation_inference_steps=config.study.num_inference_steps)
     pipe = trained.pipeline
-    study = run_pruning_study(pipe, data, population.images, config.study, output_dir,
-                              base_model_name=f"the demo DiT trained {config.train.max_train_steps} steps on {data.source}")
+    base_model_name = f"the demo DiT trained {config.train.max_train_steps} steps on {data.source}"
+    study = run_pruning_study(pipe, data, population.images, config.study, output_dir, base_model_name=base_model_name,
+                              feature_space=feature_space, population_source=population.source)
     return DemoResult(output_dir=output_dir, base_dir=base_dir, study=study, train_seconds=trained.train_seconds,
                       total_seconds=time.perf_counter() - start)

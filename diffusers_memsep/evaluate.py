@@ -4,12 +4,17 @@ Every variant (original, pruned by each method, time-routed) is sampled from the
 seed, class labels and batch layout, so differences between rows come from the models, not from the draws.
 
 Metrics, and the choices behind them:
-- memorization ratio: the paper's rule ``||x - x_(1)||^2 <= (1/9) ||x - x_(2)||^2`` against the training set;
-- precision / recall (Kynkaanniemi et al. 2019, k = 3) and the Frechet distance, both in one feature space against
-  ``real_images``: for 8x8 one-channel images (the embedded digits) the shipped digits classifier ("Frechet distance
-  in digits-classifier feature space", never called FID); otherwise raw pixels ("pixel space"). ``real_images``
-  should be the population (for the digits: all 1,797 images), not the training subset, so that a model that only
-  reproduces its n training images is penalised in recall and Frechet distance.
+- memorization ratio (``memorized``): the paper's rule ``||x - x_(1)||^2 <= (1/9) ||x - x_(2)||^2`` against the
+  training set, in pixel space, on the first ``num_samples`` samples;
+- ``memorized_features`` (beyond the paper): the same rule in the quality feature space (sample features against
+  the training images' features), which also catches copies that differ by small pixel shifts or noise;
+- precision / recall (Kynkaanniemi et al. 2019, k = 3), the Frechet distance and the KID formula (Binkowski et al.
+  2018: unbiased MMD^2, cubic polynomial kernel, mean and standard error over subsets; outside the Inception space
+  on features centred and scaled with the population's statistics, see :meth:`QualityReference.kid_features`),
+  all in one named :class:`~diffusers_memsep.memorization.FeatureSpace`, on the first ``num_quality_samples``
+  samples, against the POPULATION (for the digits: all 1,797 images; for a folder or dataset: every image of it),
+  never the training subset: a model that only reproduces its n training images must lose recall and gain Frechet
+  distance and KID. The population's features are computed once (:class:`QualityReference`) and shared by every row.
 """
 
 from __future__ import annotations
@@ -17,23 +22,34 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.utils import BaseOutput
 
-from .memorization import frechet_distance, memorization_report, precision_recall
-from .memorization.features import DIGITS_FEATURE_SPACE, load_digits_feature_extractor
+from .memorization import (
+    NearestNeighborIndex,
+    frechet_distance,
+    kernel_distance,
+    memorization_report,
+    precision_recall,
+)
+from .memorization.features import FeatureSpace, digits_feature_space, resolve_feature_space
 from .utils import save_figure
 
 PIXEL_SPACE = "pixel space"
-METRIC_COLUMNS = ("memorization_ratio", "precision", "recall", "frechet_distance")
+METRIC_COLUMNS = ("memorization_ratio", "memorization_ratio_features", "precision", "recall", "frechet_distance",
+                  "kid", "kid_se")
 
 
 @dataclass
 class EvaluationResult(BaseOutput):
-    """One evaluated variant. ``samples`` are in ``[-1, 1]``; ``nearest_index`` points into the training set."""
+    """One evaluated variant. ``samples`` are in ``[-1, 1]``; ``nearest_index`` points into the training set.
+
+    ``memorization_ratio`` is the pixel-space rule (``memorized``), ``memorization_ratio_features`` the same rule in
+    the feature space (``memorized_features``); ``kid`` / ``kid_se`` the KID formula's mean and standard error.
+    """
 
     name: str
     memorization_ratio: float
@@ -47,20 +63,72 @@ class EvaluationResult(BaseOutput):
     samples: torch.Tensor
     memorized: torch.Tensor
     nearest_index: torch.Tensor
+    memorization_ratio_features: float = float("nan")
+    memorized_features: torch.Tensor | None = None
+    kid: float = float("nan")
+    kid_se: float = float("nan")
+    num_quality_samples: int = 0
+    num_real_images: int = 0
     extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         """The scalar fields, for CSV and markdown tables."""
-        return {"name": self.name, **{k: getattr(self, k) for k in METRIC_COLUMNS}, "feature_space": self.feature_space,
-                "num_samples": self.num_samples, "num_parameters": self.num_parameters,
+        return {"name": self.name, **{k: getattr(self, k) for k in METRIC_COLUMNS},
+                "feature_space": self.feature_space,
+                "num_samples": self.num_samples, "num_quality_samples": self.num_quality_samples,
+                "num_real_images": self.num_real_images, "num_parameters": self.num_parameters,
                 "sampling_seconds": round(self.sampling_seconds, 3), **self.extra}
 
 
-def feature_space_for(images: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
-    """``(features, name)`` used for precision/recall and the Frechet distance of images shaped like ``images``."""
+@dataclass
+class QualityReference:
+    """The population in a feature space, computed once: what every evaluated row is compared with.
+
+    Attributes:
+        feature_space: the named space.
+        real_features: ``[N, D]`` features of the N population images.
+        train_features: index over the training images' features (for ``memorized_features``).
+        source: where the population comes from, for reports.
+    """
+
+    feature_space: FeatureSpace
+    real_features: torch.Tensor
+    train_features: NearestNeighborIndex
+    source: str = "the population"
+
+    @property
+    def num_real_images(self) -> int:
+        return self.real_features.shape[0]
+
+    def kid_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Features as the KID formula sees them: raw in the Inception space (standard KID); elsewhere centred on the
+        population's mean and divided by its root-mean-square standard deviation (one scale for all dimensions, so
+        that a dimension constant over the population cannot blow up), so that ``x.y / d`` is of order one, as for
+        Inception pool features (raw pre-activation features of the small CNNs have norms in the tens, where the
+        cubic kernel is ruled by a handful of samples and the estimate swings by orders of magnitude)."""
+        if self.feature_space.key == "inception":
+            return features
+        scale = self.real_features.var(0).mean().sqrt().clamp_min(1e-8)
+        return (features - self.real_features.mean(0)) / scale
+
+    @classmethod
+    def build(cls, feature_space: FeatureSpace, real_images: torch.Tensor, train_images: torch.Tensor,
+              source: str = "the population") -> "QualityReference":
+        if real_images.shape[0] < 4:
+            raise ValueError(f"the population holds {real_images.shape[0]} images; precision/recall (k = 3) need at "
+                             "least 4: point the population at the whole data set.")
+        return cls(feature_space, feature_space(real_images),
+                   NearestNeighborIndex.from_images(feature_space(train_images)), source)
+
+
+def feature_space_for(images: torch.Tensor) -> FeatureSpace:
+    """Default space when none is chosen: the digits classifier for 8x8 one-channel images, else a small CNN
+    trained on ``images`` (in memory; commands resolve and cache it with ``--feature_space``)."""
     if tuple(images.shape[1:]) == (1, 8, 8):
-        return load_digits_feature_extractor(), DIGITS_FEATURE_SPACE
-    return None, PIXEL_SPACE
+        return digits_feature_space()
+    from .data import TrainingData
+
+    return resolve_feature_space("trained", TrainingData(images, None, None, "population"))
 
 
 def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor | None:
@@ -84,35 +152,69 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     return torch.cat(chunks), time.perf_counter() - start_time
 
 
-def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor, num_samples: int = 256,
-                      num_inference_steps: int = 50, seed: int = 0, class_labels: torch.Tensor | None = None,
-                      batch_size: int = 256, features: Callable | None = None, feature_space: str | None = None,
-                      **call_kwargs) -> EvaluationResult:
-    """Sample ``pipe`` and measure memorization against ``train_images`` and quality against ``real_images``."""
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2 (precision/recall and the Frechet distance need it), got {num_samples}.")
-    if features is None and feature_space is None:
-        features, feature_space = feature_space_for(real_images)
-    samples, seconds = sample_pipeline(pipe, num_samples, class_labels, num_inference_steps, seed, batch_size,
+def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor | QualityReference,
+                      num_samples: int = 256, num_inference_steps: int = 50, seed: int = 0,
+                      class_labels: torch.Tensor | None = None, batch_size: int = 256,
+                      feature_space: FeatureSpace | str | None = None, num_quality_samples: int | None = None,
+                      kid_subsets: int = 100, **call_kwargs) -> EvaluationResult:
+    """Sample ``pipe``; measure memorization against ``train_images`` and quality against the population.
+
+    Args:
+        real_images: the population images, or a :class:`QualityReference` built once for many calls.
+        feature_space: the quality space (a :class:`FeatureSpace` or a choice for
+            :func:`~diffusers_memsep.memorization.resolve_feature_space`); ignored with a ``QualityReference``.
+        num_samples: samples for the memorization ratios. num_quality_samples: samples for precision/recall,
+            Frechet distance and KID (default ``num_samples``). ``max`` of both is drawn once; each metric uses the
+            first ones, so every variant is measured on the same noise.
+        class_labels: labels of all ``max(num_samples, num_quality_samples)`` samples, or None.
+    """
+    num_quality_samples = num_quality_samples or num_samples
+    if num_samples < 1 or num_quality_samples < 4:
+        raise ValueError(f"num_samples must be >= 1 and num_quality_samples >= 4 (precision/recall use k = 3), got "
+                         f"{num_samples} and {num_quality_samples}.")
+    total = max(num_samples, num_quality_samples)
+    if class_labels is not None and len(class_labels) < total:
+        raise ValueError(f"class_labels holds {len(class_labels)} labels for {total} samples; give one per sample.")
+    reference = real_images
+    if not isinstance(reference, QualityReference):
+        if isinstance(feature_space, str):
+            from .data import TrainingData
+
+            feature_space = resolve_feature_space(feature_space, TrainingData(real_images, None, None, "population"))
+        reference = QualityReference.build(feature_space or feature_space_for(real_images), real_images, train_images)
+    samples, seconds = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size,
                                        **call_kwargs)
-    report = memorization_report(samples, pipe.reference if pipe.reference is not None else train_images)
-    real_features = _features(real_images, features)
-    fake_features = _features(samples, features)
-    precision, recall = precision_recall(real_features, fake_features, k=3)
+    report = memorization_report(samples[:num_samples], pipe.reference if pipe.reference is not None else train_images)
+    quality = quality_metrics(samples[:num_quality_samples], reference, kid_subsets=kid_subsets, seed=seed)
+    in_features = memorization_report(reference.feature_space(samples[:num_samples]), reference.train_features)
     models = [pipe.transformer] + ([pipe.small_t_transformer] if getattr(pipe, "small_t_transformer", None) else [])
     return EvaluationResult(
-        name=name, memorization_ratio=report.memorized.float().mean().item(), precision=precision, recall=recall,
-        frechet_distance=frechet_distance(real_features, fake_features), feature_space=feature_space or PIXEL_SPACE,
+        name=name, memorization_ratio=report.memorized.float().mean().item(), precision=quality["precision"],
+        recall=quality["recall"], frechet_distance=quality["frechet_distance"], feature_space=quality["feature_space"],
         num_samples=num_samples, num_parameters=sum(m.num_parameters() for m in models), sampling_seconds=seconds,
-        samples=samples, memorized=report.memorized.cpu(), nearest_index=report.nearest_index.cpu(),
+        samples=samples[:num_samples], memorized=report.memorized.cpu(), nearest_index=report.nearest_index.cpu(),
+        memorization_ratio_features=in_features.memorized.float().mean().item(),
+        memorized_features=in_features.memorized.cpu(), kid=quality["kid"], kid_se=quality["kid_se"],
+        num_quality_samples=num_quality_samples, num_real_images=reference.num_real_images,
     )
 
 
-@torch.no_grad()
-def _features(images: torch.Tensor, features: Callable | None) -> torch.Tensor:
-    if features is None:
-        return images.flatten(1).float()
-    return torch.cat([features(images[i:i + 512]) for i in range(0, images.shape[0], 512)]).float().cpu()
+def quality_metrics(samples: torch.Tensor, reference: QualityReference, kid_subsets: int = 100,
+                    seed: int = 0) -> dict:
+    """Precision, recall, Frechet distance and the KID formula (mean, ``kid_se``) of ``samples`` (``[-1, 1]``)
+    against the population in ``reference``; also the space's name and ``num_real_images``, for logs and rows.
+    Used by :func:`evaluate_pipeline` and usable as is by a training-time validation."""
+    if samples.shape[0] < 4:
+        raise ValueError(f"quality metrics need at least 4 samples (precision/recall use k = 3), got "
+                         f"{samples.shape[0]}.")
+    fake_features = reference.feature_space(samples)
+    precision, recall = precision_recall(reference.real_features, fake_features, k=3)
+    kid, kid_se = kernel_distance(reference.kid_features(reference.real_features),
+                                  reference.kid_features(fake_features), num_subsets=kid_subsets, seed=seed)
+    return {"precision": precision, "recall": recall,
+            "frechet_distance": frechet_distance(reference.real_features, fake_features), "kid": kid,
+            "kid_se": kid_se, "feature_space": reference.feature_space.name,
+            "num_real_images": reference.num_real_images}
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -124,6 +226,9 @@ def summarize(rows: Sequence[dict], group_by: Sequence[str] = ("method", "eta"))
     summary = []
     for key, members in groups.items():
         entry = dict(zip(group_by, key), runs=len(members))
+        for column in ("feature_space", "num_real_images", "num_quality_samples"):  # the same for every run of a row
+            if members[0].get(column) is not None:
+                entry[column] = members[0][column]
         for column in (*METRIC_COLUMNS, "num_parameters", "sampling_seconds"):
             values = [float(m[column]) for m in members if m.get(column) is not None]
             if values:
@@ -136,7 +241,8 @@ def summarize(rows: Sequence[dict], group_by: Sequence[str] = ("method", "eta"))
 
 # -------------------------------------------------------------------------------------------------- writing
 def markdown_table(summary: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``summary`` rows; metric columns show ``mean +- std`` when several runs were averaged."""
+    """A markdown table of ``summary`` rows; metric columns show ``mean +- std`` over seeds when several runs were
+    averaged; ``kid`` also shows its (mean) standard error over subsets, ``se``."""
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in summary:
         cells = []
@@ -148,15 +254,20 @@ def markdown_table(summary: Sequence[dict], columns: Sequence[tuple[str, str]]) 
                 cells.append(f"{value:g}")
             elif isinstance(value, float):
                 spread = std is not None and row.get("runs", 1) > 1
-                cells.append(f"{value:.3f} +- {std:.3f}" if spread else f"{value:.3f}")
+                style = ".3g" if key in ("kid", "kid_se") else ".3f"
+                cell = f"{value:{style}} +- {std:{style}}" if spread else f"{value:{style}}"
+                if key == "kid" and row.get("kid_se") is not None:
+                    cell += f" (se {row['kid_se']:.2g})"
+                cells.append(cell)
             else:
                 cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLike, feature_space: str) -> None:
-    """Scatter: Frechet distance (x, lower is better) against memorization ratio (y), with std error bars."""
+def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLike, frechet_title: str) -> None:
+    """Scatter: Frechet distance (x, lower is better; ``frechet_title`` names it, e.g. "Frechet distance in
+    digits-classifier feature space" or "FID") against memorization ratio (y), with std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,9 +276,10 @@ def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLik
     figure, axis = plt.subplots(figsize=(6.4, 4.6))
     for row in summary:
         label = row["method"] if row.get("eta") in (None, 0, 0.0) else f"{row['method']} (eta={row['eta']:g})"
-        axis.errorbar(row["frechet_distance"], 100 * row["memorization_ratio"], xerr=row.get("frechet_distance_std", 0),
-                      yerr=100 * row.get("memorization_ratio_std", 0), fmt="o", capsize=3, label=label)
-    axis.set_xlabel(f"Frechet distance in {feature_space} (lower is better)")
+        axis.errorbar(row["frechet_distance"], 100 * row["memorization_ratio"],
+                      xerr=row.get("frechet_distance_std", 0), yerr=100 * row.get("memorization_ratio_std", 0),
+                      fmt="o", capsize=3, label=label)
+    axis.set_xlabel(f"{frechet_title} (lower is better)")
     axis.set_ylabel("memorization ratio (%)")
     axis.set_title("Memorization vs quality (mean +- std over seeds)")
     axis.grid(alpha=0.3)

@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from .evaluate import (
     EvaluationResult,
+    QualityReference,
     balanced_labels,
     evaluate_pipeline,
+    feature_space_for,
     markdown_table,
     plot_memorization_vs_quality,
     plot_samples_with_nearest,
@@ -39,6 +41,7 @@ from .evaluate import (
 )
 from .hub import save_model_card
 from .latents import latent_training_data
+from .memorization import FeatureSpace
 from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
 from .pruning.importance import SMALL_TIME, UNIFORM_TIME
@@ -57,6 +60,8 @@ SAMPLERS = ("ddpm", "ddim")
 #: Everything a study writes into its output folder; overwriting an earlier study replaces exactly these.
 STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "memorization_vs_quality.png", "samples_nearest.png",
                  "variants")
+#: Caches a study keeps in its output folder (reused, keyed by their content): not "another run" in the folder.
+STUDY_CACHES = ("feature_network", "latent_cache")
 
 
 @dataclass
@@ -70,6 +75,7 @@ class PruningStudyConfig:
     importance_batches: int = 16
     importance_batch_size: int = 64
     num_samples: int = 256
+    num_quality_samples: int | None = None  # samples for precision/recall, Frechet distance, KID (None: num_samples)
     num_inference_steps: int = 100
     sampler: str = "ddpm"
     routed_switch: int | None = None
@@ -88,6 +94,13 @@ class PruningStudyConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
         if self.num_inference_steps < 1 or self.num_samples < 2:
             raise ValueError("num_inference_steps must be >= 1 and num_samples >= 2.")
+        if self.num_quality_samples is not None and self.num_quality_samples < 4:
+            raise ValueError(f"num_quality_samples must be >= 4 (precision/recall use k = 3), got "
+                             f"{self.num_quality_samples}.")
+
+    @property
+    def quality_samples(self) -> int:
+        return self.num_quality_samples or self.num_samples
 
 
 @dataclass
@@ -130,7 +143,7 @@ def check_study_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: 
             raise ValueError(f"the input pipeline {str(pipeline_dir)!r} lies in {str(output_dir / 'variants')!r}, "
                              "which the study replaces; copy the pipeline elsewhere or choose another --output_dir.")
     if output_dir.is_dir() and not overwrite_output_dir:
-        contents = sorted(p.name for p in output_dir.iterdir())
+        contents = sorted(p.name for p in output_dir.iterdir() if p.name not in STUDY_CACHES)
         if contents:
             shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
             raise ValueError(f"output_dir {str(output_dir)!r} already holds files ({shown}); pass "
@@ -139,14 +152,18 @@ def check_study_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: 
     return output_dir
 
 
-def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, config: PruningStudyConfig,
-                      output_dir: str | Path, base_model_name: str = "a trained DiT",
-                      extra_rows: list[dict] | None = None, overwrite_output_dir: bool = True,
+def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor | QualityReference,
+                      config: PruningStudyConfig, output_dir: str | Path, base_model_name: str = "a trained DiT",
+                      extra_rows: list[dict] | None = None, feature_space: FeatureSpace | None = None,
+                      population_source: str = "the population", overwrite_output_dir: bool = True,
                       dataset_id: str | None = None, hub_model_id_prefix: str | None = None) -> PruningStudyResult:
     """Prune ``pipe.transformer`` by every method, eta and seed; evaluate; write everything under ``output_dir``.
 
     ``data`` is the training set (``images``, ``labels``, ``num_classes``): the scores and the fine-tuning use it
-    and it is the memorization reference. ``real_images`` is the population the quality metrics compare with.
+    and it is the memorization reference. ``real_images`` is the POPULATION the quality metrics compare with (all
+    images of the data source, not the training subset), or a :class:`~diffusers_memsep.evaluate.QualityReference`
+    already built from it; ``feature_space`` names the space (default: digits classifier for 8x8 grey images,
+    else a small CNN trained on the population), ``population_source`` says in the report where it comes from.
 
     ``output_dir`` is checked first (:func:`check_study_output_dir`). With ``overwrite_output_dir`` (the default,
     so that ``memsep demo`` can be re-run into its own folder) an earlier study's outputs there are replaced: the
@@ -173,9 +190,11 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
 
     eval_pipe = pipeline_like(pipe.transformer, sampling_scheduler(pipe, config.sampler))
     eval_pipe.set_progress_bar_config(disable=True)
-    labels = balanced_labels(config.num_samples, data.num_classes)
+    labels = balanced_labels(max(config.num_samples, config.quality_samples), data.num_classes)
+    quality = real_images if isinstance(real_images, QualityReference) else QualityReference.build(
+        feature_space or feature_space_for(real_images), real_images, data.images, population_source)
     evaluate = lambda p, name, seed: evaluate_pipeline(  # noqa: E731
-        p, name, data.images, real_images, num_samples=config.num_samples,
+        p, name, data.images, quality, num_samples=config.num_samples, num_quality_samples=config.quality_samples,
         num_inference_steps=config.num_inference_steps, seed=1000 * seed, class_labels=labels)
 
     rows, evaluations, variant_dirs, first_models = list(extra_rows or []), [], {}, {}
@@ -225,7 +244,8 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
                 variant.save_pretrained(staging / name, safe_serialization=True)
                 hub_model_id = f"{hub_model_id_prefix}-{name}" if hub_model_id_prefix else None
                 write_variant_card(staging / name, method, eta, pruned, config, data, summary, base_model_name,
-                                   dataset_id=dataset_id, hub_model_id=hub_model_id, latent=pipe.vae is not None,
+                                   quality, dataset_id=dataset_id, hub_model_id=hub_model_id,
+                                   latent=pipe.vae is not None,
                                    conditional=pipe.config.get("label_dropout_prob") != 1,
                                    final_folder=variants_dir / name)
                 variant_dirs[name] = variants_dir / name
@@ -237,39 +257,47 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
 
     write_csv(rows, output_dir / "runs.csv")
     write_csv(summary, output_dir / "summary.csv")
-    feature_space = evaluations[0].feature_space
-    plot_memorization_vs_quality(summary, output_dir / "memorization_vs_quality.png", feature_space)
+    plot_memorization_vs_quality(summary, output_dir / "memorization_vs_quality.png",
+                                 quality.feature_space.frechet_title)
     plot_samples_with_nearest(evaluations, data.images, output_dir / "samples_nearest.png")
     report_path = output_dir / "report.md"
-    write_text(report_path, study_report(summary, config, data, feature_space, base_model_name))
+    write_text(report_path, study_report(summary, config, data, quality, base_model_name))
     return PruningStudyResult(rows=rows, summary=summary, report_path=report_path, variant_dirs=variant_dirs,
                               evaluations=evaluations)
 
 
 TABLE_COLUMNS = [("method", "method"), ("eta", "eta"), ("runs", "runs"),
-                 ("memorization_ratio", "memorization ratio"), ("precision", "precision"), ("recall", "recall"),
-                 ("frechet_distance", "Frechet distance"), ("num_parameters", "parameters"),
-                 ("sampling_seconds", "sampling s")]
+                 ("memorization_ratio", "memorized (pixels)"), ("memorization_ratio_features", "memorized_features"),
+                 ("precision", "precision"), ("recall", "recall"), ("frechet_distance", "Frechet distance"),
+                 ("kid", "KID formula"), ("num_parameters", "parameters"), ("sampling_seconds", "sampling s")]
 
 
-def study_report(summary: list[dict], config: PruningStudyConfig, data, feature_space: str,
+def study_report(summary: list[dict], config: PruningStudyConfig, data, quality: QualityReference,
                  base_model_name: str) -> str:
     """``report.md``: settings, the table (mean +- std over seeds), and the relative changes against the original."""
     original = next((row for row in summary if row["method"] == "original"), None)
+    space = quality.feature_space
+    provenance = ", ".join(f"{k} {v}" for k, v in space.details.items() if v is not None)
     lines = [
         "# Memorization mitigation by head pruning",
         "",
         f"Base model: {base_model_name}. Training set: {data.source} (n = {len(data)}).",
         f"Sampler: {config.sampler.upper()} with {config.num_inference_steps} steps, {config.num_samples} samples per "
-        f"row and seed, seeds {list(config.seeds)} (same noise for every row of a seed).",
+        f"row and seed for memorization, {config.quality_samples} for quality, seeds {list(config.seeds)} (same "
+        "noise for every row of a seed).",
         f"Pruning: eta in {list(config.etas)}; importance from {config.importance_batches} batches of "
         f"{config.importance_batch_size}; fine-tuning {config.finetune.max_train_steps} steps at lr "
         f"{config.finetune.learning_rate:g}, weight decay {config.finetune.adam_weight_decay:g}, EMA "
         f"{'on' if config.finetune.use_ema else 'off'}.",
         f"Time laws: small_t = {SMALL_TIME} and uniform_t = {UNIFORM_TIME} on normalised time (fraction of the "
         "training timesteps, 0 = no noise).",
-        f"Quality: precision/recall (k = 3) and Frechet distance in {feature_space}, against the population images; "
-        "memorization: the paper's rule ||x - x_(1)||^2 <= (1/9) ||x - x_(2)||^2 against the training set.",
+        f"Quality: precision/recall (k = 3), {space.frechet_title} and the KID formula (unbiased MMD^2, cubic "
+        f"polynomial kernel, Binkowski et al. 2018; se = standard error over 100 subsets) in {space.name}"
+        f"{f' ({provenance})' if provenance else ''}, against {quality.source} (num_real_images = "
+        f"{quality.num_real_images}), never against the training subset.",
+        "Memorization: `memorized` is the paper's rule ||x - x_(1)||^2 <= (1/9) ||x - x_(2)||^2 against the training "
+        f"set in pixel space; `memorized_features` is the same rule in {space.name} (beyond the paper).",
+        "Every metric shows mean +- std over the seeds when there are several.",
         "",
         markdown_table(summary, TABLE_COLUMNS),
         "",
@@ -281,8 +309,9 @@ def study_report(summary: list[dict], config: PruningStudyConfig, data, feature_
                 continue
             memorization = _relative(row["memorization_ratio"], original["memorization_ratio"])
             frechet = _relative(row["frechet_distance"], original["frechet_distance"])
+            kid = _relative(row["kid"], original["kid"])
             lines.append(f"- {row['method']} (eta={row['eta']:g}): memorization {memorization}, Frechet distance "
-                         f"{frechet}.")
+                         f"{frechet}, KID formula {kid}.")
         lines.append("")
     lines += ["Figures: `memorization_vs_quality.png`, `samples_nearest.png`. Per-run rows: `runs.csv`; this table: "
               "`summary.csv`.", ""]
@@ -296,24 +325,33 @@ def _relative(value: float, reference: float) -> str:
 
 
 def write_variant_card(folder: Path, method: str, eta: float, pruned, config: PruningStudyConfig, data,
-                       summary: list[dict], base_model_name: str, dataset_id: str | None = None,
-                       hub_model_id: str | None = None, latent: bool = False, conditional: bool | None = None,
-                       final_folder: Path | None = None) -> None:
+                       summary: list[dict], base_model_name: str, quality: QualityReference,
+                       dataset_id: str | None = None, hub_model_id: str | None = None, latent: bool = False,
+                       conditional: bool | None = None, final_folder: Path | None = None) -> None:
     """The pruned variant's model card: settings, and the before/after table with the random baseline.
 
     ``final_folder`` is where the variant will live (its usage snippet names it) when ``folder`` is a staging copy.
     """
-    metrics = [{"model": "original" if row["method"] == "original" else f"{row['method']}-eta{row['eta']:g}",
-                "method": METHOD_TITLES.get(row["method"], row["method"]), "eta": row["eta"] or None,
-                "memorization": row.get("memorization_ratio"), "memorization_std": row.get("memorization_ratio_std"),
-                "precision": row.get("precision"), "recall": row.get("recall"), "fd": row.get("frechet_distance"),
-                "num_parameters": int(row["num_parameters"]) if row.get("num_parameters") else None,
-                "sampling_seconds": row.get("sampling_seconds")}
-               for row in summary if row["method"] in ("original", "random", method)]
+    metrics = []
+    for row in summary:
+        if row["method"] not in ("original", "random", method):
+            continue
+        entry = {"model": "original" if row["method"] == "original" else f"{row['method']}-eta{row['eta']:g}",
+                 "method": METHOD_TITLES.get(row["method"], row["method"]), "eta": row["eta"] or None,
+                 "num_parameters": int(row["num_parameters"]) if row.get("num_parameters") else None,
+                 "sampling_seconds": row.get("sampling_seconds")}
+        for card_key, column in (("memorization", "memorization_ratio"),
+                                 ("memorization_features", "memorization_ratio_features"),
+                                 ("precision", "precision"), ("recall", "recall"), ("fd", "frechet_distance"),
+                                 ("kid", "kid")):
+            entry[card_key], entry[card_key + "_std"] = row.get(column), row.get(column + "_std")
+        entry["kid_se"] = row.get("kid_se")
+        metrics.append(entry)
     own = next(row for row in summary if row["method"] == method and row["eta"] == eta)
     model_name = f"dit-{method}-eta{eta:g}"
     time_law = {"small_t": str(SMALL_TIME), "uniform_t": str(UNIFORM_TIME), "ablation": str(SMALL_TIME),
                 "small_t_top": str(SMALL_TIME)}.get(method)
+    space = quality.feature_space
     save_model_card(
         folder, "pruned_variant",
         metadata={"model_name": model_name, "license": "apache-2.0", "base_model": base_model_name,
@@ -321,8 +359,11 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
         eval_results=[{"metric_type": "memorization_ratio", "metric_name": "Memorization ratio (1/3 rule)",
                        "metric_value": round(own["memorization_ratio"], 4), "dataset_name": data.source,
                        "dataset_type": dataset_id},
-                      {"metric_type": "frechet_distance", "metric_name": "Frechet distance (own feature space)",
-                       "metric_value": round(own["frechet_distance"], 4), "dataset_name": data.source,
+                      {"metric_type": "frechet_distance", "metric_name": space.frechet_title,
+                       "metric_value": round(own["frechet_distance"], 4), "dataset_name": quality.source,
+                       "dataset_type": dataset_id},
+                      {"metric_type": "kid", "metric_name": f"KID formula in {space.name}",
+                       "metric_value": round(own["kid"], 6), "dataset_name": quality.source,
                        "dataset_type": dataset_id}],
         model_name=model_name, base_model=base_model_name, method=METHOD_TITLES.get(method, method), eta=eta,
         num_pruned_heads=sum(len(h) for h in pruned.pruned_heads.values()),
@@ -336,4 +377,6 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
                      if (data.labels is not None if conditional is None else conditional) else None),
         hub_model_id=hub_model_id, local_folder=str(Path(final_folder or folder).resolve()),
         latent=latent,
+        feature_space=space.name, frechet_title=space.frechet_title, num_real_images=quality.num_real_images,
+        population_source=quality.source, num_samples=config.num_samples, num_quality_samples=config.quality_samples,
     )

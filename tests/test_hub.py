@@ -59,9 +59,9 @@ def test_pruned_variant_card_keeps_every_row_and_the_random_baseline():
     text = card.text
     assert "**4 of 16 attention heads removed**" in text and "eta = 0.25" in text and "300 steps" in text
     assert "Beta(0.8, 2) on k / K" in text and "layer 0: 1, 3; layer 2: 0, 2" in text
-    assert "| original | - | - | 85.0 +- 2.0 | 0.900 | 0.200 | 1.5 | 1,420,164 | 4.00 |" in text
-    assert "| pruned | small-t | 0.25 | 41.0 +- 5.0 | - | - | - |" in text
-    assert "| pruned | random | 0.25 | 60.0 | 0.800 |" in text
+    assert "| original | - | - | 85.0 +- 2.0 | - | 0.900 | 0.200 | 1.5 | - | 1,420,164 | 4.00 |" in text
+    assert "| pruned | small-t | 0.25 | 41.0 +- 5.0 | - | - | - | - | - |" in text
+    assert "| pruned | random | 0.25 | 60.0 | - | 0.800 |" in text
     assert "over 3 seeds" in text and "Limitations" in text
 
 

@@ -9,7 +9,6 @@ from diffusers_memsep.memorization.features import (
     DIGITS_FEATURE_SPACE,
     load_digits_dataset,
     load_digits_feature_extractor,
-    load_inception_feature_extractor,
 )
 
 
@@ -60,9 +59,3 @@ def test_frechet_distance_in_digits_space_separates_digits_from_noise(extractor,
 def test_missing_weights_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_digits_features.py"):
         load_digits_feature_extractor(tmp_path / "missing.safetensors")
-
-
-def test_inception_needs_local_weights(tmp_path):
-    pytest.importorskip("torchvision")
-    with pytest.raises(FileNotFoundError, match="No Inception-v3 weights"):
-        load_inception_feature_extractor(tmp_path / "missing.safetensors")

@@ -201,7 +201,10 @@ def test_prune_a_stock_checkpoint_without_reference(pruned_dir):
     assert len(list((pruned_dir / "latent_cache").glob("latents-*.safetensors"))) == 1  # encoded once for all
     rows = list(csv.DictReader((pruned_dir / "runs.csv").open()))
     assert [row["method"] for row in rows] == ["original", "small_t", "ablation", "random"]
-    assert all(row["feature_space"] == "pixel space" for row in rows)  # decoded images, not latents
+    # quality in features trained on the decoded (pixel) population images, not on latents
+    assert all(row["feature_space"].endswith("-trained features") for row in rows)
+    recipe = json.loads(next((pruned_dir / "feature_network").rglob("*.json")).read_text())
+    assert "8" in json.dumps(recipe) and "latent" not in json.dumps(recipe).lower()
     for method in ("small_t", "ablation", "random"):
         folder = pruned_dir / "variants" / f"{method}-eta0.5"
         pipe = MemSepPipeline.from_pretrained(folder)

@@ -37,14 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routed_switch", type=int, default=study.routed_switch,
                         help="Also evaluate time-routed sampling (pruned model only for timesteps < this).")
     parser.add_argument("--quick", action="store_true", help="Tiny smoke run (seconds): checks the wiring only.")
+    from diffusers_memsep.commands.prune import add_quality_arguments
+
+    add_quality_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from diffusers_memsep.commands.prune import check_quality_arguments
     from diffusers_memsep.demo import DemoConfig, run_demo
     from diffusers_memsep.mitigation import PruningStudyConfig
 
+    check_quality_arguments(args)
     default = DemoConfig()
     train = replace(default.train, max_train_steps=args.train_steps, learning_rate=args.learning_rate)
     finetune = replace(default.study.finetune, max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr,
@@ -53,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
                                finetune=finetune, importance_batches=default.study.importance_batches,
                                importance_batch_size=default.study.importance_batch_size,
                                num_samples=args.num_samples, num_inference_steps=args.num_inference_steps,
-                               sampler=args.sampler, routed_switch=args.routed_switch)
+                               sampler=args.sampler, routed_switch=args.routed_switch,
+                               num_quality_samples=args.num_quality_samples)
     config = DemoConfig(output_dir=args.output_dir, num_train_samples=args.num_train_samples,
-                        data_seed=args.data_seed, conditional=args.conditional, train=train, study=study)
+                        data_seed=args.data_seed, conditional=args.conditional, train=train, study=study,
+                        feature_space=args.feature_space, inception_weights=args.inception_weights)
     if args.quick:
         config = quick_config(config)
     result = run_demo(config)

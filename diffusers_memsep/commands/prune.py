@@ -8,8 +8,13 @@ Training data. The pipeline's ``reference`` holds exactly the training images, w
 needs. A class-conditional model also needs the labels: pass the data flags of ``memsep train`` (the images they load
 must equal the reference). A pipeline without a reference (e.g. a stock ``DiTPipeline`` checkpoint) gets one built
 from the data flags, as ``memsep reference`` does: the images are loaded at the pipeline's output resolution (pixel
-space, after the VAE decode). Quality is measured against the population: all 1,797 digits for the embedded data
-set, the training images otherwise.
+space, after the VAE decode).
+
+Quality is measured against the POPULATION, never the training subset: every image of the data source the data
+flags name (all of ``--train_data_dir``, all of ``--dataset_name``'s ``--population_split``; all 1,797 digits for the
+embedded data), or ``--population_data_dir``. The feature space is ``--feature_space`` (``auto``: the shipped digits
+classifier for the embedded digits, else a small CNN trained on the population and cached in
+``<output_dir>/feature_network``; ``inception``: FID, needs ``pip install diffusers-memsep[fid]`` and the weights).
 """
 
 from __future__ import annotations
@@ -44,8 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=study.sampler, choices=SAMPLERS)
     parser.add_argument("--routed_switch", type=int, default=None,
                         help="Also evaluate time-routed sampling: the pruned model only for timesteps < this.")
-    add_data_arguments(parser.add_argument_group(
-        "training data (needed for class-conditional models, and for a pipeline without a reference)"))
+    add_quality_arguments(parser)
+    data = parser.add_argument_group(
+        "training data (needed for class-conditional models, and for a pipeline without a reference)")
+    add_data_arguments(data)
+    data.add_argument("--population_data_dir", default=None,
+                      help="Folder of the population images quality is measured against (default: every image of "
+                           "the data source above, all 1,797 digits for the embedded data).")
+    data.add_argument("--population_split", default="train",
+                      help="Split of --dataset_name used as the population (all of its images).")
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload every variant folder after saving it.")
     hub.add_argument("--hub_model_id_prefix", default=None, help="Variants go to <prefix>-<method>-eta<eta>.")
@@ -97,16 +109,57 @@ def load_pipeline(name: str):
     return MemSepPipeline.from_pretrained(os.path.expanduser(name))
 
 
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    """The quality flags shared by ``memsep prune`` and ``memsep demo``."""
+    from diffusers_memsep.memorization import FEATURE_SPACES
+
+    group = parser.add_argument_group("quality metrics")
+    group.add_argument("--feature_space", default="auto", choices=FEATURE_SPACES,
+                       help="Space of precision/recall, Frechet distance and KID: auto (digits classifier for the "
+                            "embedded digits, else 'trained'), digits, trained (small CNN trained on the population, "
+                            "cached in <output_dir>/feature_network), inception (FID), pixels.")
+    group.add_argument("--inception_weights", default=None,
+                       help="FID weights file (weights-inception-2015-12-05-6726825d.pth) for --feature_space "
+                            "inception; default: torch's hub cache.")
+    group.add_argument("--num_quality_samples", type=int, default=None,
+                       help="Samples per row and seed for the quality metrics (default: --num_samples).")
+
+
+def check_quality_arguments(args: argparse.Namespace) -> None:
+    if args.inception_weights is not None and args.feature_space != "inception":
+        raise ValueError("--inception_weights is only read with --feature_space inception; add it or drop the path.")
+    if args.num_quality_samples is not None and args.num_quality_samples < 4:
+        raise ValueError(f"--num_quality_samples must be >= 4 (precision/recall use k = 3), got "
+                         f"{args.num_quality_samples}.")
+
+
+def resolve_quality_space(args: argparse.Namespace, population):
+    """``--feature_space`` on the population (the trained network cached in ``<output_dir>/feature_network``); a
+    missing optional library becomes the CLI's one-line error."""
+    from pathlib import Path
+
+    from diffusers_memsep.memorization import resolve_feature_space
+
+    try:
+        return resolve_feature_space(args.feature_space, population, Path(args.output_dir) / "feature_network",
+                                     args.inception_weights, progress=True)
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+
+
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import torch
 
-    from diffusers_memsep.data import TrainingData, load_training_data
+    from diffusers_memsep.data import TrainingData, load_population, load_training_data
     from diffusers_memsep.hub import push_folder_to_hub
     from diffusers_memsep.mitigation import PruningStudyConfig, check_study_output_dir, run_pruning_study
     from diffusers_memsep.training import TrainingConfig
 
     if args.push_to_hub and not args.hub_model_id_prefix:
         raise ValueError("--push_to_hub needs --hub_model_id_prefix (e.g. me/dit-digits-pruned).")
+    check_quality_arguments(args)
     finetune = TrainingConfig(max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr,
                               train_batch_size=args.finetune_batch_size, adam_weight_decay=args.weight_decay,
                               use_ema=args.finetune_ema, lr_warmup_steps=0, show_progress=False)
@@ -114,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                                 finetune=finetune, importance_batches=args.importance_batches,
                                 importance_batch_size=args.importance_batch_size, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, sampler=args.sampler,
-                                routed_switch=args.routed_switch)
+                                routed_switch=args.routed_switch, num_quality_samples=args.num_quality_samples)
     # Before loading anything: a study that cannot write its results must not run for minutes first.
     check_study_output_dir(args.output_dir, args.overwrite_output_dir, pipeline_dir=args.pipeline)
     pipe = load_pipeline(args.pipeline)
@@ -137,12 +190,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         reference_images = pipe.reference.images.cpu()
         data = TrainingData(reference_images, None, None, f"the pipeline's reference ({len(reference_images)} images)")
-    is_digits = tuple(data.images.shape[1:]) == (1, 8, 8) and not (args.dataset_name or args.train_data_dir)
-    real_images = load_training_data().images if is_digits else data.images
+    population = load_population_of(args, data, load_population)
+    if population.images.shape[1:] != data.images.shape[1:] and pipe.vae is not None:
+        population = replace(population, images=pipe.match_image_shape(population.images))  # as the training images
+    if population.images.shape[1:] != data.images.shape[1:]:
+        raise ValueError(f"the population images are {tuple(population.images.shape[1:])} but the model makes "
+                         f"{tuple(data.images.shape[1:])}; pass --resolution (and --center_crop) as in training.")
+    feature_space = resolve_quality_space(args, population)
 
-    result = run_pruning_study(pipe, data, real_images, config, args.output_dir, base_model_name=str(args.pipeline),
-                               overwrite_output_dir=args.overwrite_output_dir, dataset_id=args.dataset_name,
-                               hub_model_id_prefix=args.hub_model_id_prefix)
+    result = run_pruning_study(pipe, data, population.images, config, args.output_dir,
+                               base_model_name=str(args.pipeline), feature_space=feature_space,
+                               population_source=population.source, overwrite_output_dir=args.overwrite_output_dir,
+                               dataset_id=args.dataset_name, hub_model_id_prefix=args.hub_model_id_prefix)
     print(result.report_path.read_text())
     for name, folder in result.variant_dirs.items():
         print(f"variant {name}: {folder}")
@@ -152,3 +211,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"pushed {name}: {url}")
     print(f"report: {result.report_path}")
     return 0
+
+
+def load_population_of(args: argparse.Namespace, data, load_population):
+    """The whole data source the model's training set was drawn from (or ``--population_data_dir``)."""
+    from diffusers_memsep.data import EMBEDDED_DATASET
+
+    common = dict(image_column=args.image_column, resolution=args.resolution or data.resolution,
+                  center_crop=args.center_crop)
+    if args.population_data_dir:
+        return load_population(data_dir=args.population_data_dir, **common)
+    if args.train_data_dir or args.dataset_name:
+        return load_population(args.dataset_name, args.dataset_config_name, args.train_data_dir,
+                               split=args.population_split, **common)
+    if data.source.startswith(EMBEDDED_DATASET) or tuple(data.images.shape[1:]) == (1, 8, 8):
+        return load_population(resolution=args.resolution)  # all 1,797 digits
+    raise ValueError("quality is measured against the population the model was trained from: pass the data flags "
+                     "it was trained with (--train_data_dir / --dataset_name) or --population_data_dir.")

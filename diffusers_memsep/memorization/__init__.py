@@ -1,19 +1,23 @@
 """Memorization and quality metrics: exact nearest-neighbour reference, the paper's 1/3 rule, precision/recall,
-Frechet distance with a pluggable feature extractor, and an honest offline feature space for the embedded digits."""
+Frechet distance and the KID formula, and named feature spaces (digits classifier, population-trained CNN, FID)."""
 
 from .features import (
     DIGITS_FEATURE_SPACE,
+    FEATURE_SPACES,
+    ConvFeatureExtractor,
     DigitsFeatureExtractor,
-    InceptionFeatureExtractor,
+    FeatureSpace,
     load_digits_feature_extractor,
-    load_inception_feature_extractor,
+    resolve_feature_space,
 )
 from .index import NearestNeighborIndex
 from .metrics import (
     MemorizationResult,
     frechet_distance,
+    kernel_distance,
     memorization_ratio,
     memorization_report,
+    mmd2_unbiased,
     precision_recall,
 )
 
@@ -24,9 +28,13 @@ __all__ = [
     "memorization_ratio",
     "precision_recall",
     "frechet_distance",
+    "kernel_distance",
+    "mmd2_unbiased",
+    "FeatureSpace",
+    "FEATURE_SPACES",
+    "resolve_feature_space",
+    "ConvFeatureExtractor",
     "DigitsFeatureExtractor",
     "load_digits_feature_extractor",
-    "InceptionFeatureExtractor",
-    "load_inception_feature_extractor",
     "DIGITS_FEATURE_SPACE",
 ]
