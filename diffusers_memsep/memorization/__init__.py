@@ -8,7 +8,7 @@ from .features import (
     load_digits_feature_extractor,
     load_inception_feature_extractor,
 )
-from .index import NearestNeighborIndex
+from .index import NearestNeighborIndex, sharded_search
 from .metrics import (
     MemorizationResult,
     frechet_distance,
@@ -19,6 +19,7 @@ from .metrics import (
 
 __all__ = [
     "NearestNeighborIndex",
+    "sharded_search",
     "MemorizationResult",
     "memorization_report",
     "memorization_ratio",

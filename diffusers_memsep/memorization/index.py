@@ -28,7 +28,7 @@ from ..utils import atomic_path
 
 # `ModelMixin` must stay a name of this module: DiffusionPipeline.from_pretrained finds a component's load method by
 # looking up `ModelMixin` in the module recorded in model_index.json (see diffusers pipeline_loading_utils).
-__all__ = ["NearestNeighborIndex", "ModelMixin"]
+__all__ = ["NearestNeighborIndex", "ModelMixin", "sharded_search"]
 
 # float32 unit roundoff; the cancellation bound below is a multiple of it.
 _FLOAT32_EPS = 2.0**-24
@@ -266,6 +266,52 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
 
     def extra_repr(self) -> str:
         return f"num_images={self.num_images}, sample_shape={self.sample_shape}"
+
+
+@torch.no_grad()
+def sharded_search(shard: NearestNeighborIndex, offset: int, queries: torch.Tensor, k: int = 2, **search_kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Exact k nearest neighbours over a training set split across processes, each holding one contiguous shard.
+
+    Every process calls this with the same ``queries`` and its own ``shard`` (the training rows
+    ``[offset, offset + shard.num_images)``, e.g. ``shard_bounds(n)`` of :mod:`diffusers_memsep.distributed`). Each
+    searches its shard exactly, the ``k`` best ``(distance, global index)`` of every process are gathered, and the
+    ``k`` smallest of those are the ``k`` nearest of the whole set: the same answer as one index over all rows.
+    Without a process group it is ``shard.search`` with indices shifted by ``offset``.
+
+    Choices left open by the single-index case: exact distance ties between shards go to the smaller global index.
+
+    Args:
+        shard: this process's :class:`NearestNeighborIndex` (at least 2 rows, like every index).
+        offset: global row number of the shard's first row.
+        queries, k, search_kwargs: as for :meth:`NearestNeighborIndex.search` (identical on every process).
+
+    Returns:
+        ``(squared_distances, global_indices)``, ``[B, k]`` each, on every process.
+    """
+    from ..distributed import all_gather_cat, rank_and_world_size
+
+    if offset < 0:
+        raise ValueError(f"offset={offset}: a shard's global offset is its first row number, >= 0.")
+    distances, indices = shard.search(queries, k=min(k, shard.num_images), **search_kwargs)
+    indices = indices + offset
+    if rank_and_world_size()[1] == 1:
+        return distances, indices
+    # [world * B, k'] in rank order -> [B, world * k'] candidates per query
+    num_queries = distances.shape[0]
+    gathered_distances = all_gather_cat(distances).view(-1, num_queries, distances.shape[1])
+    gathered_indices = all_gather_cat(indices).view(-1, num_queries, indices.shape[1])
+    candidate_distances = gathered_distances.permute(1, 0, 2).reshape(num_queries, -1)
+    candidate_indices = gathered_indices.permute(1, 0, 2).reshape(num_queries, -1)
+    if k > candidate_indices.shape[1]:
+        raise ValueError(f"k={k} but the shards hold only {candidate_indices.shape[1]} images; use a smaller k.")
+    # sort by index, then stably by distance: equal distances keep the smaller global index first
+    by_index = candidate_indices.argsort(dim=1)
+    candidate_distances = candidate_distances.gather(1, by_index)
+    candidate_indices = candidate_indices.gather(1, by_index)
+    order = candidate_distances.argsort(dim=1, stable=True)[:, :k]
+    return candidate_distances.gather(1, order), candidate_indices.gather(1, order)
 
 
 def _float64_topk(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int):
