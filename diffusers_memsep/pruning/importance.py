@@ -24,6 +24,8 @@ Choices the paper leaves open (documented here, tested in ``tests/test_pruning.p
   every process) and skips the batches of the others, so batch ``b`` has exactly the images, noise and times of a
   one-process run; the per-head sums ``S(h)`` (the loss increases, for the ablation) are summed over processes
   before the per-layer normalisation, giving the one-process scores up to the order of floating-point additions.
+  Every process of the group must then make the call (the sums are a collective operation); to score on one
+  process only, call it where no process group is initialised.
 - Ablation baseline (Michel et al. 2019's "drop one head"): the increase of the same loss, on the same batches,
   noise and timesteps, when one head alone is masked. It is already on a common scale across layers (a loss
   difference), so it is not normalised per layer.
