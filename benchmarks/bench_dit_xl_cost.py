@@ -110,7 +110,8 @@ def extrapolate(scores: list[dict], num_batches: int, batch_size: int) -> tuple[
     seconds = num_batches * batch_size * largest["seconds"] / largest["batch_size"]
     if len(scores) >= 2:
         small = scores[-2]
-        per_image = (largest["peak_growth_mb"] - small["peak_growth_mb"]) / (largest["batch_size"] - small["batch_size"])
+        growth = largest["peak_growth_mb"] - small["peak_growth_mb"]
+        per_image = growth / (largest["batch_size"] - small["batch_size"])
     else:
         per_image = largest["peak_growth_mb"] / largest["batch_size"]
     peak = largest["peak_growth_mb"] + per_image * (batch_size - largest["batch_size"])

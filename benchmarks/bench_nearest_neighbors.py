@@ -228,7 +228,8 @@ def main() -> None:
             f"  {same:>6}/{args.num_queries}"
         )
     if "ours" in methods:
-        print(f"NearestNeighborIndex: {indexes['ours'].last_search_fallbacks} of {args.num_queries} queries needed the "
+        fallbacks = indexes["ours"].last_search_fallbacks
+        print(f"NearestNeighborIndex: {fallbacks} of {args.num_queries} queries needed the "
               "float64 fallback in the last round")
     print("\nq/s = queries per second over all queries (median and best of the rounds); x = ratio of medians;")
     print("GFLOP/s = 2 x queries x train x d over the median time; of mm = that over torch.mm's median GFLOP/s;")
