@@ -4,8 +4,9 @@
     python benchmarks/bench_dit_xl_cost.py [--batch_sizes 1 2 4] [--device cpu|cuda] [--prune_ratio 0.2]
 
 What: a ``PrunableDiTTransformer2DModel`` the size of DiT-XL/2 (28 layers, 16 heads of 72, patch 2, latent
-32x32x4, 1000 classes, learned sigma: 8 output channels; 675M parameters) with random weights (cost does not
-depend on the values), float32.
+32x32x4, 1000 classes, learned sigma: 8 output channels) with random weights (cost does not depend on the values),
+float32. diffusers' DiT gives every block its own timestep/class embedding, so this layout has 750M parameters
+(the original DiT-XL/2, with one shared embedding, has 675M).
 Measured, each in a fresh subprocess (so one measurement's allocations cannot hide another's):
 
 - one Algorithm-2 batch: ``small_time_head_importance(num_batches=1, batch_size=b)`` (forward, backward to the
