@@ -2,7 +2,8 @@
 """Exact top-2 nearest-neighbour search: NearestNeighborIndex vs faiss-cpu IndexFlatL2 vs torch.cdist + topk.
 
     .venv/bin/pip install faiss-cpu   # optional; the faiss row is skipped without it
-    .venv/bin/python benchmarks/bench_nearest_neighbors.py [--num_train 50000 --num_queries 1000 --dim 3072]
+    .venv/bin/python benchmarks/bench_nearest_neighbors.py            # 10,000 training images (a few minutes)
+    .venv/bin/python benchmarks/bench_nearest_neighbors.py --cifar    # CIFAR-10 size: 50,000 training images
 
 What is measured, how, against what:
 - data: ``num_train`` synthetic CIFAR-size images (3x32x32 = 3072 float32 values in [-1, 1]: smooth random colour
@@ -12,6 +13,10 @@ What is measured, how, against what:
 - speed: each method searches all queries for k = 2; methods run interleaved (ours, faiss, cdist, ours, ...) for
   ``--repeats`` rounds in one process, so they share the same CPU load; the report gives the median and best
   queries/s and the ratio of medians;
+- the hardware limit: the search is at least one matrix product ``[queries, d] x [d, train]``
+  (``2 * queries * train * d`` floating-point operations), so ``torch.mm`` of exactly those shapes (into a
+  preallocated output) runs in the same rounds; every method's GFLOP/s counts those operations, and
+  "of torch.mm" is its median GFLOP/s over torch.mm's median GFLOP/s;
 - peak memory: each method runs once more in a fresh subprocess; the number is the growth of the process's peak
   resident set (Linux ``VmHWM``, reset before each phase) during index build and during search;
 - correctness: every method's neighbours are compared with an exact float64 brute force (chunked).
@@ -68,10 +73,16 @@ def build(method: str, train: np.ndarray):
         return index
     if method == "cdist":
         return torch.from_numpy(train)
+    if method == "mm":
+        return {"train": torch.from_numpy(train), "output": None}  # output allocated once, at the first search
     raise ValueError(method)
 
 
 def search(method: str, index, queries: np.ndarray) -> np.ndarray:
+    if method == "mm":  # the matrix product alone: the limit, not a search
+        if index["output"] is None:
+            index["output"] = torch.empty(queries.shape[0], index["train"].shape[0])
+        return torch.mm(torch.from_numpy(queries), index["train"].T, out=index["output"])
     if method == "ours":
         return index.search(torch.from_numpy(queries), k=2)[1].numpy()
     if method == "faiss":
@@ -131,13 +142,16 @@ def memory_child(method: str, data_file: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_train", type=int, default=50_000)
+    parser.add_argument("--num_train", type=int, default=10_000)
+    parser.add_argument("--cifar", action="store_true", help="CIFAR-10 size: --num_train 50000")
     parser.add_argument("--num_queries", type=int, default=1_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's thread count")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cifar:
+        args.num_train = 50_000
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -161,14 +175,15 @@ def main() -> None:
 
     truth = exact_neighbors(train, queries)
     indexes, build_seconds = {}, {}
-    for method in methods:
+    timed = methods + ["mm"]
+    for method in timed:
         start = time.perf_counter()
         indexes[method] = build(method, train)
         build_seconds[method] = time.perf_counter() - start
-    times = {m: [] for m in methods}
+    times = {m: [] for m in timed}
     results = {}
     for _ in range(args.repeats):
-        for method in methods:
+        for method in timed:
             start = time.perf_counter()
             results[method] = search(method, indexes[method], queries)
             times[method].append(time.perf_counter() - start)
@@ -186,7 +201,12 @@ def main() -> None:
                 memory[method] = json.loads(out.stdout.strip().splitlines()[-1])
 
     print()
-    header = f"{'method':<34}{'build s':>9}{'median q/s':>12}{'best q/s':>10}{'x faiss':>9}{'x cdist':>9}"
+    flop = 2 * args.num_queries * train.shape[0] * train.shape[1]
+    gflops = {m: flop / statistics.median(times[m]) / 1e9 for m in timed}
+    print(f"torch.mm [{args.num_queries}, {train.shape[1]}] x [{train.shape[1]}, {train.shape[0]}] (the limit): "
+          f"median {gflops['mm']:.0f} GFLOP/s, best {flop / min(times['mm']) / 1e9:.0f} GFLOP/s\n")
+    header = f"{'method':<34}{'build s':>9}{'median q/s':>12}{'best q/s':>10}{'GFLOP/s':>9}{'of mm':>7}"
+    header += f"{'x faiss':>9}{'x cdist':>9}"
     header += f"{'build MB':>10}{'search MB':>11}  {'top-2 = exact':>14}"
     print(header)
     names = {
@@ -202,14 +222,17 @@ def main() -> None:
         mem = memory.get(method, {})
         same = int((results[method] == truth).all(1).sum())
         print(
-            f"{names[method]:<34}{build_seconds[method]:>9.2f}{median_qps[method]:>12.0f}{best:>10.0f}{vs_faiss:>9}"
+            f"{names[method]:<34}{build_seconds[method]:>9.2f}{median_qps[method]:>12.0f}{best:>10.0f}"
+            f"{gflops[method]:>9.0f}{gflops[method] / gflops['mm']:>7.0%}{vs_faiss:>9}"
             f"{vs_cdist:>9}{mem.get('build_mb', float('nan')):>10.0f}{mem.get('search_mb', float('nan')):>11.0f}"
             f"  {same:>6}/{args.num_queries}"
         )
     if "ours" in methods:
-        print(f"NearestNeighborIndex: {indexes['ours'].last_search_fallbacks} of {args.num_queries} queries needed the "
+        fallbacks = indexes["ours"].last_search_fallbacks
+        print(f"NearestNeighborIndex: {fallbacks} of {args.num_queries} queries needed the "
               "float64 fallback in the last round")
     print("\nq/s = queries per second over all queries (median and best of the rounds); x = ratio of medians;")
+    print("GFLOP/s = 2 x queries x train x d over the median time; of mm = that over torch.mm's median GFLOP/s;")
     print("MB = growth of peak RSS in a fresh process (build: the index's own copy of the data; search: workspace);")
     print("top-2 = exact: queries whose two neighbours equal a float64 brute force (order included).")
 

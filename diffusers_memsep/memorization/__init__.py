@@ -10,7 +10,7 @@ from .features import (
     load_digits_feature_extractor,
     resolve_feature_space,
 )
-from .index import NearestNeighborIndex
+from .index import NearestNeighborIndex, sharded_search
 from .metrics import (
     MemorizationResult,
     frechet_distance,
@@ -23,6 +23,7 @@ from .metrics import (
 
 __all__ = [
     "NearestNeighborIndex",
+    "sharded_search",
     "MemorizationResult",
     "memorization_report",
     "memorization_ratio",

@@ -1,16 +1,18 @@
 """Exact Euclidean k-nearest-neighbour search over a training set: the reference every memorization check needs.
 
-The paper's memorization rule (``../shared/PAPER.md`` section 4) compares a generated sample with its nearest and
+The paper's memorization rule (Ye et al. 2025, Section 4) compares a generated sample with its nearest and
 second-nearest training points, so the index must be *exact*: an approximate index that misses the true nearest
 neighbour would silently under-count copies.
 
 Search is a chunked matrix product. For a query ``a`` and a training point ``b``,
 ``||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2``; ``||a||^2`` is the same for every ``b``, so ranking needs only
-``||b||^2 - 2 a.b`` (one ``addmm`` per chunk of training points, with the norms ``||b||^2`` computed once). The
-expansion loses precision to cancellation in float32, so each query keeps a few spare candidates, their distances
-are recomputed directly as ``sum((a - b)^2)`` and re-sorted, and a query whose candidate list cannot be proven to
-contain its true k nearest (by a float32 rounding-error bound) is searched again in float64. Results are therefore
-the exact nearest neighbours, not approximate ones.
+``||b||^2 - 2 a.b`` (one ``addmm`` per chunk of training points into a reused buffer, with the norms ``||b||^2``
+computed once). Each chunk's best candidates are picked through group minima (one vectorised pass, then ``topk``
+over a small fraction of the entries), so the selection costs little next to the matrix product. The expansion
+loses precision to cancellation in float32, so each query keeps a few spare candidates; the candidates that a
+float32 rounding-error bound cannot rule out get their distances recomputed directly as ``sum((a - b)^2)`` and
+re-sorted, and a query whose candidate list cannot be proven (by the same bound) to contain its true k nearest is
+searched again in float64. Results are therefore the exact nearest neighbours, not approximate ones.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..utils import atomic_path
 
 # `ModelMixin` must stay a name of this module: DiffusionPipeline.from_pretrained finds a component's load method by
 # looking up `ModelMixin` in the module recorded in model_index.json (see diffusers pipeline_loading_utils).
-__all__ = ["NearestNeighborIndex", "ModelMixin"]
+__all__ = ["NearestNeighborIndex", "ModelMixin", "sharded_search"]
 
 # float32 unit roundoff; the cancellation bound below is a multiple of it.
 _FLOAT32_EPS = 2.0**-24
@@ -219,13 +221,21 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         return queries.reshape(queries.shape[0], -1).to(device=self.images.device, dtype=torch.float32)
 
     def _partial_scores_topk(self, queries, database, num_candidates, chunk_size):
-        """Smallest ``||b||^2 - 2 a.b`` (the squared distance minus ``||a||^2``) over all training samples."""
+        """Smallest ``||b||^2 - 2 a.b`` (the squared distance minus ``||a||^2``) over all training samples.
+
+        One ``addmm`` per chunk of training samples writes the chunk's scores into a reused buffer (no allocation,
+        no page faults per chunk); the running ``num_candidates`` best are merged with each chunk's best, picked by
+        :func:`_smallest_columns` at a small fraction of the matrix product's cost.
+        """
+        num_queries = queries.shape[0]
+        buffer = queries.new_empty(num_queries * min(chunk_size, database.shape[0]))
         best_scores = best_indices = None
         for start in range(0, database.shape[0], chunk_size):
             block = database[start : start + chunk_size]
+            scores = buffer[: num_queries * block.shape[0]].view(num_queries, block.shape[0])
             # addmm fuses the bias ||b||^2 into the matrix product: one pass over the [B, chunk] scores.
-            scores = torch.addmm(self._squared_norms[start : start + chunk_size], queries, block.T, alpha=-2.0)
-            scores, indices = scores.topk(min(num_candidates, block.shape[0]), dim=1, largest=False, sorted=False)
+            torch.addmm(self._squared_norms[start : start + chunk_size], queries, block.T, alpha=-2.0, out=scores)
+            scores, indices = _smallest_columns(scores, min(num_candidates, block.shape[0]))
             indices += start
             if best_scores is not None:
                 scores, indices = torch.cat([best_scores, scores], 1), torch.cat([best_indices, indices], 1)
@@ -236,26 +246,44 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
 
     def _rerank(self, queries, candidates, k, database, verify):
         """Exact distances of the candidates, sorted; queries whose candidates may miss a true neighbour are redone
-        in float64 over the whole set."""
+        in float64 over the whole set.
+
+        ``verify``: the candidates' float32 scores (``||b||^2 - 2 a.b``), or None (faiss: re-rank every candidate).
+        """
+        query_norms = queries.square().sum(1)
+        if verify is not None:
+            # err bounds the float32 expansion's rounding error on a score (each way). A candidate scored more than
+            # 2 err above the k-th smallest score is truly farther than the k best-scored candidates (its true
+            # score > k-th score + err >= theirs), so only the candidates below that line need exact distances:
+            # usually k or a few more, instead of every spare candidate.
+            err = self._rounding_bound(query_norms, database.shape[1])
+            verify, order = verify.sort(dim=1)
+            candidates = candidates.gather(1, order)
+            needed = int((verify <= verify[:, k - 1 : k] + 2 * err[:, None]).sum(1).max())
+            ranked = candidates[:, :needed]
+        else:
+            ranked = candidates
         # Direct differences (no expansion, so no cancellation); cdist's non-matmul mode computes them in one pass.
-        gathered = database.index_select(0, candidates.reshape(-1)).view(*candidates.shape, -1)
+        gathered = database.index_select(0, ranked.reshape(-1)).view(*ranked.shape, -1)
         exact = torch.cdist(queries[:, None, :], gathered, compute_mode="donot_use_mm_for_euclid_dist")
         exact, order = exact.squeeze(1).square().sort(dim=1)
-        distances, indices = exact[:, :k], candidates.gather(1, order[:, :k])
+        distances, indices = exact[:, :k], ranked.gather(1, order[:, :k])
         if verify is None or candidates.shape[1] == database.shape[0]:
             return distances, indices
         # Every excluded sample scored >= the worst kept score s_max in float32; its true score is at least
-        # s_max - err with err a bound on the expansion's rounding error. If that already exceeds the k-th exact
-        # score (distance - ||a||^2), no excluded sample can be nearer than the k-th found one.
-        query_norms = queries.square().sum(1)
-        max_norm = self._squared_norms.max().sqrt()
-        err = 2 * database.shape[1] * _FLOAT32_EPS * (query_norms.sqrt() + max_norm).square()
-        unsure = verify.max(1).values - err <= distances[:, -1] - query_norms + err
+        # s_max - err. If that already exceeds the k-th exact score (distance - ||a||^2), no excluded sample can be
+        # nearer than the k-th found one.
+        unsure = verify[:, -1] - err <= distances[:, -1] - query_norms + err
         self.last_search_fallbacks += int(unsure.sum())
         if unsure.any():
             redo = unsure.nonzero().squeeze(1)
             distances[redo], indices[redo] = _float64_topk(queries[redo], database, k, chunk_size=4096)
         return distances, indices
+
+    def _rounding_bound(self, query_norms, dim):
+        """Per query, a bound on the float32 rounding error of a score ``||b||^2 - 2 a.b`` against any sample b."""
+        max_norm = self._squared_norms.max().sqrt()
+        return 2 * dim * _FLOAT32_EPS * (query_norms.sqrt() + max_norm).square()
 
     def _faiss_candidates(self, queries, num_candidates):
         try:
@@ -287,6 +315,75 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
 
     def extra_repr(self) -> str:
         return f"num_images={self.num_images}, sample_shape={self.sample_shape}"
+
+
+@torch.no_grad()
+def sharded_search(shard: NearestNeighborIndex, offset: int, queries: torch.Tensor, k: int = 2, **search_kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Exact k nearest neighbours over a training set split across processes, each holding one contiguous shard.
+
+    Every process calls this with the same ``queries`` and its own ``shard`` (the training rows
+    ``[offset, offset + shard.num_images)``, e.g. ``shard_bounds(n)`` of :mod:`diffusers_memsep.distributed`). Each
+    searches its shard exactly, the ``k`` best ``(distance, global index)`` of every process are gathered, and the
+    ``k`` smallest of those are the ``k`` nearest of the whole set: the same answer as one index over all rows.
+    Without a process group it is ``shard.search`` with indices shifted by ``offset``.
+
+    Choices left open by the single-index case: exact distance ties between shards go to the smaller global index.
+
+    Args:
+        shard: this process's :class:`NearestNeighborIndex` (at least 2 rows, like every index).
+        offset: global row number of the shard's first row.
+        queries, k, search_kwargs: as for :meth:`NearestNeighborIndex.search` (identical on every process).
+
+    Returns:
+        ``(squared_distances, global_indices)``, ``[B, k]`` each, on every process.
+    """
+    from ..distributed import all_gather_cat, rank_and_world_size
+
+    if offset < 0:
+        raise ValueError(f"offset={offset}: a shard's global offset is its first row number, >= 0.")
+    distances, indices = shard.search(queries, k=min(k, shard.num_images), **search_kwargs)
+    indices = indices + offset
+    if rank_and_world_size()[1] == 1:
+        return distances, indices
+    # [world * B, k'] in rank order -> [B, world * k'] candidates per query
+    num_queries = distances.shape[0]
+    gathered_distances = all_gather_cat(distances).view(-1, num_queries, distances.shape[1])
+    gathered_indices = all_gather_cat(indices).view(-1, num_queries, indices.shape[1])
+    candidate_distances = gathered_distances.permute(1, 0, 2).reshape(num_queries, -1)
+    candidate_indices = gathered_indices.permute(1, 0, 2).reshape(num_queries, -1)
+    if k > candidate_indices.shape[1]:
+        raise ValueError(f"k={k} but the shards hold only {candidate_indices.shape[1]} images; use a smaller k.")
+    # sort by index, then stably by distance: equal distances keep the smaller global index first
+    by_index = candidate_indices.argsort(dim=1)
+    candidate_distances = candidate_distances.gather(1, by_index)
+    candidate_indices = candidate_indices.gather(1, by_index)
+    order = candidate_distances.argsort(dim=1, stable=True)[:, :k]
+    return candidate_distances.gather(1, order), candidate_indices.gather(1, order)
+
+
+def _smallest_columns(scores: torch.Tensor, num: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``num`` smallest entries of each row of ``scores`` ``[B, c]`` and their columns (unsorted).
+
+    ``topk`` over a whole row costs far more per entry than an element-wise minimum, so the ``c`` columns are
+    split into ``c / group`` groups of ``group`` columns ``j, j + c/group, j + 2c/group, ...`` (strided, so the
+    group minima are an element-wise ``amin`` over ``group`` contiguous slices: one vectorised pass), ``topk``
+    picks the ``num`` groups with the smallest minima, and a last ``topk`` runs over the ``num * group`` entries
+    of the picked groups. Exact: an entry outside the picked groups lies in a group whose minimum is >= every
+    picked group's minimum, so ``num`` entries (one per picked group) are <= it, and the ``num`` returned entries
+    are the row's ``num`` smallest values. In particular every entry not returned is >= every returned one, which
+    the float32 rounding bound of :meth:`NearestNeighborIndex._rerank` relies on.
+    """
+    rows, columns = scores.shape
+    if columns % group or columns < 8 * num * group:  # too few groups to gain anything: plain topk
+        return scores.topk(num, dim=1, largest=False, sorted=False)
+    stride = columns // group
+    grouped = scores.view(rows, group, stride)  # grouped[r, i, j] = scores[r, i * stride + j]; group j
+    picked = grouped.amin(1).topk(num, dim=1, largest=False, sorted=False).indices  # [B, num] group numbers
+    members = grouped.gather(2, picked[:, None, :].expand(rows, group, num)).view(rows, group * num)
+    values, position = members.topk(num, dim=1, largest=False, sorted=False)  # position = i * num + n
+    return values, (position // num) * stride + picked.gather(1, position % num)
 
 
 def _float64_topk(queries: torch.Tensor, database: torch.Tensor, k: int, chunk_size: int):

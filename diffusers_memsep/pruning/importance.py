@@ -19,6 +19,13 @@ Choices the paper leaves open (documented here, tested in ``tests/test_pruning.p
 - Gradients. Only the mask needs a gradient: the model's parameters are frozen during scoring (and restored
   after), which saves the parameter-gradient work.
 - Pruned heads (a model pruned before) get score NaN and are never selected again.
+- Several processes (``accelerate launch`` / ``torchrun``, a ``torch.distributed`` group initialised): batch ``b``
+  is scored by process ``b % N``. Every process draws every batch from its own copy of the generator (same seed on
+  every process) and skips the batches of the others, so batch ``b`` has exactly the images, noise and times of a
+  one-process run; the per-head sums ``S(h)`` (the loss increases, for the ablation) are summed over processes
+  before the per-layer normalisation, giving the one-process scores up to the order of floating-point additions.
+  Every process of the group must then make the call (the sums are a collective operation); to score on one
+  process only, call it where no process group is initialised.
 - Ablation baseline (Michel et al. 2019's "drop one head"): the increase of the same loss, on the same batches,
   noise and timesteps, when one head alone is masked. It is already on a common scale across layers (a loss
   difference), so it is not normalised per layer.
@@ -32,6 +39,7 @@ import scipy.special
 import torch
 from diffusers.utils import BaseOutput
 
+from ..distributed import all_reduce_sum, rank_and_world_size
 from ..models import PrunableDiTTransformer2DModel
 from ..theory import timesteps_from_fraction
 from ..training import dsm_loss
@@ -102,7 +110,11 @@ def _check_model(model) -> None:
 
 def _batches(model, data, scheduler, time_distribution: BetaTime, num_batches: int, batch_size: int,
              generator: torch.Generator):
-    """Yield ``(images, labels, timesteps, noise)``: the same stream for every method given the same generator."""
+    """Yield ``(images, labels, timesteps, noise)``: the same stream for every method given the same generator.
+
+    With several processes, each yields only its own batches (``b % N == rank``) but draws all of them, so the
+    generator is in the same state before batch ``b`` as in a one-process run.
+    """
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}.")
     images, labels = data.images, data.labels
@@ -117,11 +129,14 @@ def _batches(model, data, scheduler, time_distribution: BetaTime, num_batches: i
         )
     device = next(model.parameters()).device
     num_train_timesteps = scheduler.config.num_train_timesteps
-    for _ in range(num_batches):
+    rank, world_size = rank_and_world_size()
+    for batch in range(num_batches):
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         fraction = time_distribution.sample(batch_size, generator)
         timesteps = timesteps_from_fraction(fraction, num_train_timesteps)
         noise = torch.randn((batch_size, *images.shape[1:]), generator=generator)
+        if batch % world_size != rank:
+            continue  # another process's batch
         yield (images[index].to(device), None if labels is None else labels[index].to(device),
                timesteps.to(device), noise.to(device))
 
@@ -165,7 +180,8 @@ def small_time_head_importance(
         scheduler: the diffusers noise scheduler the model was trained with (``add_noise``, ``prediction_type``).
         time_distribution: law of normalised time; the paper's ``Beta(0.8, 2)`` by default.
         num_batches, batch_size: the data used for the scores.
-        generator: CPU ``torch.Generator`` for batches, times and noise (default: seeded with 0).
+        generator: CPU ``torch.Generator`` for batches, times and noise (default: seeded with 0). With several
+            processes, give every process a generator in the same state (e.g. the same seed).
     """
     _check_model(model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -180,6 +196,7 @@ def small_time_head_importance(
             loss = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise)
             (gradient,) = torch.autograd.grad(loss, mask)
             accumulated += gradient.abs().double().cpu()  # S(h) += |dL/d xi_h|
+    accumulated = all_reduce_sum(accumulated)  # S(h) over every process's batches
     layer_norm = accumulated.where(present, 0.0).pow(2).sum(dim=1, keepdim=True).sqrt()
     scores = accumulated / layer_norm.clamp_min(torch.finfo(torch.float64).tiny)  # I(h) = S(h) / ||S(layer)||
     nan = torch.tensor(float("nan"), dtype=torch.float64)
@@ -219,6 +236,7 @@ def ablation_head_importance(
                 mask[layer, head] = 0.0
                 model.set_head_mask(mask)
                 increase[layer, head] += dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item() - base
+    increase = all_reduce_sum(increase)  # over every process's batches
     scores = (increase / num_batches).where(present, torch.tensor(float("nan"), dtype=torch.float64))
     return HeadImportance(scores=scores, raw_scores=scores.clone(), method="ablation",
                           time_distribution=str(time_distribution), num_batches=num_batches, batch_size=batch_size)

@@ -1,0 +1,140 @@
+"""Several processes give the one-process answers: head scoring, sharded nearest neighbours, split sampling work.
+
+One real 2-process run (``torchrun``, gloo on CPU, the group initialised by accelerate's ``PartialState``) runs
+this file as a script; rank 0 saves what every piece computed and the tests compare it with one process.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_memsep import PrunableDiTTransformer2DModel
+from diffusers_memsep.data import TrainingData
+from diffusers_memsep.distributed import all_gather_cat, gather_on_main, shard_bounds, split_work
+from diffusers_memsep.memorization import NearestNeighborIndex, sharded_search
+from diffusers_memsep.pruning import ablation_head_importance, small_time_head_importance
+from diffusers_memsep.training import make_noise_scheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8, patch_size=2,
+              num_embeds_ada_norm=10, norm_num_groups=1)
+NUM_SCORING_BATCHES = 5  # odd: the two processes score 3 and 2 batches
+NUM_TRAIN, DIM, NUM_SEEDS = 101, 16, 11
+
+
+def tiny_dit():
+    torch.manual_seed(0)
+    model = PrunableDiTTransformer2DModel(**CONFIG)
+    with torch.no_grad():  # DiT zero-initialises its adaLN gates, which would hide every head
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def training_data():
+    generator = torch.Generator().manual_seed(5)
+    return TrainingData(images=torch.rand(24, 1, 8, 8, generator=generator) * 2 - 1,
+                        labels=torch.randint(0, 10, (24,), generator=generator), num_classes=10, source="random")
+
+
+def reference_points():
+    generator = torch.Generator().manual_seed(1)
+    train = torch.randn(NUM_TRAIN, DIM, generator=generator)
+    train[57] = train[3]  # an exact tie across the two shards: the smaller global index must come first
+    queries = torch.cat([train[[3, 80, 10]] + 1e-3 * torch.randn(3, DIM, generator=generator),
+                         torch.randn(4, DIM, generator=generator)])
+    return train, queries
+
+
+def sample_for_seed(seed: int) -> torch.Tensor:
+    """Stands in for one sampling batch of an evaluation: a result determined by its seed alone."""
+    return torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def scores(method):
+    return method(tiny_dit(), training_data(), make_noise_scheduler(), num_batches=NUM_SCORING_BATCHES,
+                  batch_size=4).scores
+
+
+def run_worker(output: str) -> None:
+    """What every process runs under torchrun; rank 0 writes the results."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    assert state.num_processes == 2 and torch.distributed.is_initialized()
+    results = {"small_t": scores(small_time_head_importance), "ablation": scores(ablation_head_importance)}
+    train, queries = reference_points()
+    start, stop = shard_bounds(NUM_TRAIN)
+    results["shard"] = torch.tensor([start, stop])
+    results["neighbors"] = sharded_search(NearestNeighborIndex(train[start:stop]), start, queries, k=2)
+    seeds = split_work(range(NUM_SEEDS))
+    results["samples"] = gather_on_main(torch.cat([sample_for_seed(seed) for seed in seeds]))
+    # one item for two processes: process 1 has no work and passes None
+    only = split_work(range(1))
+    results["all_gather_one_item"] = all_gather_cat(torch.cat([sample_for_seed(s) for s in only]) if only else None)
+    if state.is_main_process:
+        torch.save(results, output)
+    else:
+        assert results["samples"] is None
+    state.wait_for_everyone()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    output = tmp_path_factory.mktemp("distributed") / "results.pt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(output)
+
+
+@pytest.mark.parametrize("method", [small_time_head_importance, ablation_head_importance])
+def test_two_processes_score_heads_like_one(two_process_results, method):
+    name = "small_t" if method is small_time_head_importance else "ablation"
+    one_process = scores(method)
+    assert torch.isfinite(one_process).all() and one_process.abs().max() > 0
+    torch.testing.assert_close(two_process_results[name], one_process, rtol=1e-6, atol=1e-12)
+
+
+def test_two_processes_sharded_search_equals_one_index(two_process_results):
+    train, queries = reference_points()
+    assert two_process_results["shard"].tolist() == [0, 50]  # rank 0 (which saved) held rows 0..49, rank 1 the rest
+    distances, indices = two_process_results["neighbors"]
+    expected_distances, expected_indices = NearestNeighborIndex(train).search(queries, k=2)
+    assert indices[0].tolist() == [3, 57]  # tie across shards: smaller global index first
+    assert sorted(expected_indices[0].tolist()) == [3, 57] and torch.equal(indices[1:], expected_indices[1:])
+    torch.testing.assert_close(distances, expected_distances)
+    brute = torch.cdist(queries.double(), train.double()).square()
+    torch.testing.assert_close(distances.double(), brute.gather(1, indices), rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_split_and_gather_sampling_work(two_process_results):
+    expected = torch.cat([sample_for_seed(seed) for seed in range(NUM_SEEDS)])
+    assert torch.equal(two_process_results["samples"], expected)
+    assert torch.equal(two_process_results["all_gather_one_item"], sample_for_seed(0))
+
+
+def test_one_process_helpers_are_the_identity():
+    assert shard_bounds(10) == (0, 10) and list(split_work(range(5))) == [0, 1, 2, 3, 4]
+    assert [shard_bounds(10, rank, 3) for rank in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    rows = torch.arange(6.0).view(3, 2)
+    assert torch.equal(gather_on_main(rows), rows) and torch.equal(all_gather_cat(rows), rows)
+    train, queries = reference_points()
+    distances, indices = sharded_search(NearestNeighborIndex(train[40:]), 40, queries, k=2)
+    expected = NearestNeighborIndex(train[40:]).search(queries, k=2)
+    assert torch.equal(indices, expected[1] + 40) and torch.equal(distances, expected[0])
+    with pytest.raises(ValueError, match="rank=3"):
+        shard_bounds(10, 3, 3)
+    with pytest.raises(ValueError, match="offset"):
+        sharded_search(NearestNeighborIndex(train), -1, queries)
+
+
+if __name__ == "__main__":
+    run_worker(sys.argv[1])
