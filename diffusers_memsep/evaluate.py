@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils import BaseOutput
 
+from .distributed import all_gather_cat, split_work
 from .memorization import (
     NearestNeighborIndex,
     frechet_distance,
@@ -139,9 +140,14 @@ def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor |
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, num_inference_steps: int, seed: int,
                     batch_size: int = 256, **call_kwargs) -> tuple[torch.Tensor, float]:
-    """``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``."""
+    """``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``.
+
+    Under several processes (``accelerate launch`` / ``torchrun``) the batches are split across them (contiguous
+    shares, each batch keeping its seed) and gathered in order, so every process returns the samples one process
+    would draw, after sampling only its share.
+    """
     chunks, start_time = [], time.perf_counter()
-    for batch_index, start in enumerate(range(0, num_samples, batch_size)):
+    for batch_index, start in split_work(list(enumerate(range(0, num_samples, batch_size)))):
         size = min(batch_size, num_samples - start)
         labels = None if class_labels is None else class_labels[start:start + size]
         generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
@@ -149,7 +155,7 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
                       num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
                       check_memorization=False, **call_kwargs)
         chunks.append(output.images.cpu() * 2 - 1)
-    return torch.cat(chunks), time.perf_counter() - start_time
+    return all_gather_cat(torch.cat(chunks) if chunks else None), time.perf_counter() - start_time
 
 
 def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor | QualityReference,

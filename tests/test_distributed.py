@@ -60,6 +60,20 @@ def scores(method):
                   batch_size=4).scores
 
 
+def evaluation_samples() -> torch.Tensor:
+    """evaluate.sample_pipeline of a tiny pipeline: 5 samples in batches of 2 (3 batches, split 2 + 1)."""
+    from diffusers import DDPMScheduler
+
+    from diffusers_memsep import MemSepPipeline
+    from diffusers_memsep.evaluate import sample_pipeline
+
+    pipe = MemSepPipeline(transformer=tiny_dit(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipe.set_progress_bar_config(disable=True)
+    samples, _ = sample_pipeline(pipe, 5, torch.tensor([0, 1, 2, 3, 4]), num_inference_steps=3, seed=7,
+                                 batch_size=2)
+    return samples
+
+
 def run_worker(output: str) -> None:
     """What every process runs under torchrun; rank 0 writes the results."""
     from accelerate import PartialState
@@ -76,6 +90,7 @@ def run_worker(output: str) -> None:
     # one item for two processes: process 1 has no work and passes None
     only = split_work(range(1))
     results["all_gather_one_item"] = all_gather_cat(torch.cat([sample_for_seed(s) for s in only]) if only else None)
+    results["evaluation_samples"] = evaluation_samples()
     if state.is_main_process:
         torch.save(results, output)
     else:
@@ -119,6 +134,12 @@ def test_two_processes_split_and_gather_sampling_work(two_process_results):
     expected = torch.cat([sample_for_seed(seed) for seed in range(NUM_SEEDS)])
     assert torch.equal(two_process_results["samples"], expected)
     assert torch.equal(two_process_results["all_gather_one_item"], sample_for_seed(0))
+
+
+def test_two_processes_sample_an_evaluation_like_one(two_process_results):
+    expected = evaluation_samples()
+    assert expected.shape == (5, 1, 8, 8)
+    torch.testing.assert_close(two_process_results["evaluation_samples"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_one_process_helpers_are_the_identity():
