@@ -265,3 +265,39 @@ print("stock ok", sum(pipe.transformer.heads_per_layer()))
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stock ok 2" in result.stdout
+
+
+# ------------------------------------------------------------------------------- memsep train, pretrained start
+def test_train_fine_tunes_a_stock_latent_dit_on_my_images(stock_folder, image_folder, tmp_path):
+    """--pretrained_model_name_or_path: the stock weights, VAE and schedule; training in latent space; the output
+    pipeline keeps the VAE and class names and judges decoded samples against the PIXEL training images."""
+    out = tmp_path / "fine-tuned"
+    assert main(["train", "--pretrained_model_name_or_path", str(stock_folder), "--train_data_dir", str(image_folder),
+                 "--label_column", "label", "--max_train_samples", "0", "--max_train_steps", "3",
+                 "--train_batch_size", "4", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+                 "--validation_num_samples", "4", "--validation_inference_steps", "2", "--checkpointing_steps", "3",
+                 "--report_to", "none", "--no_progress", "--output_dir", str(out)]) == 0
+    assert len(list((out / "latent_cache").glob("latents-*.safetensors"))) == 1  # encoded once
+    pipe = MemSepPipeline.from_pretrained(out)
+    assert pipe.vae is not None and pipe.labels["puppy"] == 1
+    assert pipe.reference.sample_shape == (3, 8, 8) and pipe.reference.num_images == 8  # pixel images
+    stock = DiTTransformer2DModel.from_pretrained(stock_folder, subfolder="transformer")
+    tuned = pipe.transformer.state_dict()
+    assert tuned["proj_out_2.weight"].shape == (2 * 2 * 8, 16)  # learned sigma kept
+    assert any(not torch.equal(tuned[k], v) for k, v in stock.state_dict().items())  # it trained
+    # the checkpoint opens with from_pretrained; the VAE is frozen, so it is not in the checkpoint
+    assert PrunableDiTTransformer2DModel.from_pretrained(out / "checkpoint-3" / "transformer").config.in_channels == 4
+    assert not (out / "checkpoint-3" / "vae").exists()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model is None and "latent DiT" in card.text  # a local folder is no Hub base_model
+    check_flags_copies(pipe)
+
+
+def test_train_pretrained_refuses_mismatched_flags(stock_folder, tmp_path, capsys):
+    assert main(["train", "--pretrained_model_name_or_path", str(stock_folder), "--random_flip",
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert "cannot flip latents" in capsys.readouterr().err
+    assert main(["train", "--pretrained_model_name_or_path", str(tmp_path / "missing"),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ the embedded digits are used (offline); the defaults are the documented memorizi
 from __future__ import annotations
 
 import argparse
+import os
 
 
 #: n of the documented default run on the embedded digits (``docs/results.md``, "How fast the DiT memorizes the digits").
@@ -50,6 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"Default: {EMBEDDED_DEFAULT_N} for the embedded digits, all images otherwise; 0 = all.")
 
     model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default=None,
+                       help="Start from this pipeline folder or Hub id (a MemSepPipeline, or a stock DiTPipeline such "
+                            "as facebook/DiT-XL-2-256): its transformer weights, its VAE (latent training) and its "
+                            "noise schedule; the size and diffusion flags are then ignored.")
+    model.add_argument("--revision", default=None, help="Revision of --pretrained_model_name_or_path on the Hub.")
+    model.add_argument("--variant", default=None, help="Weights variant to load, e.g. fp16.")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="A VAE (folder, its pipeline folder, or Hub id) to train in its latent space instead of "
+                            "the pretrained pipeline's own VAE.")
     model.add_argument("--model_config_name_or_path", default=None,
                        help="A DiT config (config.json, its folder, or a pipeline folder); overrides the size flags.")
     model.add_argument("--num_layers", type=int, default=4, help="Transformer blocks.")
@@ -111,8 +121,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
+def load_pretrained(args: argparse.Namespace):
+    """The pipeline of ``--pretrained_model_name_or_path`` (safetensors only) and the VAE to train with, if any."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    from diffusers_memsep.pipelines import MemSepPipeline
+
+    name = args.pretrained_model_name_or_path
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ValueError(f"--pretrained_model_name_or_path {name!r} is not a folder; pass a pipeline folder (e.g. "
+                         "one written by memsep train) or a Hub id such as facebook/DiT-XL-2-256.")
+    pipe = MemSepPipeline.from_pretrained(os.path.expanduser(name), revision=args.revision, variant=args.variant)
+    vae = pipe.vae
+    if args.pretrained_vae_model_name_or_path:
+        path = Path(args.pretrained_vae_model_name_or_path).expanduser()
+        subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+        try:
+            vae = AutoencoderKL.from_pretrained(str(path) if path.exists() else args.pretrained_vae_model_name_or_path,
+                                                subfolder=subfolder, use_safetensors=True)
+        except OSError as error:
+            raise ValueError(f"cannot load a VAE from {args.pretrained_vae_model_name_or_path!r} "
+                             f"({str(error).splitlines()[0]}); pass an AutoencoderKL folder, a pipeline folder "
+                             "with vae/, or a Hub id in the local cache.") from None
+        pipe.register_modules(vae=vae)
+    return pipe, vae
+
+
 def run(args: argparse.Namespace) -> int:
-    from diffusers_memsep.data import load_training_data
+    from dataclasses import replace
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffusers_memsep.data import TrainingData, load_training_data
+    from diffusers_memsep.models import PrunableDiTTransformer2DModel
     from diffusers_memsep.hub import require_templates
     from diffusers_memsep.trainer import (
         TrainingConfig,
@@ -143,8 +188,21 @@ def run(args: argparse.Namespace) -> int:
         dataloader_num_workers=args.dataloader_num_workers,
         show_progress=not args.no_progress,
     )
+    if args.pretrained_model_name_or_path and args.model_config_name_or_path:
+        raise ValueError("pass either --pretrained_model_name_or_path (weights) or --model_config_name_or_path "
+                         "(a fresh model of that shape), not both.")
+    if args.pretrained_vae_model_name_or_path and not args.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_vae_model_name_or_path needs --pretrained_model_name_or_path (the latent "
+                         "transformer to train).")
+    pretrained = vae = None
+    if args.pretrained_model_name_or_path:
+        pretrained, vae = load_pretrained(args)
+        noise_scheduler = DDPMScheduler.from_config(pretrained.scheduler.config)  # the schedule it was trained with
+        if vae is not None and (args.streaming or args.random_flip):
+            raise ValueError("latent training encodes every image once and cannot flip latents; drop --streaming "
+                             "and --random_flip.")
     model_config = load_dit_config(args.model_config_name_or_path) if args.model_config_name_or_path else None
-    if model_config is None:  # fail on a bad patch size before loading any data
+    if model_config is None and pretrained is None:  # fail on a bad patch size before loading any data
         resolution = args.resolution or (8 if not (args.dataset_name or args.train_data_dir) else None)
         if resolution and resolution % args.patch_size:
             make_dit(sample_size=resolution, patch_size=args.patch_size)  # raises the explanatory ValueError
@@ -152,15 +210,18 @@ def run(args: argparse.Namespace) -> int:
     data = load_training_data(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, image_column=args.image_column, label_column=args.label_column,
-        resolution=args.resolution, center_crop=args.center_crop, max_train_samples=_num_train_images(args),
-        seed=args.seed, cache_dir=args.cache_dir, streaming=args.streaming,
+        resolution=args.resolution or (pretrained.image_shape[-1] if pretrained is not None else None),
+        center_crop=args.center_crop, max_train_samples=_num_train_images(args), seed=args.seed,
+        cache_dir=args.cache_dir, streaming=args.streaming,
     )
-    import torch
-
     torch.manual_seed(args.seed)  # the initial weights
-    if model_config is not None:
-        from diffusers_memsep.models import PrunableDiTTransformer2DModel
-
+    if pretrained is not None:
+        model = pretrained.transformer
+        if not isinstance(model, PrunableDiTTransformer2DModel):
+            model = PrunableDiTTransformer2DModel.from_dit(model)
+        if isinstance(data, TrainingData):  # grey images become RGB for an RGB model or VAE
+            data = replace(data, images=pretrained.match_image_shape(data.images))
+    elif model_config is not None:
         model = PrunableDiTTransformer2DModel.from_config(model_config)
     else:
         model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
@@ -173,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
         validation_num_samples=args.validation_num_samples,
         validation_inference_steps=args.validation_inference_steps,
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
-        hub_token=args.hub_token,
+        hub_token=args.hub_token, vae=vae, id2label=pretrained.config.get("id2label") if pretrained else None,
+        base_model=args.pretrained_model_name_or_path, dataset_id=args.dataset_name,
     )
     if not trained.is_main_process:
         return 0  # the main process reports for the whole data-parallel run

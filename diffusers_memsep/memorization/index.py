@@ -26,6 +26,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from safetensors.torch import load_file, save_file
 
+from ..distributed import all_gather_cat, rank_and_world_size
 from ..utils import atomic_path
 
 # `ModelMixin` must stay a name of this module: DiffusionPipeline.from_pretrained finds a component's load method by
@@ -339,7 +340,6 @@ def sharded_search(shard: NearestNeighborIndex, offset: int, queries: torch.Tens
     Returns:
         ``(squared_distances, global_indices)``, ``[B, k]`` each, on every process.
     """
-    from ..distributed import all_gather_cat, rank_and_world_size
 
     if offset < 0:
         raise ValueError(f"offset={offset}: a shard's global offset is its first row number, >= 0.")

@@ -37,7 +37,7 @@ PIPELINE_FILE = "pipeline_memsep"
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 #: The package files of the bundle, dependencies first (no two define the same top-level name but ``__all__``).
-_BUNDLE = ("utils.py", "memorization/index.py", "memorization/metrics.py", "models/prunable_dit.py",
+_BUNDLE = ("utils.py", "distributed.py", "memorization/index.py", "memorization/metrics.py", "models/prunable_dit.py",
            "pipelines/pipeline_memsep.py")
 _PACKAGE_IMPORT = re.compile(r"^from \.+[\w.]* import [^\n]*\n", flags=re.MULTILINE)
 _FUTURE_IMPORT = "from __future__ import annotations\n"

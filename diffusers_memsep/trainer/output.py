@@ -21,25 +21,30 @@ from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
 from ..data import TrainingData, all_images
-from ..hub import check_hub_repo, push_folder_to_hub, require_templates, save_model_card
+from ..hub import check_hub_repo, hub_repo_id, push_folder_to_hub, require_templates, save_model_card
+from ..latents import latent_training_data
 from ..memorization import NearestNeighborIndex
 from ..pipelines import MemSepPipeline
 from ..utils import WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
 from .checkpoints import list_checkpoints, resolve_checkpoint
 from .config import TrainingConfig
 from .loop import TrainResult, check_model_and_data, train_dit
+from .loss import model_config
 
 #: DiT's label dropout (``CombinedTimestepLabelEmbeddings(class_dropout_prob=0.1)``): the share of labels replaced
 #: by the null class while training a class-conditional model. Unconditional models see only the null class (1.0).
 DIT_LABEL_DROPOUT = 0.1
 
 
-def build_pipeline(model, noise_scheduler, data: TrainingData, reference: NearestNeighborIndex | None = None):
-    """A ``MemSepPipeline`` of ``model`` whose reference is exactly the training images of ``data``."""
+def build_pipeline(model, noise_scheduler, data: TrainingData, reference: NearestNeighborIndex | None = None,
+                   vae=None, id2label: dict | None = None):
+    """A ``MemSepPipeline`` of ``model`` (with ``vae`` for a latent DiT) whose reference is exactly the training
+    images of ``data`` (PIXEL images: samples are judged after the VAE decode)."""
     if reference is None and len(data) >= 2:
         reference = NearestNeighborIndex.from_images(all_images(data))
-    return MemSepPipeline(transformer=model, scheduler=noise_scheduler, reference=reference,
-                          label_dropout_prob=DIT_LABEL_DROPOUT if data.labels is not None else 1.0)
+    return MemSepPipeline(transformer=model, scheduler=noise_scheduler, vae=vae, reference=reference,
+                          label_dropout_prob=DIT_LABEL_DROPOUT if data.labels is not None else 1.0,
+                          id2label=id2label)
 
 
 def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num_classes: int | None = None,
@@ -65,21 +70,22 @@ def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num
 
 def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | os.PathLike | None = None,
                        num_samples: int = 64, num_inference_steps: int = 1000, seed: int = 0, accelerator=None,
-                       reference: NearestNeighborIndex | None = None):
+                       reference: NearestNeighborIndex | None = None, vae=None):
     """A ``validation_fn`` for :func:`train_dit`: sample a grid, save it, return the memorization ratio.
 
     Samples come from the model being trained (EMA weights when on) with a DDPM sampler of
     ``num_inference_steps`` steps built from the training scheduler's config, always from the same noise
     (``seed``), so grids of successive steps are comparable. The grid goes to
     ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard, to TensorBoard.
+    With ``vae`` (a latent DiT) samples are decoded and judged against ``data``'s pixel images.
     """
     validation_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     reference = reference if reference is not None else NearestNeighborIndex.from_images(all_images(data))
     label_dropout = DIT_LABEL_DROPOUT if data.labels is not None else 1.0
 
     def validation_fn(model, step: int) -> dict[str, float]:
-        pipeline = MemSepPipeline(transformer=model, scheduler=validation_scheduler, reference=reference.to(model.device),
-                                  label_dropout_prob=label_dropout)
+        pipeline = MemSepPipeline(transformer=model, scheduler=validation_scheduler, vae=vae,
+                                  reference=reference.to(model.device), label_dropout_prob=label_dropout)
         pipeline.set_progress_bar_config(disable=True)
         output, ratio = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed)
         if samples_dir is not None:
@@ -178,6 +184,10 @@ def train_pipeline(
     hub_private_repo: bool = False,
     hub_token: str | None = None,
     card_fields: dict | None = None,
+    vae=None,
+    id2label: dict | None = None,
+    base_model: str | None = None,
+    dataset_id: str | None = None,
 ) -> TrainedPipeline:
     """Train ``model`` with :func:`train_dit` and leave a ``MemSepPipeline`` folder in ``output_dir``.
 
@@ -193,11 +203,21 @@ def train_pipeline(
     the checkpoint and its run settings, the tracker, the model-card template, the process set-up, and with
     ``push_to_hub`` the token and the Hub repo (created then, as diffusers' training scripts do). Under several
     processes only the main process writes files. A failed push raises ``HubPushError`` with the folder intact.
+
+    Latent training (``vae`` given, e.g. fine-tuning a pretrained DiT-XL/2 on one's own images): ``data`` holds the
+    PIXEL images (at the VAE's resolution and channels); they are encoded once to the VAE's latent means times
+    ``scaling_factor`` (:func:`~diffusers_memsep.latents.latent_training_data`, cached in
+    ``<output_dir>/latent_cache``), the transformer trains on those latents, the VAE stays frozen and is saved in
+    the pipeline, and memorization is judged on decoded samples against the pixel images. ``id2label`` (class
+    names) is kept in the pipeline; ``base_model`` and ``dataset_id`` enter the card when they are Hub ids.
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite_output_dir, resume_from_checkpoint, logging_dir)
-    check_model_and_data(model, data)
+    if vae is None:
+        check_model_and_data(model, data)
+    else:
+        check_latent_setup(model, vae, data, config)
     checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
     log_with = _trackers(report_to)
     num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
@@ -225,6 +245,11 @@ def train_pipeline(
             for old in (output_dir / "samples", output_dir / logging_dir):  # nor its grids and curves shown as ours
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    train_data = data
+    if vae is not None:  # encode once (cached); the frozen VAE is never prepared, trained or checkpointed
+        vae.requires_grad_(False).eval().to(accelerator.device)
+        train_data = latent_training_data(data, vae, output_dir / "latent_cache")
+        check_model_and_data(model, train_data)
     if log_with:
         accelerator.init_trackers("train_dit", config=_flat_config(config, model, data))
 
@@ -234,7 +259,7 @@ def train_pipeline(
     if validation_num_samples > 0:
         measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
                                      validation_inference_steps, seed=config.seed, accelerator=accelerator,
-                                     reference=reference)
+                                     reference=reference, vae=vae)
 
         def validation_fn(model_with_ema, step):
             metrics.clear()
@@ -243,7 +268,7 @@ def train_pipeline(
 
     if not config.validation_steps:
         config = replace(config, validation_steps=config.max_train_steps)  # measure at the end at least
-    result = train_dit(model, data, noise_scheduler, config, accelerator=accelerator, output_dir=output_dir,
+    result = train_dit(model, train_data, noise_scheduler, config, accelerator=accelerator, output_dir=output_dir,
                        resume_from_checkpoint=checkpoint, validation_fn=validation_fn)
     train_seconds, images_per_second = result.train_seconds, result.images_per_second
 
@@ -252,13 +277,14 @@ def train_pipeline(
         # A resume that starts at the last step runs no step, hence no validation: measure the final model here.
         with torch.no_grad():
             validation_fn(final_model, result.steps)
-    pipeline = build_pipeline(final_model, noise_scheduler, data, reference)
+    pipeline = build_pipeline(final_model, noise_scheduler, data, reference, vae=vae, id2label=id2label)
     hub_url = None
     if accelerator.is_main_process:
         save_pipeline_folder(pipeline, output_dir)
         fields = base_model_card_fields(final_model, noise_scheduler, data, config, metrics, train_seconds,
                                         images_per_second, validation_num_samples, validation_inference_steps,
-                                        hub_model_id)
+                                        hub_model_id, latent=vae is not None, base_model=base_model,
+                                        dataset_id=dataset_id, local_folder=str(output_dir.resolve()))
         fields.update(card_fields or {})
         metadata, eval_results = fields.pop("metadata"), fields.pop("eval_results")
         save_model_card(output_dir, "base_model", metadata=metadata, eval_results=eval_results, **fields)
@@ -268,6 +294,24 @@ def train_pipeline(
                                      token=hub_token, commit_message=f"Train DiT: {result.steps} steps")
     return TrainedPipeline(pipeline, output_dir, result, dict(metrics), train_seconds, images_per_second, hub_url,
                            is_main_process=accelerator.is_main_process)
+
+
+def check_latent_setup(model, vae, data, config: TrainingConfig) -> None:
+    """Refuse, before any work, a latent run whose pixel images, VAE and transformer do not fit together."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    expected = (vae.config.in_channels, model_config(model).sample_size * scale)
+    if (data.num_channels, data.resolution) != expected:
+        raise ValueError(
+            f"the images are {data.num_channels}x{data.resolution}x{data.resolution} but this VAE and transformer "
+            f"take {expected[0]}x{expected[1]}x{expected[1]} pixel images; pass --resolution {expected[1]} (grey "
+            "images are repeated to RGB by memsep train)."
+        )
+    if model_config(model).in_channels != vae.config.latent_channels:
+        raise ValueError(f"the transformer takes {model_config(model).in_channels} channels but the VAE makes "
+                         f"{vae.config.latent_channels}-channel latents; pair the transformer with its own VAE.")
+    if config.random_flip:
+        raise ValueError("random_flip is refused for latent training: flipping a latent only approximates flipping "
+                         "the image. Train without --random_flip.")
 
 
 def check_process_setup(accelerator) -> None:
@@ -287,10 +331,14 @@ def check_process_setup(accelerator) -> None:
 
 def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: TrainingConfig, metrics: dict,
                            train_seconds: float, images_per_second: float, num_samples: int, inference_steps: int,
-                           hub_model_id: str | None = None) -> dict:
-    """The variables of ``model_cards/base_model.md`` (plus ``metadata`` and ``eval_results`` for the header)."""
+                           hub_model_id: str | None = None, latent: bool = False, base_model: str | None = None,
+                           dataset_id: str | None = None, local_folder: str | None = None) -> dict:
+    """The variables of ``model_cards/base_model.md`` (plus ``metadata`` and ``eval_results`` for the header).
+
+    Only Hub ids enter the metadata (``datasets``, ``base_model``): a local path there would be a broken link.
+    """
     model_name = (hub_model_id or "dit-memsep").split("/")[-1]
-    dataset_tag = data.source.split(" ")[0]
+    dataset_tag = hub_repo_id(dataset_id) or "custom"
     eval_results = []
     memorization = []
     if "memorization_ratio" in metrics:
@@ -301,10 +349,15 @@ def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: T
                              "dataset_name": data.source, "dataset_type": dataset_tag})
     model_config = dict(model.config)
     return {
-        "metadata": {"model_name": model_name, "datasets": [dataset_tag], "license": "apache-2.0"},
+        "metadata": {"model_name": model_name, "license": "apache-2.0",
+                     **({"datasets": [dataset_tag]} if hub_repo_id(dataset_id) else {}),
+                     **({"base_model": hub_repo_id(base_model)} if hub_repo_id(base_model) else {}),
+                     **({"num_classes": data.num_classes} if data.num_classes else {})},
         "eval_results": eval_results,
         "model_name": model_name,
         "hub_model_id": hub_model_id,
+        "local_folder": local_folder,
+        "latent": latent,
         "dataset_source": data.source,
         "num_train_images": len(data),
         "resolution": data.resolution,
