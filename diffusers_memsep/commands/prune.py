@@ -63,11 +63,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffusers_memsep.data import TrainingData, load_training_data
-    from diffusers_memsep.hub import push_folder_to_hub
+    from diffusers_memsep.hub import push_folder_to_hub, require_templates
     from diffusers_memsep.mitigation import PruningStudyConfig, run_pruning_study
     from diffusers_memsep.pipelines import MemSepPipeline
     from diffusers_memsep.training import TrainingConfig
 
+    require_templates("pruned_variant")  # every variant gets a card: fail now, not after the fine-tuning
     if args.push_to_hub and not args.hub_model_id_prefix:
         raise ValueError("--push_to_hub needs --hub_model_id_prefix (e.g. me/dit-digits-pruned).")
     finetune = TrainingConfig(max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr,
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = MemSepPipeline.from_pretrained(os.path.expanduser(args.pipeline))
     if pipe.reference is None:
         raise ValueError(f"{args.pipeline} has no training reference; add one with pipe.register_modules(reference="
-                         "NearestNeighborIndex.from_images(train_images)) and save it, so memorization can be measured.")
+                         "NearestNeighborIndex.from_images(train_images)) and save it, so memorization can be "
+                         "measured.")
     conditional = pipe.config.get("label_dropout_prob") != 1.0
     reference_images = pipe.reference.images.cpu()
     if args.dataset_name or args.train_data_dir or args.embedded_digits:

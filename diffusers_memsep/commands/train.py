@@ -2,15 +2,14 @@
 
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. With no data flag
 the embedded digits are used (offline); the defaults are the documented memorizing setting
-(the README, section "How fast it memorizes"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps (~8 min on a
-2-core CPU), after which most DDPM-1000 samples copy a training image.
+(the README, section "How fast it memorizes"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps
+(~8 min on a 2-core CPU), after which most DDPM-1000 samples copy a training image.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
 
 #: n of the documented default run on the embedded digits (see the README, "How fast it memorizes").
 EMBEDDED_DEFAULT_N = 64
@@ -105,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffusers_memsep.data import load_training_data
-    from diffusers_memsep.hub import HubPushError
+    from diffusers_memsep.hub import HubPushError, require_templates
     from diffusers_memsep.training import (
         TrainingConfig,
         check_output_dir,
@@ -117,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     # Cheap checks first, so bad input fails before data loading and long before any training step.
+    require_templates("base_model")
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     config = TrainingConfig(
