@@ -9,14 +9,21 @@
    base model and the variant have model cards (YAML header, model-index).
 
 Run by ``make smoke`` (part of ``make test``): ``python scripts/wheel_smoke.py [--keep]``. Needs ``build`` (the
-``test`` extra). pip's cache is reused, so only the first run downloads. ``TORCH_SPEC`` overrides the torch
-requirement (default ``torch==2.13.0``). Prints the time of every step.
+``test`` extra). ``TORCH_SPEC`` overrides the torch requirement (default ``torch==2.13.0``). Prints the time of every
+step.
+
+The dependencies are installed from a wheelhouse, ``$MEMSEP_WHEELHOUSE`` (default
+``~/.cache/diffusers-memsep/wheelhouse``), filled by ``pip download`` whenever it misses a requirement. pip's own
+HTTP cache cannot be relied on: it stores only responses that carry caching headers, and a proxy may strip them, in
+which case every fresh environment downloads everything again (measured: over 4 minutes). ``--no-compile`` skips
+byte-compiling torch and the rest at install time; Python compiles what it imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+WHEELHOUSE = Path(os.environ.get("MEMSEP_WHEELHOUSE") or CACHE_HOME / "diffusers-memsep" / "wheelhouse")
 
 TRAIN = ["--output_dir", "base", "--max_train_steps", "3", "--max_train_samples", "8", "--train_batch_size", "8",
          "--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "8",
@@ -91,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         config = (venv / "pyvenv.cfg").read_text()
         assert "include-system-site-packages = false" in config, config
         python, memsep = venv / "bin" / "python", venv / "bin" / "memsep"
-        step(f"install {TORCH_SPEC}", [str(python), "-m", "pip", "install", "--quiet", TORCH_SPEC], work)
-        step(f"install {wheel.name}", [str(python), "-m", "pip", "install", "--quiet", str(wheel)], work)
+        install = [str(python), "-m", "pip", "install", "--quiet", "--no-compile", "--no-index",
+                   "--find-links", str(WHEELHOUSE)]
+        fill = [str(python), "-m", "pip", "download", "--quiet", "--dest", str(WHEELHOUSE), TORCH_SPEC, str(wheel)]
+        for requirement in (TORCH_SPEC, str(wheel)):  # torch first: the CPU build, never a CUDA one
+            title = f"install {Path(requirement).name}"
+            if not try_step(title, [*install, requirement], work):
+                step(f"fill the wheelhouse {WHEELHOUSE} (pip download)", fill, work)
+                for copy in WHEELHOUSE.glob("diffusers_memsep-*.whl"):  # only dependencies are kept there
+                    copy.unlink()
+                step(title, [*install, requirement], work)
 
         run_dir.mkdir()
         step("memsep train (tiny)", [str(memsep), "train", *TRAIN], run_dir)
@@ -103,26 +120,45 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"wheel smoke test passed in {time.perf_counter() - started:.0f} s")
+    print(f"wheel smoke test passed in {time.perf_counter() - started:.0f} s ({_children_cpu():.0f} s CPU)")
     return 0
 
 
 def step(title: str, command: list[str], cwd: Path) -> str:
-    """Run ``command`` in ``cwd`` offline, without PYTHONPATH; print its time (or its output if it fails).
+    """Run ``command`` in ``cwd`` offline, without PYTHONPATH; print its time, or its output and exit if it fails.
 
     Returns the last line it printed.
     """
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["HF_HUB_OFFLINE"] = "1"
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - started
+    done, seconds, cpu = _run(command, cwd)
     if done.returncode:
         print(done.stdout[-6000:], file=sys.stderr)
         raise SystemExit(f"wheel smoke test: '{title}' failed (exit {done.returncode}, {seconds:.0f} s): "
                          f"{' '.join(command)[:300]}")
-    print(f"  {seconds:6.1f} s  {title}", flush=True)
+    print(f"  {seconds:6.1f} s ({cpu:5.1f} s CPU)  {title}", flush=True)
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def try_step(title: str, command: list[str], cwd: Path) -> bool:
+    """Like :func:`step`, but a failure only returns ``False`` (the caller has a fallback)."""
+    done, seconds, cpu = _run(command, cwd)
+    print(f"  {seconds:6.1f} s ({cpu:5.1f} s CPU)  {title}" + (" (missed, falling back)" if done.returncode else ""),
+          flush=True)
+    return done.returncode == 0
+
+
+def _run(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run offline, without PYTHONPATH; return the process, its wall time and its CPU time (a shared machine's
+    wall times vary with the load, CPU times much less)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["HF_HUB_OFFLINE"] = "1"
+    started, cpu_before = time.perf_counter(), _children_cpu()
+    done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return done, time.perf_counter() - started, _children_cpu() - cpu_before
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def only(paths) -> Path:
