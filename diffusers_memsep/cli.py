@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ("demo", "The main job: train a DiT on the embedded digits until it memorizes, prune, compare."),
     "train": ("train", "Train a (prunable) DiT and write a MemSepPipeline folder (Accelerate)."),
     "prune": ("prune", "Algorithm 1: score heads, prune, fine-tune, evaluate against random pruning."),
+    "push": ("push", "Upload a saved pipeline folder (trained model or pruned variant) to the Hugging Face Hub."),
     "loss-gap": ("loss_gap", "Figure 1: Loss-Gap_t = Fisher divergence against t for several n."),
     "gmm": ("gmm", "Figures 2-3: Gaussian-mixture capacity experiments and the capacity threshold."),
 }
@@ -53,13 +54,36 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         command, argv = argv[0], argv[1:]
     args = build_parser(command).parse_args(argv)
     from .hub import HubPushError  # light: the Hub client is imported only when a push happens
+    from .utils import check_writable_dir
 
     try:
+        if getattr(args, "output_dir", None):
+            check_writable_dir(args.output_dir, "--output_dir")  # before any expensive work
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, HubPushError) as error:
-        # Bad input: one clear line, no traceback. Programming errors still raise.
-        print(f"memsep: error: {error}", file=sys.stderr)
+    except (ValueError, HubPushError) as error:
+        # Bad input: one clear line, no traceback. Programming errors (TypeError, KeyError...) still raise.
+        print(f"memsep: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # The file system or the network refused (missing file, full disk, no permission, not cached offline).
+        print(f"memsep: error: {_one_line(error)}{_os_error_fix(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _os_error_fix(error: OSError) -> str:
+    """The fix for the OS errors a run can meet, appended to the message (our own errors already carry one)."""
+    import errno
+
+    fixes = {errno.ENOSPC: "free disk space (or choose --output_dir on another disk) and run again",
+             errno.EDQUOT: "free disk space within your quota and run again",
+             errno.EACCES: "choose a folder you can write to", errno.EPERM: "choose a folder you can write to",
+             errno.EROFS: "the file system is read-only; choose another --output_dir"}
+    fix = fixes.get(error.errno)
+    return f"; {fix}." if fix else ""
 
 
 if __name__ == "__main__":

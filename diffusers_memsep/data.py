@@ -23,7 +23,9 @@ EMBEDDED_DATASET = "sklearn-digits"
 
 # Extensions the ``imagefolder`` builder of ``datasets`` reads; used only to give a clear error on an empty folder.
 _IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-_GREY_MODES = {"1", "L", "I", "I;16", "F"}
+_GREY_MODES = {"1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# Grey modes deeper than 8 bits: ``convert("L")`` would clip them to 0..255 instead of scaling them.
+_DEEP_GREY_MODES = _GREY_MODES - {"1", "L"}
 
 
 @dataclass
@@ -55,6 +57,59 @@ class TrainingData:
     def num_channels(self) -> int:
         return self.images.shape[1]
 
+    def load(self, positions: torch.Tensor) -> torch.Tensor:
+        """The images at ``positions`` (rows of this training set), ``[b, C, H, W]`` in ``[-1, 1]``."""
+        return self.images[positions.to(self.images.device)]
+
+    def iter_chunks(self, chunk_size: int = 1024):
+        """All images in order, ``chunk_size`` at a time (the same interface as a streamed set)."""
+        yield from self.images.split(chunk_size)
+
+
+@dataclass
+class StreamingTrainingData:
+    """A training set decoded on the fly (``load_training_data(..., streaming=True)``): for data too large to hold.
+
+    Same attributes as :class:`TrainingData` but no ``images`` tensor: the trainer reads batches with :meth:`load`
+    through a ``DataLoader`` (workers decode, the order stays the deterministic one of the in-memory path, so a
+    resumed run is still bit-identical, and each process decodes only its own slice of every global batch). The
+    records stay in the memory-mapped Arrow table of ``datasets``.
+
+    Choice: the colour mode (grey or RGB) and, without ``resolution``, the size are taken from the FIRST image
+    (the in-memory path looks at all of them, which a stream cannot do); other images are converted and resized to
+    match, so ``num_channels`` and ``resolution`` are known before training starts.
+    """
+
+    dataset: object  # datasets.Dataset holding only the chosen rows, image column not decoded
+    image_column: str
+    labels: torch.Tensor | None
+    num_classes: int | None
+    source: str
+    indices: list[int]
+    resolution: int
+    num_channels: int
+    center_crop: bool = False
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, positions: torch.Tensor) -> torch.Tensor:
+        rows = [int(i) for i in positions]
+        records = self.dataset[rows][self.image_column] if rows else []
+        pil_images = [_open_image(record, self.indices[row]) for row, record in zip(rows, records)]
+        return _to_tensor(pil_images, self.resolution, self.center_crop, self.source,
+                          mode="L" if self.num_channels == 1 else "RGB")
+
+    def iter_chunks(self, chunk_size: int = 1024):
+        """All images in order, ``chunk_size`` at a time (to build a reference without a second copy in flight)."""
+        for start in range(0, len(self), chunk_size):
+            yield self.load(torch.arange(start, min(start + chunk_size, len(self))))
+
+
+def all_images(data: TrainingData | StreamingTrainingData) -> torch.Tensor:
+    """Every training image as one tensor: the memorization reference (a streamed set is decoded chunk by chunk)."""
+    return data.images if isinstance(data, TrainingData) else torch.cat(list(data.iter_chunks()))
+
 
 def load_training_data(
     dataset_name: str | None = None,
@@ -68,7 +123,8 @@ def load_training_data(
     seed: int = 0,
     cache_dir: str | None = None,
     split: str = "train",
-) -> TrainingData:
+    streaming: bool = False,
+) -> TrainingData | StreamingTrainingData:
     """Load a training set as one tensor in ``[-1, 1]``.
 
     Args:
@@ -88,9 +144,16 @@ def load_training_data(
             (``torch.randperm``), in their original order. ``n`` is the variable of every memorization study.
         seed: seed of the subset choice (same seed, same subset, on every machine).
         split: dataset split to read.
+        streaming: return a :class:`StreamingTrainingData` that decodes batches on the fly instead of one tensor
+            (Hub datasets and image folders; the embedded digits are always held in memory).
 
-    Grey images (PIL modes ``L``, ``1``, ``I``, ``F``) give one channel when every chosen image is grey;
+    Grey images (PIL modes ``L``, ``1``, ``I;16``, ``I``, ``F``) give one channel when every chosen image is grey;
     otherwise images are converted to RGB.
+
+    Choices the loader makes: 16-bit grey images (modes ``I;16*``, and ``I``, which Pillow also uses for 16-bit
+    PNG, TIFF and PGM files) are scaled by their 16-bit range (``v / 65535``), so no precision is lost before the
+    resize; ``I`` images with values outside ``0..65535`` are refused. ``F`` (float) images are read on Pillow's
+    8-bit scale ``0..255`` (as ``convert("L")`` does) and refused outside it.
     """
     if dataset_name is None and train_data_dir is None:
         return _load_digits(label_column, resolution, center_crop, max_train_samples, seed)
@@ -129,14 +192,18 @@ def load_training_data(
     dataset = dataset.select(indices)
     # Decode ourselves so that an unreadable file is reported by name, not deep inside a datasets worker.
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    pil_images = [_open_image(record, row) for row, record in zip(indices, dataset[image_column])]
-    images = _to_tensor(pil_images, resolution, center_crop, name)
-
     labels = num_classes = None
     if label_column is not None:
         labels, num_classes = _labels(dataset, label_column)
-    return TrainingData(images, labels, num_classes, _source(name, len(indices), total, max_train_samples, seed),
-                        indices)
+    source = _source(name, len(indices), total, max_train_samples, seed)
+    if streaming:
+        first = _to_tensor([_open_image(dataset[0][image_column], indices[0])], resolution, center_crop, name)
+        return StreamingTrainingData(dataset.select_columns([image_column]), image_column, labels, num_classes,
+                                     source, indices, resolution=first.shape[-1], num_channels=first.shape[1],
+                                     center_crop=center_crop)
+    pil_images = [_open_image(record, row) for row, record in zip(indices, dataset[image_column])]
+    images = _to_tensor(pil_images, resolution, center_crop, name)
+    return TrainingData(images, labels, num_classes, source, indices)
 
 
 def _load_digits(label_column, resolution, center_crop, max_train_samples, seed) -> TrainingData:
@@ -204,13 +271,17 @@ def _open_image(record, row: int):
     return image
 
 
-def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str) -> torch.Tensor:
+def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str, mode: str | None = None
+               ) -> torch.Tensor:
     from PIL import Image
 
-    mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
+    if mode is None:
+        mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
     arrays = []
     for image in pil_images:
-        image = image.convert(mode)
+        if image.mode in _DEEP_GREY_MODES:
+            image = _deep_grey_as_float(image, name)  # mode F on the 0..255 scale, not rounded
+        image = image.convert(mode) if image.mode != "F" or mode == "RGB" else image
         if resolution is not None:
             if center_crop:
                 width, height = image.size
@@ -221,7 +292,7 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str)
                 image = image.crop((left, top, left + resolution, top + resolution))
             elif image.size != (resolution, resolution):
                 image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(image, dtype=np.uint8))
+        arrays.append(np.asarray(image, dtype=np.float32))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(
@@ -231,6 +302,25 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str)
     if stacked.ndim == 3:
         stacked = stacked.unsqueeze(-1)
     return (stacked.permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0).contiguous()
+
+
+def _deep_grey_as_float(image, name: str):
+    """A grey image of more than 8 bits as a mode ``F`` image on the 8-bit scale 0..255, scaled by its bit depth
+    (see "Choices" in :func:`load_training_data`)."""
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        top = 255.0
+    else:  # I;16* and I: 16-bit
+        top = 65535.0
+    if low < 0 or high > top:
+        raise ValueError(
+            f"an image of {name} (mode {image.mode}) holds values in [{low:g}, {high:g}], outside the {top:g} range "
+            f"its mode is read with; save the images as 8- or 16-bit PNG."
+        )
+    return Image.fromarray((values * (255.0 / top)).astype(np.float32))
 
 
 def _labels(dataset, label_column: str) -> tuple[torch.Tensor, int]:

@@ -24,6 +24,7 @@ The first two are checked before any request, so they fail fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -143,27 +144,49 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
     Raises :class:`HubPushError` (one line: cause and fix) when offline, without a token, without network, or
     when the Hub refuses; the local folder stays as it was.
     """
-    import huggingface_hub
-    from huggingface_hub import constants, create_repo, upload_folder
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub import upload_folder
 
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise ValueError(f"{str(folder)!r} is not a saved pipeline folder; save the pipeline there before pushing.")
+    local = f"The local copy is intact at {folder}; push it with `memsep push {folder} --hub_model_id {repo_id}`."
+    with _hub_errors(repo_id, local):
+        token = check_hub_repo(repo_id, private=private, token=token, local=local)
+        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token,
+                               ignore_patterns=ignore_patterns or PUSH_IGNORE_PATTERNS, repo_type="model")
+    return str(getattr(commit, "commit_url", commit))
+
+
+def check_hub_repo(repo_id: str, private: bool = False, token: str | None = None, local: str = "") -> str:
+    """Check that pushing to ``repo_id`` can work and create the repo (no error if it exists); return the token.
+
+    Called before training with ``--push_to_hub`` (as diffusers' scripts create the repo before the first step),
+    so a missing token, offline mode or a refused repo fail in seconds, not after the run.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, create_repo
+
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError("repo_id must be 'user/name' (e.g. --hub_model_id me/dit-digits).")
-    local = f"The local copy is intact at {folder}."
     if constants.HF_HUB_OFFLINE or _truthy(os.environ.get("HF_HUB_OFFLINE")):
         raise HubPushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (and connect) to push. {local}")
     token = token or huggingface_hub.get_token()
     if not token:
         raise HubPushError(f"cannot push to {repo_id}: no Hugging Face token; run `hf auth login`, set HF_TOKEN or "
                            f"pass --hub_token. {local}")
+    with _hub_errors(repo_id, local):
+        create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
+    return token
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, local: str):
+    """Turn the Hub client's expected failures into one :class:`HubPushError` line with the cause and the fix."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
     transport_errors = _transport_errors()
     try:
-        create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
-        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token,
-                               ignore_patterns=ignore_patterns or PUSH_IGNORE_PATTERNS, repo_type="model")
+        yield
     except OfflineModeIsEnabled as error:
         raise HubPushError(f"cannot push to {repo_id}: offline mode is enabled ({error}); unset HF_HUB_OFFLINE. "
                            f"{local}") from None
@@ -178,9 +201,7 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
         raise HubPushError(f"cannot push to {repo_id}: the Hub refused ({first_line}); {hint}. {local}") from None
     except transport_errors as error:
         raise HubPushError(f"cannot push to {repo_id}: no connection to the Hub ({type(error).__name__}: {error}); "
-                           f"connect to the internet and push again (memsep train --push_to_hub or "
-                           f"huggingface_hub.upload_folder). {local}") from None
-    return str(getattr(commit, "commit_url", commit))
+                           f"connect to the internet and push again. {local}") from None
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -199,5 +220,5 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-__all__ = ["HubPushError", "render_model_card", "save_model_card", "push_folder_to_hub", "require_templates",
-           "template_dirs", "template_path"]
+__all__ = ["HubPushError", "check_hub_repo", "push_folder_to_hub", "render_model_card", "require_templates",
+           "save_model_card", "template_dirs", "template_path"]

@@ -14,6 +14,8 @@ ORIGINAL model denoises steps ``t >= s`` and the pruned one only ``t < s`` (``Me
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
 from .pruning.importance import SMALL_TIME, UNIFORM_TIME
 from .training import TrainingConfig
-from .utils import write_csv, write_text
+from .utils import check_writable_dir, replace_path, write_csv, write_text
 
 METHOD_TITLES = {
     "original": "original (unpruned)",
@@ -46,6 +48,9 @@ METHOD_TITLES = {
     "small_t_top": "small-t gradient importance, MOST important heads removed (beyond the paper)",
 }
 SAMPLERS = ("ddpm", "ddim")
+#: Everything a study writes into its output folder; overwriting an earlier study replaces exactly these.
+STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "memorization_vs_quality.png", "samples_nearest.png",
+                 "variants")
 
 
 @dataclass
@@ -98,18 +103,53 @@ def training_scheduler(pipe: MemSepPipeline) -> DDPMScheduler:
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+def check_study_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: bool = False,
+                           pipeline_dir: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work, an output folder a study must not write into (raises ValueError naming the fix).
+
+    Refused: a path that is (or lies under) a file or cannot be written; the input pipeline folder ``pipeline_dir``
+    or a folder inside it; a folder whose ``variants/`` holds the input pipeline (a study replaces ``variants/``);
+    and, unless ``overwrite_output_dir``, a folder that already holds anything. With ``overwrite_output_dir`` only
+    the study's own outputs (:data:`STUDY_OUTPUTS`) are replaced; other content (e.g. ``base/`` of ``memsep demo``)
+    is kept.
+    """
+    output_dir = check_writable_dir(output_dir, "output_dir")
+    if pipeline_dir is not None and os.path.isdir(os.path.expanduser(pipeline_dir)):
+        pipeline, target = Path(pipeline_dir).expanduser().resolve(), output_dir.resolve()
+        if target == pipeline or pipeline in target.parents:
+            raise ValueError(f"output_dir {str(output_dir)!r} is the input pipeline folder or inside it; the study "
+                             f"would mix its files into the model. Choose another --output_dir (e.g. "
+                             f"{str(pipeline.parent / (pipeline.name + '-pruned'))!r}).")
+        if target / "variants" in (pipeline, *pipeline.parents):
+            raise ValueError(f"the input pipeline {str(pipeline_dir)!r} lies in {str(output_dir / 'variants')!r}, "
+                             "which the study replaces; copy the pipeline elsewhere or choose another --output_dir.")
+    if output_dir.is_dir() and not overwrite_output_dir:
+        contents = sorted(p.name for p in output_dir.iterdir())
+        if contents:
+            shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+            raise ValueError(f"output_dir {str(output_dir)!r} already holds files ({shown}); pass "
+                             "--overwrite_output_dir to replace an earlier study there (only its report, CSVs, "
+                             "figures and variants/ are replaced), or choose another --output_dir.")
+    return output_dir
+
+
 def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, config: PruningStudyConfig,
                       output_dir: str | Path, base_model_name: str = "a trained DiT",
-                      extra_rows: list[dict] | None = None) -> PruningStudyResult:
+                      extra_rows: list[dict] | None = None, overwrite_output_dir: bool = True) -> PruningStudyResult:
     """Prune ``pipe.transformer`` by every method, eta and seed; evaluate; write everything under ``output_dir``.
 
     ``data`` is the training set (``images``, ``labels``, ``num_classes``): the scores and the fine-tuning use it
     and it is the memorization reference. ``real_images`` is the population the quality metrics compare with.
+
+    ``output_dir`` is checked first (:func:`check_study_output_dir`). With ``overwrite_output_dir`` (the default,
+    so that ``memsep demo`` can be re-run into its own folder) an earlier study's outputs there are replaced: the
+    files one by one, atomically, and ``variants/`` as a whole (no stale variant of an earlier run survives);
+    ``memsep prune`` passes ``--overwrite_output_dir``, False by default. Nothing else in the folder is touched.
     """
     if pipe.reference is None:
         raise ValueError("the pipeline has no training reference; add one with pipe.register_modules(reference="
                          "NearestNeighborIndex.from_images(train_images)) so memorization can be measured.")
-    output_dir = Path(output_dir)
+    output_dir = check_study_output_dir(output_dir, overwrite_output_dir)
     train_scheduler = training_scheduler(pipe)
     eval_pipe = MemSepPipeline(transformer=pipe.transformer, scheduler=sampling_scheduler(pipe, config.sampler),
                                reference=pipe.reference, label_dropout_prob=pipe.config.get("label_dropout_prob"))
@@ -157,14 +197,24 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor, con
     progress.close()
 
     summary = summarize(rows)
-    if config.save_variants:
-        for (method, eta), pruned in first_models.items():
-            folder = output_dir / "variants" / f"{method}-eta{eta:g}"
-            variant = MemSepPipeline(transformer=pruned.model, scheduler=pipe.scheduler, reference=pipe.reference,
-                                     label_dropout_prob=pipe.config.get("label_dropout_prob"))
-            variant.save_pretrained(folder)
-            write_variant_card(folder, method, eta, pruned, config, data, summary, base_model_name)
-            variant_dirs[f"{method}-eta{eta:g}"] = folder
+    # Variants are written into a temporary folder that then replaces variants/ as a whole: an interrupted save
+    # leaves the earlier variants/ as it was, and no variant of an earlier run survives beside the new ones.
+    variants_dir, staging = output_dir / "variants", output_dir / ".variants.tmp"
+    try:
+        if config.save_variants and first_models:
+            shutil.rmtree(staging, ignore_errors=True)
+            for (method, eta), pruned in first_models.items():
+                name = f"{method}-eta{eta:g}"
+                variant = MemSepPipeline(transformer=pruned.model, scheduler=pipe.scheduler, reference=pipe.reference,
+                                         label_dropout_prob=pipe.config.get("label_dropout_prob"))
+                variant.save_pretrained(staging / name, safe_serialization=True)
+                write_variant_card(staging / name, method, eta, pruned, config, data, summary, base_model_name)
+                variant_dirs[name] = variants_dir / name
+            replace_path(staging, variants_dir)
+        elif variants_dir.is_dir():
+            shutil.rmtree(variants_dir)  # an earlier study's variants would not match the new report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
     write_csv(rows, output_dir / "runs.csv")
     write_csv(summary, output_dir / "summary.csv")

@@ -73,3 +73,32 @@ def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
     finally:
         plt.close(figure)
     return Path(path)
+
+
+#: Name prefix of the probe file :func:`check_writable_dir` writes and removes (ignored by "folder is empty" checks).
+WRITE_CHECK_PREFIX = ".memsep-write-check"
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
+    """Raise a ValueError naming the problem and the fix when ``path`` cannot become a folder we write into: a file
+    is in the way (at ``path`` or at one of its parents), or the nearest existing folder refuses a new file.
+
+    Meant to run before any expensive work. The check creates and removes one probe file in the nearest existing
+    folder and creates nothing else (missing folders are made later by the writers).
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {str(existing)!r} is a file"
+        raise ValueError(f"{what} {str(path)!r} {where}; pass a folder path, or move the file away.")
+    probe = existing / f"{WRITE_CHECK_PREFIX}.{os.getpid()}"
+    try:
+        with open(probe, "x"):
+            pass
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{what} {str(path)!r} is not writable ({error.strerror or error} in {str(existing)!r}); "
+                         "choose a folder you can write to.") from None
+    return path

@@ -12,9 +12,9 @@ from diffusers_memsep.cli import main
 from diffusers_memsep.experiments import (
     GMMRunSpec,
     GMMScoreMLP,
-    TrainConfig,
+    GMMTrainConfig,
     capacity_thresholds,
-    dsm_loss,
+    gmm_dsm_loss,
     evaluate_samples,
     fit_threshold_growth,
     generate_samples,
@@ -106,8 +106,8 @@ def test_dsm_loss_mirrors_the_paper():
     paper = (sigma**2 * ((-noise / sigma[:, None] - model.score(x_t, t)) ** 2).sum(1)).mean()
     # ... equals plain noise prediction.
     eps_form = ((model(x_t, t) - noise) ** 2).sum(1).mean()
-    torch.testing.assert_close(dsm_loss(model, x0, t, noise), paper)
-    torch.testing.assert_close(dsm_loss(model, x0, t, noise), eps_form, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gmm_dsm_loss(model, x0, t, noise), paper)
+    torch.testing.assert_close(gmm_dsm_loss(model, x0, t, noise), eps_form, rtol=1e-4, atol=1e-5)
 
 
 def test_diffusion_times_are_log_uniform():
@@ -128,10 +128,10 @@ def test_training_lowers_the_loss():
     t = sample_diffusion_times(2048, 1e-3, 10.0, generator)
     noise = torch.randn(2048, 2, generator=generator)
     with torch.no_grad():
-        before = dsm_loss(model, x0, t, noise).item()
-    losses = train_score_mlp(model, train, TrainConfig(steps=150, batch_size=64, learning_rate=3e-3))
+        before = gmm_dsm_loss(model, x0, t, noise).item()
+    losses = train_score_mlp(model, train, GMMTrainConfig(steps=150, batch_size=64, learning_rate=3e-3))
     with torch.no_grad():
-        after = dsm_loss(model, x0, t, noise).item()
+        after = gmm_dsm_loss(model, x0, t, noise).item()
     assert len(losses) == 150 and all(math.isfinite(v) for v in losses)
     assert before == pytest.approx(2.0, rel=0.1)  # zero-initialised output: E||noise||^2 = d
     assert after < 0.85 * before
@@ -143,23 +143,23 @@ def test_one_optimizer_step_lowers_the_batch_loss():
     x0, noise = torch.randn(256, 2), torch.randn(256, 2)
     t = sample_diffusion_times(256, 1e-3, 10.0, torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = dsm_loss(model, x0, t, noise)
+    before = gmm_dsm_loss(model, x0, t, noise)
     before.backward()
     optimizer.step()
     with torch.no_grad():
-        assert dsm_loss(model, x0, t, noise) < before
+        assert gmm_dsm_loss(model, x0, t, noise) < before
 
 
 def test_training_rejects_dimension_mismatch_and_empty_set():
     model = GMMScoreMLP(3, 8, 1)
     with pytest.raises(ValueError, match="d = 2"):
-        train_score_mlp(model, torch.randn(5, 2), TrainConfig(steps=1))
+        train_score_mlp(model, torch.randn(5, 2), GMMTrainConfig(steps=1))
     with pytest.raises(ValueError, match="non-empty"):
-        train_score_mlp(model, torch.zeros(0, 3), TrainConfig(steps=1))
+        train_score_mlp(model, torch.zeros(0, 3), GMMTrainConfig(steps=1))
     with pytest.raises(ValueError, match="positive integer"):
-        TrainConfig(steps=0)
+        GMMTrainConfig(steps=0)
     with pytest.raises(ValueError, match="t_max > t_min"):
-        TrainConfig(t_min=1.0, t_max=0.5)
+        GMMTrainConfig(t_min=1.0, t_max=0.5)
 
 
 def test_trained_network_memorizes_few_points_while_true_score_does_not():
@@ -170,7 +170,7 @@ def test_trained_network_memorizes_few_points_while_true_score_does_not():
     train = mixture.sample(4, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = GMMScoreMLP(dim, 64, 2)
-    train_score_mlp(model, train, TrainConfig(steps=300, batch_size=64, learning_rate=1e-2, t_min=1e-2))
+    train_score_mlp(model, train, GMMTrainConfig(steps=300, batch_size=64, learning_rate=1e-2, t_min=1e-2))
     learned = generate_samples(model, 200, t_min=1e-2, num_steps=50, generator=torch.Generator().manual_seed(1))
     x_T = torch.randn(200, dim, generator=torch.Generator().manual_seed(1))
     true = reverse_sde_sample(mixture.score, x_T, 10.0, 1e-2, 50, generator=torch.Generator().manual_seed(2),

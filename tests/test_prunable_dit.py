@@ -113,6 +113,13 @@ def test_save_load_round_trip_of_pruned_model(model, inputs, tmp_path):
     assert loaded.head_mask is None
 
 
+def test_from_config_of_a_pruned_model_rebuilds_the_pruned_shapes(model):
+    model.prune_heads({1: [3]})
+    rebuilt = PrunableDiTTransformer2DModel.from_config(model.config)
+    assert rebuilt.heads_per_layer() == model.heads_per_layer()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 def test_masks_are_not_saved(model, inputs, tmp_path):
     expected = run(model, inputs)
     model.set_head_mask(torch.zeros(3, 4))

@@ -68,7 +68,7 @@ def test_small_time_importance_equals_finite_difference_brute_force(model, data,
     scores = small_time_head_importance(model, data, scheduler, num_batches=2, batch_size=4,
                                         generator=torch.Generator().manual_seed(7))
     # Brute force on the same batch stream: S(h) = sum_batches |central difference of the loss in xi_h|.
-    # (dsm_loss reduces in float32, so the step is 1e-3, not 1e-6; the central difference is O(eps^2) accurate.)
+    # (dsm_loss keeps float64 for a float64 model; step 1e-3, the central difference is O(eps^2) accurate.)
     expected = torch.zeros(3, 4, dtype=torch.float64)
     eps = 1e-3
     stream = _batches(model, data, scheduler, SMALL_TIME, 2, 4, torch.Generator().manual_seed(7))

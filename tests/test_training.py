@@ -135,6 +135,24 @@ def test_resume_from_mid_run_checkpoint_matches_uninterrupted_run(tmp_path, digi
     assert resumed.losses == full.losses[3:]
 
 
+def test_checkpoints_open_with_from_pretrained_in_diffusers_layout(tmp_path, digits):
+    from diffusers_memsep import PrunableDiTTransformer2DModel
+
+    model = tiny_dit(num_classes=10)
+    model.prune_heads({0: [1]})  # a pruned layout must survive the checkpoint too
+    result = train_dit(model, digits, make_noise_scheduler(), tiny_config(max_train_steps=2, checkpointing_steps=2),
+                       output_dir=tmp_path)
+    checkpoint = tmp_path / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()  # written once, in the diffusers layout
+    trained = PrunableDiTTransformer2DModel.from_pretrained(checkpoint / "transformer")
+    ema = PrunableDiTTransformer2DModel.from_pretrained(checkpoint / "transformer_ema")
+    assert trained.config.pruned_heads == {"0": [1]}
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name
+        assert torch.equal(ema.state_dict()[name], result.ema_model.state_dict()[name]), name
+    assert not torch.equal(ema.state_dict()["proj_out_2.weight"], trained.state_dict()["proj_out_2.weight"])
+
+
 def test_latest_ignores_an_interrupted_save(tmp_path, digits):
     train_dit(tiny_dit(), TrainingData(digits.images, None, None, "d"), make_noise_scheduler(),
               tiny_config(max_train_steps=2, checkpointing_steps=2), output_dir=tmp_path)

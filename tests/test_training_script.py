@@ -57,16 +57,30 @@ def test_accelerate_launch_tiny_run_output_loads_and_samples(tmp_path):
     assert output.nearest_index.max() < 16
 
 
-def test_offline_push_fails_in_one_line_and_keeps_the_folder(tmp_path, monkeypatch, capsys):
+def test_offline_push_fails_before_training_in_one_line(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "run"
     assert train("--output_dir", out, "--max_train_samples", "8", "--max_train_steps", "1",
-                 "--checkpointing_steps", "0", "--push_to_hub", "--hub_model_id", "someone/tiny-dit") == 1
+                 "--checkpointing_steps", "0", "--push_to_hub", "--hub_model_id", "someone/tiny-dit") == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("memsep: error: cannot push to someone/tiny-dit")
-    assert "HF_HUB_OFFLINE" in error and str(out) in error
+    assert "HF_HUB_OFFLINE" in error
+    assert not (out / "model_index.json").exists()  # refused before the first training step
+
+
+def test_offline_push_after_training_keeps_the_folder(tmp_path, monkeypatch):
+    from diffusers_memsep.hub import HubPushError, push_folder_to_hub
+
+    out = tmp_path / "run"
+    assert train("--output_dir", out, "--max_train_samples", "8", "--max_train_steps", "1",
+                 "--checkpointing_steps", "0") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubPushError, match="memsep push"):
+        push_folder_to_hub(out, "someone/tiny-dit")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     from diffusers_memsep import MemSepPipeline
 
     assert MemSepPipeline.from_pretrained(out).reference.num_images == 8

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     study, finetune = PruningStudyConfig(), TrainingConfig()
     parser.add_argument("--pipeline", required=True, help="A MemSepPipeline folder or Hub repo id.")
     parser.add_argument("--output_dir", required=True, help="Where the report, CSVs, figures and variants go.")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Replace an earlier study in --output_dir (its report, CSVs, figures, variants/ only).")
     parser.add_argument("--methods", nargs="+", default=list(study.methods), choices=METHODS,
                         help="Head scores: small_t (Algorithm 2), uniform_t, ablation, random (baseline).")
     parser.add_argument("--etas", nargs="+", type=float, default=list(study.etas), help="Fractions of heads to prune.")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diffusers_memsep.data import TrainingData, load_training_data
     from diffusers_memsep.hub import push_folder_to_hub, require_templates
-    from diffusers_memsep.mitigation import PruningStudyConfig, run_pruning_study
+    from diffusers_memsep.mitigation import PruningStudyConfig, check_study_output_dir, run_pruning_study
     from diffusers_memsep.pipelines import MemSepPipeline
     from diffusers_memsep.training import TrainingConfig
 
@@ -83,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if looks_local and not os.path.isdir(os.path.expanduser(args.pipeline)):
         raise FileNotFoundError(f"no pipeline folder at {args.pipeline}; pass a folder written by `memsep train` / "
                                 "`memsep demo` (e.g. outputs/demo/base) or a Hub repo id (user/name).")
-    pipe = MemSepPipeline.from_pretrained(os.path.expanduser(args.pipeline))
+    # Before loading anything: a study that cannot write its results must not run for minutes first.
+    check_study_output_dir(args.output_dir, args.overwrite_output_dir, pipeline_dir=args.pipeline)
+    pipe = MemSepPipeline.from_pretrained(os.path.expanduser(args.pipeline))  # safetensors only
     if pipe.reference is None:
         raise ValueError(f"{args.pipeline} has no training reference; add one with pipe.register_modules(reference="
                          "NearestNeighborIndex.from_images(train_images)) and save it, so memorization can be "
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     is_digits = tuple(data.images.shape[1:]) == (1, 8, 8) and not (args.dataset_name or args.train_data_dir)
     real_images = load_training_data().images if is_digits else data.images
 
-    result = run_pruning_study(pipe, data, real_images, config, args.output_dir, base_model_name=str(args.pipeline))
+    result = run_pruning_study(pipe, data, real_images, config, args.output_dir, base_model_name=str(args.pipeline),
+                               overwrite_output_dir=args.overwrite_output_dir)
     print(result.report_path.read_text())
     for name, folder in result.variant_dirs.items():
         print(f"variant {name}: {folder}")

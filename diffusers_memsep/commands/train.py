@@ -1,17 +1,17 @@
 """``memsep train`` = ``accelerate launch training/train_dit.py``: train a DiT, leave a ``MemSepPipeline`` folder.
 
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. With no data flag
-the embedded digits are used (offline); the defaults are the documented memorizing setting
-(the README, section "How fast it memorizes"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps
+the embedded digits are used (offline); the defaults are the documented memorizing setting (``docs/results.md``,
+"How fast the DiT memorizes the digits"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps
 (~8 min on a 2-core CPU), after which most DDPM-1000 samples copy a training image.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-#: n of the documented default run on the embedded digits (see the README, "How fast it memorizes").
+
+#: n of the documented default run on the embedded digits (``docs/results.md``, "How fast the DiT memorizes the digits").
 EMBEDDED_DEFAULT_N = 64
 
 
@@ -22,7 +22,7 @@ def _num_train_images(args) -> int | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.trainer import TrainingConfig
 
     d = TrainingConfig()
     data = parser.add_argument_group("data")
@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--center_crop", action="store_true",
                       help="Resize the shorter side and crop the centre (default: resize to a square).")
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips while training.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Decode images on the fly in DataLoader workers instead of holding the training set in "
+                           "memory (image folders and Hub datasets).")
+    data.add_argument("--dataloader_num_workers", type=int, default=d.dataloader_num_workers,
+                      help="Worker processes decoding streamed images (with --streaming).")
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Train on this many images, chosen by --seed (n, the variable of memorization). "
                            f"Default: {EMBEDDED_DEFAULT_N} for the embedded digits, all images otherwise; 0 = all.")
@@ -79,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--ema_min_decay", type=float, default=d.ema_min_decay)
     opt.add_argument("--ema_inv_gamma", type=float, default=d.ema_inv_gamma)
     opt.add_argument("--ema_power", type=float, default=d.ema_power)
+    opt.add_argument("--max_nonfinite_steps", type=int, default=d.max_nonfinite_steps,
+                     help="Steps with a NaN/Inf loss skipped before training stops with an error (default 0).")
     opt.add_argument("--seed", type=int, default=d.seed, help="Seed of the subset, the weights and the noise.")
 
     run = parser.add_argument_group("checkpoints, logging, output")
@@ -94,8 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="Sample a grid and measure the memorization ratio every N steps (always at the end).")
     run.add_argument("--validation_num_samples", type=int, default=64,
                      help="Samples per validation (0: no validation, no ratio in the card).")
-    run.add_argument("--validation_inference_steps", type=int, default=1000, help="DDPM steps per validation.")
-    run.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub at the end.")
+    run.add_argument("--validation_inference_steps", type=int, default=None,
+                     help="DDPM steps per validation (default: --ddpm_num_steps).")
+    run.add_argument("--push_to_hub", action="store_true",
+                     help="Upload the output folder to the Hub at the end (the repo is created before training).")
     run.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
     run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     run.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
@@ -104,8 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffusers_memsep.data import load_training_data
-    from diffusers_memsep.hub import HubPushError, require_templates
-    from diffusers_memsep.training import (
+    from diffusers_memsep.hub import require_templates
+    from diffusers_memsep.trainer import (
         TrainingConfig,
         check_output_dir,
         load_dit_config,
@@ -117,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Cheap checks first, so bad input fails before data loading and long before any training step.
     require_templates("base_model")
-    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.logging_dir)
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    noise_scheduler = make_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
     config = TrainingConfig(
         max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
@@ -129,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         ema_min_decay=args.ema_min_decay, ema_inv_gamma=args.ema_inv_gamma, ema_power=args.ema_power,
         seed=args.seed, checkpointing_steps=args.checkpointing_steps or None,
         checkpoints_total_limit=args.checkpoints_total_limit or None,
-        validation_steps=args.validation_steps or None, show_progress=not args.no_progress,
+        validation_steps=args.validation_steps or None, max_nonfinite_steps=args.max_nonfinite_steps,
+        dataloader_num_workers=args.dataloader_num_workers,
+        show_progress=not args.no_progress,
     )
     model_config = load_dit_config(args.model_config_name_or_path) if args.model_config_name_or_path else None
     if model_config is None:  # fail on a bad patch size before loading any data
@@ -141,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, image_column=args.image_column, label_column=args.label_column,
         resolution=args.resolution, center_crop=args.center_crop, max_train_samples=_num_train_images(args),
-        seed=args.seed, cache_dir=args.cache_dir,
+        seed=args.seed, cache_dir=args.cache_dir, streaming=args.streaming,
     )
     import torch
 
@@ -154,20 +166,17 @@ def run(args: argparse.Namespace) -> int:
         model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
                          num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                          attention_head_dim=args.attention_head_dim, patch_size=args.patch_size)
-    noise_scheduler = make_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
-    try:
-        trained = train_pipeline(
-            args.output_dir, data, model, noise_scheduler, config,
-            overwrite_output_dir=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
-            report_to=args.report_to, logging_dir=args.logging_dir,
-            validation_num_samples=args.validation_num_samples,
-            validation_inference_steps=args.validation_inference_steps,
-            push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
-            hub_token=args.hub_token,
-        )
-    except HubPushError as error:
-        print(f"memsep: error: {error}", file=sys.stderr)
-        return 1
+    trained = train_pipeline(
+        args.output_dir, data, model, noise_scheduler, config,
+        overwrite_output_dir=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
+        report_to=args.report_to, logging_dir=args.logging_dir,
+        validation_num_samples=args.validation_num_samples,
+        validation_inference_steps=args.validation_inference_steps,
+        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
+        hub_token=args.hub_token,
+    )
+    if not trained.is_main_process:
+        return 0  # the main process reports for the whole data-parallel run
     ratio = trained.metrics.get("memorization_ratio")
     print(f"Saved a MemSepPipeline to {trained.output_dir} ({trained.result.steps} steps, "
           f"{trained.images_per_second:.0f} images/s"

@@ -7,13 +7,13 @@ EMPIRICAL (memorizing) score, but not to represent the TRUE score. The experimen
 score networks of several sizes on n samples of a Gaussian mixture, sample from them, and count how many samples copy
 a training point (the paper's 1/9 squared-distance rule) and how likely the samples are under the true mixture.
 
-Choices the paper leaves open (section 5 of PAPER.md: "Architecture, optimiser, steps and sampler are not given"):
+Choices the paper leaves open (Ye et al. 2025, Section 5, give neither architecture, optimiser, steps nor sampler):
 
 - Network (:class:`GMMScoreMLP`): a plain MLP, ``depth`` hidden layers of ``width`` units with SiLU, that takes the
   noisy point scaled to unit variance and sinusoidal features of ``log t``, and predicts the noise ``epsilon``;
   the score is ``-epsilon_hat / sigma_t``. Width and depth are the capacity knobs the theorem talks about; the
   parameter count is ``(d + 2F) w + w + (depth - 1)(w^2 + w) + w d + d`` with ``F`` time frequencies.
-- Loss (:func:`dsm_loss`): the paper's per-sample DSM loss ``l_t`` mirrored line by line, weighted by
+- Loss (:func:`gmm_dsm_loss`): the paper's per-sample DSM loss ``l_t`` mirrored line by line, weighted by
   ``lambda(t) = sigma_t^2`` (which turns it into the usual noise-prediction loss ``||eps_hat - eps||^2``); the
   unweighted integral of the paper blows up like ``1 / sigma_t^2`` as ``t -> t_0`` and is not trainable with SGD.
 - Times: ``t`` log-uniform on ``[t_min, t_max]`` (default ``[1e-3, 10]``): memorization is decided at small t
@@ -150,11 +150,11 @@ def sample_diffusion_times(num: int, t_min: float, t_max: float, generator: torc
     return torch.exp(math.log(t_min) + u * (math.log(t_max) - math.log(t_min)))
 
 
-def dsm_loss(model: GMMScoreMLP, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def gmm_dsm_loss(model: GMMScoreMLP, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``sigma_t^2 * l_t(x0, s)``, the paper's DSM loss weighted by ``lambda(t) = sigma_t^2``.
 
     ``l_t(x, s) = || -(X_t - alpha_t x)/sigma_t^2 - s(X_t, t) ||^2`` with ``X_t = alpha_t x + sigma_t noise``
-    (PAPER.md section 1), one noise draw per row. With ``s = -eps_hat/sigma_t`` this equals ``||eps_hat - noise||^2``.
+    (Ye et al. 2025, Section 2), one noise draw per row. With ``s = -eps_hat/sigma_t`` this equals ``||eps_hat - noise||^2``.
     """
     alpha, sigma = ou_alpha_sigma(t)
     x_t = alpha[:, None] * x0 + sigma[:, None] * noise
@@ -164,7 +164,7 @@ def dsm_loss(model: GMMScoreMLP, x0: torch.Tensor, t: torch.Tensor, noise: torch
 
 
 @dataclass
-class TrainConfig:
+class GMMTrainConfig:
     """How :func:`train_score_mlp` trains (the paper gives none of this; see the module docstring)."""
 
     steps: int = 2000
@@ -187,7 +187,7 @@ class TrainConfig:
             raise ValueError(f"need t_max > t_min, got t_min={self.t_min}, t_max={self.t_max}.")
 
 
-def train_score_mlp(model: GMMScoreMLP, train: torch.Tensor, config: TrainConfig = TrainConfig(),
+def train_score_mlp(model: GMMScoreMLP, train: torch.Tensor, config: GMMTrainConfig = GMMTrainConfig(),
                     progress: bool = False) -> list[float]:
     """Train ``model`` in place by DSM on the points ``train`` ``[n, d]``; returns the loss of every step.
 
@@ -210,7 +210,7 @@ def train_score_mlp(model: GMMScoreMLP, train: torch.Tensor, config: TrainConfig
         index = torch.randint(train.shape[0], (config.batch_size,), generator=generator, device=device)
         t = sample_diffusion_times(config.batch_size, config.t_min, config.t_max, generator, device)
         noise = torch.randn(config.batch_size, train.shape[1], generator=generator, device=device, dtype=train.dtype)
-        loss = dsm_loss(model, train[index], t.to(train.dtype), noise)
+        loss = gmm_dsm_loss(model, train[index], t.to(train.dtype), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -332,10 +332,10 @@ class GMMRunSpec:
             raise ValueError(f"unknown mixture layout {self.layout!r}; choose one of {MIXTURE_LAYOUTS}.")
         if self.sampler not in ("sde", "ode"):
             raise ValueError(f"unknown sampler {self.sampler!r}; use 'sde' or 'ode'.")
-        TrainConfig(self.steps, self.batch_size, self.learning_rate, self.weight_decay, self.t_min, self.t_max)
+        GMMTrainConfig(self.steps, self.batch_size, self.learning_rate, self.weight_decay, self.t_min, self.t_max)
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
+    def train_config(self) -> GMMTrainConfig:
+        return GMMTrainConfig(steps=self.steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
                            weight_decay=self.weight_decay, t_min=self.t_min, t_max=self.t_max, seed=self.seed + 2)
 
 

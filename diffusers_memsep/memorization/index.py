@@ -129,6 +129,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         chunk_size: int = 4096,
         query_chunk_size: int = 4096,
         spare_candidates: int = 8,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
         The ``k`` nearest training samples of every query, exactly.
@@ -144,10 +145,13 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
                 ``query_chunk_size * chunk_size`` floats.
             query_chunk_size (`int`): queries per block.
             spare_candidates (`int`): extra candidates kept per query for the exact re-ranking.
+            nonfinite (`str`, defaults to ``"raise"``): what to do with a query holding NaN or infinite values (a
+                diverged sample), which has no nearest neighbour: ``"raise"`` a ValueError, or ``"skip"`` it, giving
+                its row distances NaN and indices -1 (the other queries are searched as usual).
 
         Returns:
             ``(squared_distances, indices)``: float32 ``[B, k]`` sorted ascending, and int64 ``[B, k]`` rows of the
-            training set.
+            training set (NaN and -1 on skipped rows).
         """
         if k < 2:
             raise ValueError(f"k={k}: the memorization rule compares the nearest and second-nearest samples, use k >= 2.")
@@ -155,7 +159,24 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
             raise ValueError(f"k={k} but the reference holds only {self.num_images} images; use k <= {self.num_images}.")
         if chunk_size < 1 or query_chunk_size < 1 or spare_candidates < 0:
             raise ValueError("chunk_size and query_chunk_size must be >= 1 and spare_candidates >= 0.")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r}; choose 'raise' or 'skip'.")
         queries = self.flatten_queries(queries)
+        finite = torch.isfinite(queries).all(1)
+        if not bool(finite.all()):
+            if nonfinite == "raise":
+                raise ValueError(
+                    f"{int((~finite).sum())} of {queries.shape[0]} queries hold NaN or infinite values and have no "
+                    "nearest neighbour; pass nonfinite='skip' to leave them out (distances NaN, indices -1)."
+                )
+            distances = queries.new_full((queries.shape[0], k), float("nan"))
+            indices = torch.full((queries.shape[0], k), -1, dtype=torch.long, device=queries.device)
+            if bool(finite.any()):
+                kept = finite.nonzero().squeeze(1)
+                distances[kept], indices[kept] = self.search(
+                    queries[kept], k, backend=backend, chunk_size=chunk_size, query_chunk_size=query_chunk_size,
+                    spare_candidates=spare_candidates)
+            return distances, indices
         self.last_search_fallbacks = 0  # queries re-searched in float64 (diagnostics for tests and benchmarks)
         num_candidates = min(self.num_images, k + spare_candidates)
         # Distances are always computed in float32, even if the pipeline was loaded in half precision.

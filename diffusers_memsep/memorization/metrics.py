@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
 from .index import NearestNeighborIndex
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["MemorizationResult", "memorization_report", "memorization_ratio", "precision_recall", "frechet_distance"]
 
@@ -30,12 +32,28 @@ class MemorizationResult(BaseOutput):
             1/9); ``0`` when both distances are 0 (an exact copy of a duplicated training image).
         nearest_index (`torch.LongTensor` `[B]`): row of ``x_(1)`` in the training set, to show the copied image.
         nearest_distance (`torch.Tensor` `[B]`): ``||x - x_(1)||^2``.
+        finite (`torch.BoolTensor` `[B]`): False for a sample holding NaN or infinite values (a diverged sample).
+            Such a sample has no nearest neighbour: it is neither memorized nor "not memorized", so ``memorized`` is
+            False, ``distance_ratio`` and ``nearest_distance`` are NaN and ``nearest_index`` is -1, and
+            :attr:`ratio` leaves it out. Always look at :attr:`num_nonfinite` beside the ratio.
     """
 
     memorized: torch.Tensor
     distance_ratio: torch.Tensor
     nearest_index: torch.Tensor
     nearest_distance: torch.Tensor
+    finite: torch.Tensor | None = None
+
+    @property
+    def num_nonfinite(self) -> int:
+        """Samples with NaN or infinite values (left out of :attr:`ratio`)."""
+        return 0 if self.finite is None else int((~self.finite).sum())
+
+    @property
+    def ratio(self) -> float:
+        """Memorization ratio over the finite samples; NaN when no sample is finite."""
+        memorized = self.memorized if self.finite is None else self.memorized[self.finite]
+        return memorized.float().mean().item() if memorized.numel() else float("nan")
 
 
 def _as_index(reference: NearestNeighborIndex | torch.Tensor) -> NearestNeighborIndex:
@@ -69,26 +87,36 @@ def memorization_report(
         index: a :class:`NearestNeighborIndex`, or the training samples ``[n, ...]`` (an index is built on the fly).
         threshold: the distance (not squared) ratio below which a sample is a copy; in ``(0, 1]``.
         search_kwargs: passed to :meth:`NearestNeighborIndex.search` (e.g. ``backend="faiss"``).
+
+    Samples holding NaN or infinite values get ``finite=False`` and are never counted as memorized nor as "not
+    memorized" (see :class:`MemorizationResult`); a warning gives their number.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold={threshold}: use a distance ratio in (0, 1]; the paper's rule is 1/3.")
     index = _as_index(index)
-    distances, indices = index.search(samples, k=2, **search_kwargs)
+    distances, indices = index.search(samples, k=2, nonfinite="skip", **search_kwargs)
     nearest, second = distances[:, 0].contiguous(), distances[:, 1].contiguous()
+    finite = indices[:, 0] >= 0
     ratio = torch.where(second > 0, nearest / second.clamp_min(torch.finfo(second.dtype).tiny), torch.zeros_like(nearest))
+    ratio[~finite] = float("nan")
+    if not bool(finite.all()):
+        logger.warning(f"{int((~finite).sum())} of {len(finite)} samples hold NaN or infinite values: they are left "
+                       "out of the memorization ratio (finite=False); the model or sampler diverged.")
     return MemorizationResult(
-        memorized=nearest <= threshold**2 * second,
+        memorized=(nearest <= threshold**2 * second) & finite,
         distance_ratio=ratio,
         nearest_index=indices[:, 0].contiguous(),
         nearest_distance=nearest.contiguous(),
+        finite=finite,
     )
 
 
 def memorization_ratio(
     samples: torch.Tensor, index: NearestNeighborIndex | torch.Tensor, threshold: float = PAPER_THRESHOLD, **kwargs
 ) -> float:
-    """Fraction of ``samples`` memorized by the paper's rule (see :func:`memorization_report`)."""
-    return memorization_report(samples, index, threshold, **kwargs).memorized.float().mean().item()
+    """Fraction of the finite ``samples`` memorized by the paper's rule (see :func:`memorization_report`); samples
+    with NaN or infinite values are left out (and counted in a warning); NaN when no sample is finite."""
+    return memorization_report(samples, index, threshold, **kwargs).ratio
 
 
 # --------------------------------------------------------------------------------------------- precision / recall
@@ -136,6 +164,9 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 
     Returns:
         ``(precision, recall)`` as floats in ``[0, 1]``.
+
+    A fake sample with NaN or infinite features (a diverged sample) lies on no manifold: it counts as outside the
+    real one (it lowers precision) and adds no ball to the fake one. Real features must be finite.
     """
     real = _features_2d(real_features, "real_features")
     fake = _features_2d(fake_features, "fake_features").to(real.device)
@@ -143,12 +174,17 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
         raise ValueError(
             f"real features have {real.shape[1]} dimensions, fake ones {fake.shape[1]}; use the same feature extractor."
         )
-    if k < 1 or k >= min(real.shape[0], fake.shape[0]):
+    if not bool(torch.isfinite(real).all()):
+        raise ValueError("real_features hold NaN or infinite values; clean the real images before measuring quality.")
+    finite_fake = fake[torch.isfinite(fake).all(1)]
+    if k < 1 or k >= min(real.shape[0], finite_fake.shape[0]):
         raise ValueError(
-            f"k={k} needs 1 <= k < min(#real, #fake) = {min(real.shape[0], fake.shape[0])}; use more samples or a smaller k."
+            f"k={k} needs 1 <= k < min(#real, #finite fake) = {min(real.shape[0], finite_fake.shape[0])} "
+            f"({fake.shape[0] - finite_fake.shape[0]} fake samples are not finite); use more samples or a smaller k."
         )
-    precision = _inside_any_ball(fake, real, _kth_neighbor_radius(real, k)).float().mean().item()
-    recall = _inside_any_ball(real, fake, _kth_neighbor_radius(fake, k)).float().mean().item()
+    inside_real = _inside_any_ball(finite_fake, real, _kth_neighbor_radius(real, k))
+    precision = inside_real.float().sum().item() / fake.shape[0]
+    recall = _inside_any_ball(real, finite_fake, _kth_neighbor_radius(finite_fake, k)).float().mean().item()
     return precision, recall
 
 

@@ -27,6 +27,7 @@ Design notes (why not the alternatives):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -141,7 +142,16 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         for layer_index, block in enumerate(self.transformer_blocks):
             block.attn1.set_processor(HeadMaskedAttnProcessor(layer_index, list(range(num_attention_heads))))
         self._cut_heads(layout)
+        self._register_layout(layout)
+
+    def _register_layout(self, layout) -> None:
+        """Record the pruned layout in the config. diffusers lists init arguments left at their default in
+        ``_use_default_values`` and drops them in ``from_config``; ``pruned_heads`` is set after init, so it is taken
+        off that list, or ``from_config(model.config)`` would rebuild the unpruned shapes."""
         self.register_to_config(pruned_heads=_to_config(layout))
+        defaults = self._internal_dict.get("_use_default_values")
+        if defaults and "pruned_heads" in defaults:
+            self.register_to_config(_use_default_values=[k for k in defaults if k != "pruned_heads"])
 
     # ----------------------------------------------------------------------------------------------- conversion
     @classmethod
@@ -156,6 +166,30 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         model.load_state_dict(dit.state_dict())
         parameter = next(dit.parameters())
         return model.to(device=parameter.device, dtype=parameter.dtype).train(dit.training)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """:meth:`diffusers.ModelMixin.from_pretrained`, safetensors only by default (``use_safetensors=True``), and
+        strict: weights missing for the config (e.g. a hand-edited ``num_layers`` or ``pruned_heads``), left over,
+        or of another shape raise a ValueError naming the weights file, where diffusers would only warn and keep
+        randomly initialised weights."""
+        kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        kinds = (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                 ("of another shape", "mismatched_keys"))
+        problems = {what: info.get(key) for what, key in kinds if info.get(key)}
+        if problems:
+            folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            local = os.path.isdir(folder)
+            files = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")] if local else []
+            where = os.path.join(folder, files[0]) if len(files) == 1 else folder
+            listed = "; ".join(f"{len(keys)} {what} (e.g. {_key_name(keys[0])})" for what, keys in problems.items())
+            raise ValueError(
+                f"the weights {where!r} do not match the config.json beside them: {listed}; restore the config.json "
+                "saved with these weights (num_layers, num_attention_heads, pruned_heads...) or save the model again."
+            )
+        return (model, info) if want_info else model
 
     # ------------------------------------------------------------------------------------------------ inspection
     def kept_heads(self) -> list[list[int]]:
@@ -189,6 +223,8 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
                 )
             if not mask.is_floating_point():
                 raise TypeError(f"head mask must be a floating-point tensor, got {mask.dtype}; use mask.float().")
+            if not bool(torch.isfinite(mask.detach()).all()):
+                raise ValueError("head mask holds NaN or infinite values; use finite gates (1 keeps, 0 drops a head).")
         self._head_mask = mask
         for block in self.transformer_blocks:
             block.attn1.processor.head_mask = mask
@@ -207,7 +243,7 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         self._cut_heads(new)
         merged = {layer: sorted(set(current.get(layer, [])) | set(new.get(layer, []))) for layer in
                   set(current) | set(new)}
-        self.register_to_config(pruned_heads=_to_config(merged))
+        self._register_layout(merged)
 
     def _pruned_layout(self) -> PrunedHeads:
         all_heads = set(range(self.config.num_attention_heads))
@@ -268,6 +304,11 @@ def _validate_new_heads(
                 raise ValueError(f"{what}: layer {layer} is given twice with the same heads.")
             parsed[layer] = sorted(parsed[layer] + values)
     return parsed
+
+
+def _key_name(key) -> str:
+    """A state-dict key, or the first item of a (key, shape, shape) entry of ``mismatched_keys``."""
+    return str(key[0] if isinstance(key, (tuple, list)) else key)
 
 
 def _to_config(layout: PrunedHeads) -> dict[str, list[int]]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,7 +30,12 @@ from ..models import PrunableDiTTransformer2DModel  # noqa: F401  (registers the
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["MemSepPipeline", "MemSepPipelineOutput"]
+__all__ = ["MemSepPipeline", "MemSepPipelineOutput", "PipelineLoadError"]
+
+
+class PipelineLoadError(OSError):
+    """A pipeline folder or Hub repo could not be loaded (not cached offline, damaged file); the message says the
+    fix. An ``OSError``, as diffusers' own load errors are, so ``except OSError`` keeps working."""
 
 
 @dataclass
@@ -43,12 +51,16 @@ class MemSepPipelineOutput(BaseOutput):
         distance_ratio (`torch.Tensor` `[B]`, *optional*): ``||x - x_(1)||^2 / ||x - x_(2)||^2``.
         nearest_index (`torch.LongTensor` `[B]`, *optional*): row of the nearest training image in the reference;
             :meth:`MemSepPipeline.training_images` returns those images to show beside the samples.
+        finite (`torch.BoolTensor` `[B]`, *optional*): False for a sample with NaN or infinite values (the model or
+            the sampler diverged). Such a sample is not judged: ``memorized`` False, ``distance_ratio`` NaN,
+            ``nearest_index`` -1; count them (``(~finite).sum()``) beside the memorization ratio of the others.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     memorized: torch.Tensor | None = None
     distance_ratio: torch.Tensor | None = None
     nearest_index: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
 
 
 class MemSepPipeline(DiffusionPipeline):
@@ -106,6 +118,23 @@ class MemSepPipeline(DiffusionPipeline):
         )
         self.register_to_config(small_t_switch=small_t_switch, label_dropout_prob=label_dropout_prob)
         self.check_components()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "MemSepPipeline":
+        """:meth:`diffusers.DiffusionPipeline.from_pretrained`, loading only safetensors weights by default
+        (``use_safetensors=True``: no pickle is read from a folder or Hub repo someone else wrote).
+
+        A failure to load (a Hub id that is not cached while offline, a damaged ``model_index.json`` or config,
+        truncated weights) raises one :class:`PipelineLoadError` line naming the file and the fix; weights that do
+        not match the config of a :class:`~diffusers_memsep.PrunableDiTTransformer2DModel` raise a ValueError.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except PipelineLoadError:
+            raise
+        except OSError as error:
+            raise PipelineLoadError(_load_failure_message(pretrained_model_name_or_path, error)) from error
 
     # ------------------------------------------------------------------------------------------------ checks
     @property
@@ -219,11 +248,15 @@ class MemSepPipeline(DiffusionPipeline):
                 enabled when ``> 1``, needs class labels and a model that learned its null class.
             generator: ``torch.Generator`` (or one per sample) for reproducible samples.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-            return_dict: return a :class:`MemSepPipelineOutput` (else the tuple of its four fields).
+            return_dict: return a :class:`MemSepPipelineOutput` (else the tuple of its first four fields; a sample
+                with NaN/inf values has ``memorized`` False and ``nearest_index`` -1 there too).
             check_memorization: compare the samples with ``reference`` (ignored when there is none).
             small_t_switch: time routing switch (see the class docstring); defaults to ``config.small_t_switch``.
         """
         self.check_components()
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(
+                guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: pass a finite number (1 = no guidance).")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: use an integer >= 1 (e.g. 50).")
         if output_type not in ("pil", "np", "pt"):
@@ -245,6 +278,9 @@ class MemSepPipeline(DiffusionPipeline):
         config = self.transformer.config
         channels, size = config.in_channels, config.sample_size
         num_samples = labels.shape[0] // (2 if guided else 1)
+        if isinstance(generator, list) and len(generator) != num_samples:
+            raise ValueError(f"{len(generator)} generators were given for {num_samples} samples; pass one generator "
+                             "per sample, or a single torch.Generator.")
         latents = randn_tensor(
             (num_samples, channels, size, size), generator=generator, device=device, dtype=self.transformer.dtype
         )
@@ -279,18 +315,19 @@ class MemSepPipeline(DiffusionPipeline):
             samples = latents
         samples = samples.float().clamp(-1, 1)  # the model's data range; the reference holds [-1, 1] images
 
-        memorized = distance_ratio = nearest_index = None
+        memorized = distance_ratio = nearest_index = finite = None
         if check_memorization and self.reference is not None:
-            result = memorization_report(samples, self.reference)
+            result = memorization_report(samples, self.reference)  # warns when some samples are not finite
             memorized, distance_ratio = result.memorized.cpu(), result.distance_ratio.cpu()
-            nearest_index = result.nearest_index.cpu()
+            nearest_index, finite = result.nearest_index.cpu(), result.finite.cpu()
 
         images = self._to_output(samples, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, memorized, distance_ratio, nearest_index)
         return MemSepPipelineOutput(
-            images=images, memorized=memorized, distance_ratio=distance_ratio, nearest_index=nearest_index
+            images=images, memorized=memorized, distance_ratio=distance_ratio, nearest_index=nearest_index,
+            finite=finite,
         )
 
     def training_images(self, indices: torch.Tensor | Sequence[int], output_type: str = "pil"):
@@ -314,6 +351,30 @@ class MemSepPipeline(DiffusionPipeline):
             return images
         images = images.cpu().permute(0, 2, 3, 1).numpy()
         return self.numpy_to_pil(images) if output_type == "pil" else images
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
+    """One line: what failed to load (with the underlying cause, e.g. a safetensors header error) and the fix."""
+    from huggingface_hub import constants
+
+    detail, cause = _first_line(error), error
+    while (cause.__cause__ or cause.__context__) is not None:  # the root cause, e.g. the safetensors header error
+        cause = cause.__cause__ or cause.__context__
+    if cause is not error and _first_line(cause) not in detail:
+        detail += f" ({type(cause).__name__}: {_first_line(cause)})"
+    if os.path.isdir(os.path.expanduser(os.fspath(name))):
+        fix = "a file of the folder is damaged or incomplete; restore it or save the pipeline again (save_pretrained)"
+    elif constants.HF_HUB_OFFLINE:
+        fix = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once online, or "
+               "pass a local pipeline folder")
+    else:
+        fix = "check the repo id (user/name), the connection and your access rights, or pass a local pipeline folder"
+    return f"cannot load the pipeline {os.fspath(name)!r}: {detail}; {fix}."
 
 
 @contextlib.contextmanager

@@ -1,0 +1,351 @@
+"""From a training run to a ``MemSepPipeline`` folder: validation, the folder, its model card, the Hub.
+
+Used by ``memsep train`` / ``training/train_dit.py`` and the demo. Every check that can run before the first
+training step runs there (output folder, data, checkpoint, template, processes, Hub repo); under several processes
+only the main process writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMScheduler
+from diffusers.utils import make_image_grid
+
+from ..data import TrainingData, all_images
+from ..hub import check_hub_repo, push_folder_to_hub, require_templates, save_model_card
+from ..memorization import NearestNeighborIndex
+from ..pipelines import MemSepPipeline
+from ..utils import WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
+from .checkpoints import list_checkpoints, resolve_checkpoint
+from .config import TrainingConfig
+from .loop import TrainResult, check_model_and_data, train_dit
+
+#: DiT's label dropout (``CombinedTimestepLabelEmbeddings(class_dropout_prob=0.1)``): the share of labels replaced
+#: by the null class while training a class-conditional model. Unconditional models see only the null class (1.0).
+DIT_LABEL_DROPOUT = 0.1
+
+
+def build_pipeline(model, noise_scheduler, data: TrainingData, reference: NearestNeighborIndex | None = None):
+    """A ``MemSepPipeline`` of ``model`` whose reference is exactly the training images of ``data``."""
+    if reference is None and len(data) >= 2:
+        reference = NearestNeighborIndex.from_images(all_images(data))
+    return MemSepPipeline(transformer=model, scheduler=noise_scheduler, reference=reference,
+                          label_dropout_prob=DIT_LABEL_DROPOUT if data.labels is not None else 1.0)
+
+
+def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num_classes: int | None = None,
+                       seed: int = 0, scheduler=None):
+    """Sample ``num_samples`` images (labels cycling over the classes when conditional) with a fixed seed.
+
+    ``scheduler`` (default: the pipeline's) is used for this call only. Returns the pipeline output
+    (``images`` as a ``[B, C, H, W]`` tensor in ``[0, 1]``, ``memorized``...) and the memorization ratio.
+    """
+    original = pipeline.scheduler
+    if scheduler is not None:
+        pipeline.scheduler = scheduler
+    try:
+        labels = [i % num_classes for i in range(num_samples)] if num_classes else None
+        generator = torch.Generator().manual_seed(int(seed))
+        output = pipeline(class_labels=labels, batch_size=None if labels else num_samples,
+                          num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+    finally:
+        pipeline.scheduler = original
+    ratio = float(output.memorized.float().mean()) if output.memorized is not None else float("nan")
+    return output, ratio
+
+
+def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | os.PathLike | None = None,
+                       num_samples: int = 64, num_inference_steps: int = 1000, seed: int = 0, accelerator=None,
+                       reference: NearestNeighborIndex | None = None):
+    """A ``validation_fn`` for :func:`train_dit`: sample a grid, save it, return the memorization ratio.
+
+    Samples come from the model being trained (EMA weights when on) with a DDPM sampler of
+    ``num_inference_steps`` steps built from the training scheduler's config, always from the same noise
+    (``seed``), so grids of successive steps are comparable. The grid goes to
+    ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard, to TensorBoard.
+    """
+    validation_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+    reference = reference if reference is not None else NearestNeighborIndex.from_images(all_images(data))
+    label_dropout = DIT_LABEL_DROPOUT if data.labels is not None else 1.0
+
+    def validation_fn(model, step: int) -> dict[str, float]:
+        pipeline = MemSepPipeline(transformer=model, scheduler=validation_scheduler, reference=reference.to(model.device),
+                                  label_dropout_prob=label_dropout)
+        pipeline.set_progress_bar_config(disable=True)
+        output, ratio = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed)
+        if samples_dir is not None:
+            rows = max(1, int(math.sqrt(num_samples)))
+            images = pipeline.numpy_to_pil(output.images.cpu().permute(0, 2, 3, 1).numpy())
+            grid = make_image_grid(images[: rows * (num_samples // rows)], rows=rows, cols=num_samples // rows)
+            zoom = max(1, 64 // data.resolution)  # 8x8 digits are unreadable at their own size
+            grid = grid.resize((grid.width * zoom, grid.height * zoom), resample=0)  # 0 = nearest: keep pixels
+            with atomic_path(Path(samples_dir) / f"step-{step:06d}.png") as temporary:
+                grid.save(temporary, format="PNG")
+        if accelerator is not None:
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("samples", output.images.cpu().numpy(), step)
+        return {"memorization_ratio": ratio, "memorized_samples": int(output.memorized.sum())}
+
+    return validation_fn
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: bool = False,
+                     resume_from_checkpoint=None, logging_dir: str = "logs") -> None:
+    """Refuse an output folder that already holds something, unless overwriting or resuming a checkpoint of it.
+
+    ``resume_from_checkpoint="latest"`` resumes only when a checkpoint exists; otherwise the folder is judged as
+    for a new run, so a finished run without checkpoints is never retrained over. ``logging_dir`` must lie inside
+    the output folder (``--overwrite_output_dir`` clears it, and nothing outside ``output_dir`` is ever deleted).
+    """
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output_dir {str(folder)!r} is a file; pass a folder.")
+    logs = (folder / logging_dir).resolve()
+    if Path(logging_dir).is_absolute() or logs == folder.resolve() or folder.resolve() not in logs.parents:
+        raise ValueError(f"logging_dir {logging_dir!r} must be a sub-folder inside output_dir (e.g. 'logs'); it is "
+                         "relative to --output_dir.")
+    resuming = resume_from_checkpoint is not None and resolve_checkpoint(resume_from_checkpoint, folder) is not None
+    if resuming or overwrite_output_dir or not folder.is_dir():
+        return
+    contents = sorted(p.name for p in folder.iterdir() if not p.name.startswith(WRITE_CHECK_PREFIX))
+    if contents:
+        shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+        fix = ("it holds no checkpoint to resume (a finished run keeps none unless --checkpointing_steps is on); "
+               if resume_from_checkpoint is not None else "")
+        raise ValueError(
+            f"output_dir {str(folder)!r} already holds another run ({shown}); {fix}pass --overwrite_output_dir to "
+            "replace it, --resume_from_checkpoint latest to continue it from a checkpoint, or choose another "
+            "--output_dir."
+        )
+
+
+def save_pipeline_folder(pipeline, output_dir: str | os.PathLike) -> Path:
+    """``pipeline.save_pretrained`` into a temporary folder, then move each entry into ``output_dir``.
+
+    Every file and sub-folder is swapped in with ``os.replace``; ``model_index.json`` comes last, so a folder
+    with a ``model_index.json`` always holds a complete pipeline. Other content (checkpoints, logs) is kept.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / ".pipeline.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipeline.save_pretrained(str(temporary), safe_serialization=True)
+    entries = sorted(temporary.iterdir(), key=lambda p: p.name == "model_index.json")
+    for entry in entries:
+        replace_path(entry, output_dir / entry.name)
+    shutil.rmtree(temporary, ignore_errors=True)
+    return output_dir
+
+
+@dataclass
+class TrainedPipeline:
+    """What :func:`train_pipeline` returns: the saved pipeline, the raw run, its last metrics and timings."""
+
+    pipeline: object
+    output_dir: Path
+    result: TrainResult
+    metrics: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    hub_url: str | None = None
+    is_main_process: bool = True  # False on the other processes of a data-parallel run (they wrote nothing)
+
+
+def train_pipeline(
+    output_dir: str | os.PathLike,
+    data: TrainingData,
+    model,
+    noise_scheduler,
+    config: TrainingConfig | None = None,
+    overwrite_output_dir: bool = False,
+    resume_from_checkpoint: str | os.PathLike | None = None,
+    report_to: str = "tensorboard",
+    logging_dir: str = "logs",
+    validation_num_samples: int = 64,
+    validation_inference_steps: int | None = None,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_private_repo: bool = False,
+    hub_token: str | None = None,
+    card_fields: dict | None = None,
+) -> TrainedPipeline:
+    """Train ``model`` with :func:`train_dit` and leave a ``MemSepPipeline`` folder in ``output_dir``.
+
+    The folder holds the transformer (EMA weights when ``use_ema``, else the trained ones; safetensors), the DDPM
+    scheduler, the training-set reference (exactly ``data.images``), a model card (``README.md`` from the
+    ``base_model`` template), sample grids (``samples/``), TensorBoard logs (``logs/``) and checkpoints.
+    The memorization ratio is measured every ``config.validation_steps`` and always at the last step
+    (``validation_num_samples`` DDPM samples of ``validation_inference_steps`` steps, default the training
+    schedule's length; fixed seed; 0 samples: off).
+
+    Everything that can be checked is checked before the first step: the output folder (refused when it holds
+    another run, unless ``overwrite_output_dir`` or resuming a checkpoint of it; must be writable), model vs data,
+    the checkpoint and its run settings, the tracker, the model-card template, the process set-up, and with
+    ``push_to_hub`` the token and the Hub repo (created then, as diffusers' training scripts do). Under several
+    processes only the main process writes files. A failed push raises ``HubPushError`` with the folder intact.
+    """
+    config = config or TrainingConfig()
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite_output_dir, resume_from_checkpoint, logging_dir)
+    check_model_and_data(model, data)
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
+    log_with = _trackers(report_to)
+    num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+    validation_inference_steps = validation_inference_steps or num_train_timesteps
+    if validation_num_samples < 0 or validation_inference_steps < 1:
+        raise ValueError("validation_num_samples must be >= 0 and validation_inference_steps >= 1.")
+    if validation_num_samples and validation_inference_steps > num_train_timesteps:
+        raise ValueError(f"validation_inference_steps {validation_inference_steps} exceeds the {num_train_timesteps} "
+                         f"training timesteps; pass --validation_inference_steps <= {num_train_timesteps}.")
+    require_templates("base_model")
+    repo_id = None
+    if push_to_hub:
+        repo_id = hub_model_id or output_dir.resolve().name
+        check_hub_repo(repo_id, private=hub_private_repo, token=hub_token)  # fails now, not after training
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(output_dir / logging_dir)))
+    check_process_setup(accelerator)
+    if accelerator.is_main_process:
+        check_writable_dir(output_dir)
+        if overwrite_output_dir and checkpoint is None:
+            for old in list_checkpoints(output_dir):  # another run's checkpoints must never be resumed as ours
+                shutil.rmtree(old)
+            for old in (output_dir / "samples", output_dir / logging_dir):  # nor its grids and curves shown as ours
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.init_trackers("train_dit", config=_flat_config(config, model, data))
+
+    validation_fn = None
+    metrics: dict = {}
+    reference = NearestNeighborIndex.from_images(all_images(data)) if len(data) >= 2 else None
+    if validation_num_samples > 0:
+        measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
+                                     validation_inference_steps, seed=config.seed, accelerator=accelerator,
+                                     reference=reference)
+
+        def validation_fn(model_with_ema, step):
+            metrics.clear()
+            metrics.update(measure(model_with_ema, step))
+            return metrics
+
+    if not config.validation_steps:
+        config = replace(config, validation_steps=config.max_train_steps)  # measure at the end at least
+    result = train_dit(model, data, noise_scheduler, config, accelerator=accelerator, output_dir=output_dir,
+                       resume_from_checkpoint=checkpoint, validation_fn=validation_fn)
+    train_seconds, images_per_second = result.train_seconds, result.images_per_second
+
+    final_model = result.ema_model if result.ema_model is not None else result.model
+    if validation_fn is not None and not metrics and accelerator.is_main_process:
+        # A resume that starts at the last step runs no step, hence no validation: measure the final model here.
+        with torch.no_grad():
+            validation_fn(final_model, result.steps)
+    pipeline = build_pipeline(final_model, noise_scheduler, data, reference)
+    hub_url = None
+    if accelerator.is_main_process:
+        save_pipeline_folder(pipeline, output_dir)
+        fields = base_model_card_fields(final_model, noise_scheduler, data, config, metrics, train_seconds,
+                                        images_per_second, validation_num_samples, validation_inference_steps,
+                                        hub_model_id)
+        fields.update(card_fields or {})
+        metadata, eval_results = fields.pop("metadata"), fields.pop("eval_results")
+        save_model_card(output_dir, "base_model", metadata=metadata, eval_results=eval_results, **fields)
+    accelerator.end_training()
+    if push_to_hub and accelerator.is_main_process:
+        hub_url = push_folder_to_hub(output_dir, repo_id, private=hub_private_repo,
+                                     token=hub_token, commit_message=f"Train DiT: {result.steps} steps")
+    return TrainedPipeline(pipeline, output_dir, result, dict(metrics), train_seconds, images_per_second, hub_url,
+                           is_main_process=accelerator.is_main_process)
+
+
+def check_process_setup(accelerator) -> None:
+    """Refuse several processes that do not form one data-parallel run (they would race on one output folder).
+
+    ``torchrun --nproc_per_node N`` on a CPU-only machine without ``ACCELERATE_USE_CPU=true`` starts N processes
+    that each train alone; ``WORLD_SIZE`` says how many were started, Accelerate how many it joined.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise ValueError(
+            f"{world_size} processes were started (WORLD_SIZE={world_size}) but Accelerate joined "
+            f"{accelerator.num_processes}: each would train alone and write the same folder. On CPU run "
+            f"`ACCELERATE_USE_CPU=true torchrun --nproc_per_node {world_size} ...`; on GPUs use `accelerate launch`."
+        )
+
+
+def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: TrainingConfig, metrics: dict,
+                           train_seconds: float, images_per_second: float, num_samples: int, inference_steps: int,
+                           hub_model_id: str | None = None) -> dict:
+    """The variables of ``model_cards/base_model.md`` (plus ``metadata`` and ``eval_results`` for the header)."""
+    model_name = (hub_model_id or "dit-memsep").split("/")[-1]
+    dataset_tag = data.source.split(" ")[0]
+    eval_results = []
+    memorization = []
+    if "memorization_ratio" in metrics:
+        sampler = f"DDPM-{inference_steps}"
+        memorization.append({"sampler": sampler, "ratio": metrics["memorization_ratio"], "num_samples": num_samples})
+        eval_results.append({"metric_type": "memorization_ratio", "metric_value": round(metrics["memorization_ratio"], 4),
+                             "metric_name": f"Memorization ratio (1/3 rule, {sampler}, {num_samples} samples)",
+                             "dataset_name": data.source, "dataset_type": dataset_tag})
+    model_config = dict(model.config)
+    return {
+        "metadata": {"model_name": model_name, "datasets": [dataset_tag], "license": "apache-2.0"},
+        "eval_results": eval_results,
+        "model_name": model_name,
+        "hub_model_id": hub_model_id,
+        "dataset_source": data.source,
+        "num_train_images": len(data),
+        "resolution": data.resolution,
+        "num_channels": data.num_channels,
+        "num_classes": data.num_classes,
+        "model_config": model_config,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "training_config": asdict(config),
+        "noise_scheduler": dict(noise_scheduler.config),
+        "memorization": memorization,
+        "train_minutes": train_seconds / 60 if train_seconds else None,
+        "images_per_second": images_per_second or None,
+        "command": " ".join(["memsep train"] + [a for a in _command_line()]) if _command_line() else None,
+    }
+
+
+def _command_line() -> list[str]:
+    argv = sys.argv[1:]
+    return argv[1:] if argv and argv[0] == "train" else argv
+
+
+def _trackers(report_to: str | None):
+    if report_to in (None, "none", ""):
+        return None
+    choices = {"tensorboard", "wandb", "all"}
+    if report_to not in choices:
+        raise ValueError(f"report_to must be one of {sorted(choices | {'none'})}, got {report_to!r}.")
+    if report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            if report_to == "wandb":
+                raise ValueError("report_to='wandb' needs wandb: pip install wandb (or use tensorboard).") from None
+            return "tensorboard"
+    return report_to
+
+
+def _flat_config(config: TrainingConfig, model, data: TrainingData) -> dict:
+    """Hyper-parameters for the trackers (scalars only: TensorBoard's hparams reject None and dicts)."""
+    values = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+    values.update({f"model_{k}": v for k, v in dict(model.config).items() if isinstance(v, (int, float, str, bool))})
+    values.update({"num_train_images": len(data), "dataset": data.source})
+    return values
+

@@ -1,0 +1,467 @@
+"""Bad input, table-driven: every case must fail with one clear line (CLI: ``memsep: error: ...``, exit code 2; API:
+an exception naming the problem) and leave every file that was there before byte-identical, with no new file.
+
+Read-only folders: the tests may run as root, for whom ``chmod`` does not stop writes, so a read-only folder is
+emulated by making the write probe fail with ``PermissionError`` (monkeypatch), and a folder that cannot be created
+by a file in its place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+import diffusers_memsep.utils
+from diffusers_memsep import MemSepPipeline, NearestNeighborIndex, PrunableDiTTransformer2DModel
+from diffusers_memsep.cli import main
+from diffusers_memsep.data import load_training_data
+from diffusers_memsep.memorization import memorization_ratio, memorization_report
+from diffusers_memsep.mitigation import PruningStudyConfig
+
+QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
+               "--importance_batch_size", "8", "--num_samples", "16", "--num_inference_steps", "2",
+               "--methods", "random", "--etas", "0.5"]
+
+
+def tiny_transformer(num_layers=2) -> PrunableDiTTransformer2DModel:
+    torch.manual_seed(0)
+    return PrunableDiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                         num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                         norm_num_groups=1)
+
+
+def tiny_pipeline() -> MemSepPipeline:
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = NearestNeighborIndex.from_images(images)
+    pipe = MemSepPipeline(transformer=tiny_transformer(), scheduler=DDPMScheduler(num_train_timesteps=100),
+                          reference=reference, label_dropout_prob=1.0)  # unconditional: the reference is the data
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "pipe"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def digit_images(folder: Path, count=3, size=8) -> Path:
+    for i in range(count):
+        write_png(folder / f"{i}.png", np.full((size, size), 40 * i, dtype=np.uint8))
+    return folder
+
+
+def deny_writes(monkeypatch):
+    """Emulate a read-only folder: the write probe of check_writable_dir is refused (see the module docstring)."""
+    def refuse(path, mode="r", *args, **kwargs):
+        if "x" in mode or "w" in mode:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers_memsep.utils, "open", refuse, raising=False)
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "diffusion_pytorch_model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------- the commands
+# Each case: (setup(tmp, pipe, monkeypatch) -> argv, a phrase the one-line error must contain).
+# `pipe` is a private copy of a tiny saved MemSepPipeline inside `tmp`, so cases may damage it.
+
+def _earlier_study(out: Path) -> Path:
+    """An output folder holding an earlier study (and a file of someone else that must survive)."""
+    (out / "variants" / "small_t-eta0.1").mkdir(parents=True)
+    (out / "variants" / "small_t-eta0.1" / "model_index.json").write_text("{}")
+    (out / "report.md").write_text("# earlier study\n")
+    (out / "runs.csv").write_text("method\noriginal\n")
+    return out
+
+
+def _corrupt_model_index(tmp, pipe, mp):
+    (pipe / "model_index.json").write_text('{"_class_name": ')
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+
+
+def _truncated_weights(tmp, pipe, mp):
+    weights = pipe / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+
+
+def _config_edit(delta):
+    def setup(tmp, pipe, mp):
+        config_path = pipe / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["num_layers"] += delta
+        config_path.write_text(json.dumps(config))
+        return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+    return setup
+
+
+def _offline_hub_id(tmp, pipe, mp):
+    import huggingface_hub.constants
+
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_HUB_CACHE", str(tmp / "empty_cache"))
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return ["prune", "--pipeline", "nobody-memsep/not-a-cached-model", "--output_dir", str(tmp / "out")]
+
+
+def _read_only(command):
+    def setup(tmp, pipe, mp):
+        deny_writes(mp)
+        extra = ["--pipeline", str(pipe)] if command == "prune" else []
+        return [command, *extra, "--output_dir", str(tmp / "out")]
+    return setup
+
+
+def _output_is_a_file(command, below=False):
+    def setup(tmp, pipe, mp):
+        (tmp / "taken").write_text("not a folder")
+        out = tmp / "taken" / "sub" if below else tmp / "taken"
+        extra = ["--pipeline", str(pipe)] if command == "prune" else []
+        return [command, *extra, "--output_dir", str(out)]
+    return setup
+
+
+def _images_setup(make):
+    def setup(tmp, pipe, mp):
+        folder = make(tmp / "images")
+        return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out"), "--train_data_dir", str(folder)]
+    return setup
+
+
+def _truncated_png(folder):
+    digit_images(folder)
+    data = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def _mixed_sizes(folder):
+    digit_images(folder, count=2, size=8)
+    write_png(folder / "big.png", np.zeros((12, 12), dtype=np.uint8))
+    return folder
+
+
+def _empty(folder):
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no images here")
+    return folder
+
+
+def _disk_full_while_overwriting(tmp, pipe, mp):
+    """--overwrite_output_dir over an earlier study, and the disk fills up while the variants are saved: the earlier
+    study must be left exactly as it was (the variants are staged beside it and swapped in at the end)."""
+    _earlier_study(tmp / "out")
+    mp.setattr(MemSepPipeline, "save_pretrained", disk_full)
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out"), "--overwrite_output_dir",
+            *QUICK_PRUNE]
+
+
+def _disk_full_loss_gap(tmp, pipe, mp):
+    import diffusers_memsep.theory
+
+    mp.setattr(diffusers_memsep.theory, "write_loss_gap_csv", disk_full)
+    return ["loss-gap", "--output_dir", str(tmp / "out"), "--dim", "2", "--num_components", "2", "--n_values", "10",
+            "--num_times", "2", "--num_noise_samples", "8", "--no_fisher"]
+
+
+def _prune(*flags, out="out"):
+    return lambda tmp, pipe, mp: ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / out), *flags]
+
+
+def _plain(command, *flags):
+    return lambda tmp, pipe, mp: [command, "--output_dir", str(tmp / "out"), *flags]
+
+
+COMMAND_CASES = {
+    # output folders (checked before the pipeline is even loaded)
+    "prune-output-is-a-file": (_output_is_a_file("prune"), "is a file"),
+    "prune-output-below-a-file": (_output_is_a_file("prune", below=True), "is a file"),
+    "prune-output-read-only": (_read_only("prune"), "not writable"),
+    "prune-output-is-the-pipeline": (lambda tmp, pipe, mp: ["prune", "--pipeline", str(pipe), "--output_dir",
+                                                            str(pipe)], "input pipeline folder"),
+    "prune-output-inside-the-pipeline": (lambda tmp, pipe, mp: ["prune", "--pipeline", str(pipe), "--output_dir",
+                                                                str(pipe / "pruned")], "input pipeline folder"),
+    "prune-output-holds-an-earlier-study": (
+        lambda tmp, pipe, mp: (_earlier_study(tmp / "out"), _prune()(tmp, pipe, mp))[1], "--overwrite_output_dir"),
+    "prune-pipeline-inside-variants": (lambda tmp, pipe, mp: ["prune", "--pipeline", str(pipe), "--output_dir",
+                                                              str(pipe.parent.parent), "--overwrite_output_dir"],
+                                       "which the study replaces"),
+    "demo-output-is-a-file": (_output_is_a_file("demo"), "is a file"),
+    "demo-output-read-only": (_read_only("demo"), "not writable"),
+    "loss-gap-output-is-a-file": (_output_is_a_file("loss-gap"), "is a file"),
+    "gmm-output-below-a-file": (_output_is_a_file("gmm", below=True), "is a file"),
+    # the pipeline to load
+    "prune-missing-pipeline-folder": (lambda tmp, pipe, mp: ["prune", "--pipeline", str(tmp / "nowhere" / "base"),
+                                                             "--output_dir", str(tmp / "out")], "no pipeline folder"),
+    "prune-corrupt-model-index": (_corrupt_model_index, "not a valid JSON"),
+    "prune-truncated-weights": (_truncated_weights, "deserializing header"),
+    "prune-config-one-layer-more": (_config_edit(+1), "do not match the config.json"),
+    "prune-config-one-layer-less": (_config_edit(-1), "do not match the config.json"),
+    "prune-offline-hub-id-not-cached": (_offline_hub_id, "not in the local Hugging Face cache"),
+    # training data flags
+    "prune-missing-train-data-dir": (_prune("--train_data_dir", "/nonexistent/memsep-images"), "is not a directory"),
+    "prune-empty-image-folder": (_images_setup(_empty), "holds no image files"),
+    "prune-truncated-png": (_images_setup(_truncated_png), "cannot read image"),
+    "prune-mixed-image-sizes": (_images_setup(_mixed_sizes), "different sizes"),
+    # numbers
+    "prune-eta-above-one": (_prune("--etas", "1.5"), "eta must lie in"),
+    "prune-eta-nan": (_prune("--etas", "nan"), "eta must lie in"),
+    "prune-eta-zero": (_prune("--etas", "0"), "eta must lie in"),
+    "prune-one-sample": (_prune("--num_samples", "1"), "num_samples >= 2"),
+    "prune-zero-inference-steps": (_prune("--num_inference_steps", "0"), "num_inference_steps must be >= 1"),
+    "prune-unknown-method": (_prune("--methods", "magnitude"), "invalid choice"),
+    "demo-eta-above-one": (_plain("demo", "--etas", "1.5"), "eta must lie in"),
+    "demo-zero-train-samples": (_plain("demo", "--num_train_samples", "0"), "max_train_samples must be a positive"),
+    "demo-negative-train-samples": (_plain("demo", "--num_train_samples", "-3"),
+                                    "max_train_samples must be a positive"),
+    "demo-too-many-train-samples": (_plain("demo", "--num_train_samples", "5000"), "larger than the data"),
+    "loss-gap-one-time": (_plain("loss-gap", "--num_times", "1"), "--num_times must be >= 2"),
+    "loss-gap-t-min-zero": (_plain("loss-gap", "--t_min", "0"), "t_min"),
+    "loss-gap-zero-n": (_plain("loss-gap", "--n_values", "0"), "positive training-set sizes"),
+    "loss-gap-zero-dim": (_plain("loss-gap", "--dim", "0"), "must be positive"),
+    "loss-gap-nan-mean-scale": (_plain("loss-gap", "--mean_scale", "nan"), "NaN"),
+    "gmm-zero-workers": (_plain("gmm", "--scale", "tiny", "--workers", "0"), "workers must be a positive integer"),
+    "gmm-zero-depth": (_plain("gmm", "--scale", "tiny", "--depth", "0"), "depth must be a positive integer"),
+    "gmm-unknown-sweep-parameter": (_plain("gmm", "--sweep", "heads=1,2"), "heads"),
+    "gmm-replot-nothing": (_plain("gmm", "--replot"), "gmm_runs.csv"),
+    # the file system refuses mid-run
+    "loss-gap-disk-full": (_disk_full_loss_gap,
+                           "No space left on device: 'diffusion_pytorch_model.safetensors'; free disk space"),
+    "prune-disk-full-while-overwriting": (_disk_full_while_overwriting, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_CASES))
+def test_command_bad_input_fails_in_one_line_and_changes_no_file(case, saved_pipeline, tmp_path, monkeypatch,
+                                                                 capsys):
+    setup, phrase = COMMAND_CASES[case]
+    pipe = tmp_path / "models" / "variants" / "pipe"  # nested so that one case can point output_dir two levels up
+    shutil.copytree(saved_pipeline, pipe)
+    argv = setup(tmp_path, pipe, monkeypatch)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors (e.g. an unknown choice)
+        code = exit_.code
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert code == 2, stderr[-2000:]
+    assert len(errors) == 1 and phrase in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert snapshot(tmp_path) == before  # same files, same bytes, nothing added (not even a probe file)
+
+
+def test_prune_overwrite_replaces_only_the_study_outputs(saved_pipeline, tmp_path, capsys):
+    out = _earlier_study(tmp_path / "out")
+    (out / "base").mkdir()
+    (out / "base" / "keep.txt").write_text("not the study's")
+    assert main(["prune", "--pipeline", str(saved_pipeline), "--output_dir", str(out), "--overwrite_output_dir",
+                 *QUICK_PRUNE]) == 0
+    assert sorted(p.name for p in (out / "variants").iterdir()) == ["random-eta0.5"]  # the stale variant is gone
+    assert (out / "base" / "keep.txt").read_text() == "not the study's"
+    assert (out / "report.md").read_text() != "# earlier study\n"
+    assert not list(out.glob(".*"))  # no staging folder or probe file left behind
+    reloaded = MemSepPipeline.from_pretrained(out / "variants" / "random-eta0.5")
+    assert sum(reloaded.transformer.heads_per_layer()) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the public APIs
+def _nan_images(n=4):
+    images = torch.zeros(n, 1, 8, 8)
+    images[1, 0, 2, 3] = float("nan")
+    return images
+
+
+def _edited_transformer(tmp, delta):
+    folder = tmp / "transformer"
+    tiny_transformer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_layers"] += delta
+    (folder / "config.json").write_text(json.dumps(config))
+    return lambda: PrunableDiTTransformer2DModel.from_pretrained(folder)
+
+
+def _api(call):
+    return lambda tmp: call
+
+
+def _load_from(make, **kwargs):
+    """Write the image folder now (before the snapshot); the call loads it."""
+    def setup(tmp):
+        folder = make(tmp / "images")
+        return lambda: load_training_data(train_data_dir=folder, **kwargs)
+    return setup
+
+
+API_CASES = {
+    "index-search-nan-query": (lambda tmp: lambda: NearestNeighborIndex.from_images(torch.randn(4, 3)).search(
+        torch.tensor([[0.0, float("nan"), 1.0]])), ValueError, "NaN or infinite"),
+    "index-search-inf-query": (lambda tmp: lambda: NearestNeighborIndex.from_images(torch.randn(4, 3)).search(
+        torch.tensor([[0.0, float("inf"), 1.0]])), ValueError, "NaN or infinite"),
+    "index-search-bad-nonfinite-option": (lambda tmp: lambda: NearestNeighborIndex.from_images(
+        torch.randn(4, 3)).search(torch.randn(2, 3), nonfinite="ignore"), ValueError, "nonfinite"),
+    "index-nan-training-images": (_api(lambda: NearestNeighborIndex.from_images(_nan_images())), ValueError, "NaN"),
+    "index-wrong-query-shape": (lambda tmp: lambda: NearestNeighborIndex.from_images(torch.randn(4, 1, 8, 8)).search(
+        torch.randn(2, 1, 4, 4)), ValueError, "sample shape"),
+    "index-one-training-image": (_api(lambda: NearestNeighborIndex.from_images(torch.randn(1, 3))), ValueError,
+                                 "at least 2"),
+    "head-mask-nan": (_api(lambda: tiny_transformer().set_head_mask(torch.full((2, 2), float("nan")))), ValueError,
+                      "NaN or infinite"),
+    "head-mask-inf": (_api(lambda: tiny_transformer().set_head_mask(torch.tensor([[1.0, math.inf], [1.0, 1.0]]))),
+                      ValueError, "NaN or infinite"),
+    "head-mask-wrong-shape": (_api(lambda: tiny_transformer().set_head_mask(torch.ones(3, 2))), ValueError,
+                              "expected (num_layers, num_attention_heads)"),
+    "pipeline-guidance-nan": (_api(lambda: tiny_pipeline()(batch_size=2, guidance_scale=float("nan"),
+                                                           num_inference_steps=1)), ValueError, "guidance_scale"),
+    "pipeline-guidance-inf": (_api(lambda: tiny_pipeline()(batch_size=2, guidance_scale=math.inf,
+                                                           num_inference_steps=1)), ValueError, "guidance_scale"),
+    "pipeline-more-generators-than-samples": (
+        _api(lambda: tiny_pipeline()(batch_size=2, num_inference_steps=1,
+                                     generator=[torch.Generator().manual_seed(i) for i in range(3)])),
+        ValueError, "3 generators were given for 2 samples"),
+    "pipeline-fewer-generators-than-samples": (
+        _api(lambda: tiny_pipeline()(batch_size=3, num_inference_steps=1, generator=[torch.Generator()])),
+        ValueError, "1 generators were given for 3 samples"),
+    "pipeline-zero-steps": (_api(lambda: tiny_pipeline()(batch_size=1, num_inference_steps=0)), ValueError,
+                            "num_inference_steps"),
+    "pipeline-zero-batch": (_api(lambda: tiny_pipeline()(batch_size=0, num_inference_steps=1)), ValueError,
+                            "batch_size"),
+    "transformer-config-one-layer-more": (lambda tmp: _edited_transformer(tmp, +1), ValueError,
+                                          "do not match the config.json"),
+    "transformer-config-one-layer-less": (lambda tmp: _edited_transformer(tmp, -1), ValueError,
+                                          "do not match the config.json"),
+    "data-missing-folder": (lambda tmp: lambda: load_training_data(train_data_dir=tmp / "nowhere"),
+                            FileNotFoundError, "is not a directory"),
+    "data-empty-folder": (_load_from(_empty), ValueError, "holds no image files"),
+    "data-truncated-png": (_load_from(_truncated_png), ValueError, "cannot read image"),
+    "data-mixed-sizes": (_load_from(_mixed_sizes), ValueError, "different sizes"),
+    "data-zero-resolution": (_load_from(digit_images, resolution=0), ValueError, "resolution"),
+    "data-zero-samples": (_api(lambda: load_training_data(max_train_samples=0)), ValueError, "positive integer"),
+    "data-negative-samples": (_api(lambda: load_training_data(max_train_samples=-1)), ValueError, "positive integer"),
+    "data-32-bit-values-beyond-16-bits": (_load_from(lambda folder: _deep_tiff(folder, 70000)), ValueError,
+                                          "outside the 65535 range"),
+    "study-eta-nan": (_api(lambda: PruningStudyConfig(etas=(float("nan"),))), ValueError, "eta must lie in"),
+}
+
+
+def _deep_tiff(folder, top):
+    for i in range(2):
+        path = folder / f"{i}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), top, dtype=np.int32)).save(path)
+    return folder
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_api_bad_input_raises_a_clear_error_and_changes_no_file(case, tmp_path):
+    make, error_type, phrase = API_CASES[case]
+    call = make(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(error_type) as raised:
+        call()
+    assert phrase in str(raised.value)
+    assert "\n" not in str(raised.value).strip()
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------ non-finite and 16-bit data
+def test_search_skips_nonfinite_queries_and_finds_the_others_exactly():
+    database = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    queries[1, 2], queries[3, 0] = float("nan"), -float("inf")
+    distances, indices = NearestNeighborIndex.from_images(database).search(queries, k=3, nonfinite="skip")
+    assert indices[[1, 3]].eq(-1).all() and distances[[1, 3]].isnan().all()
+    brute = torch.cdist(queries[[0, 2]].double(), database.double()).square()
+    expected_distances, expected_indices = brute.topk(3, largest=False)
+    assert torch.equal(indices[[0, 2]], expected_indices)
+    torch.testing.assert_close(distances[[0, 2]].double(), expected_distances, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_samples_are_never_counted_as_not_memorized():
+    train = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    samples = torch.stack([train[0], train[1] + 0.3 * torch.randn(1, 8, 8), train[2], train[3]])
+    samples[2, 0, 0, 0] = float("nan")
+    samples[3, 0, 1, 1] = float("inf")
+    report = memorization_report(samples, train)
+    assert report.finite.tolist() == [True, True, False, False] and report.num_nonfinite == 2
+    assert not report.memorized[2:].any() and report.nearest_index[2:].eq(-1).all()
+    assert report.distance_ratio[2:].isnan().all()
+    # the ratio is over the two finite samples: the exact copy counts, the nonfinite ones do not dilute it
+    assert report.ratio == pytest.approx(report.memorized[:2].float().mean().item())
+    assert memorization_ratio(samples, train) == report.ratio
+    assert math.isnan(memorization_ratio(samples[2:], train))
+
+
+def test_pipeline_flags_diverged_samples_as_not_finite():
+    pipe = tiny_pipeline()
+    pipe.transformer.register_forward_hook(lambda module, args, output: type(output)(sample=output.sample * math.nan))
+    output = pipe(batch_size=3, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert output.finite.tolist() == [False, False, False]
+    assert not output.memorized.any() and output.nearest_index.eq(-1).all()
+
+
+def test_16_bit_grey_png_is_scaled_by_its_bit_depth(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)  # 0 .. 65520, spread over the 16-bit range
+    for i in range(2):
+        write_png(tmp_path / "images" / f"{i}.png", ramp)
+    assert Image.open(tmp_path / "images" / "0.png").mode in ("I;16", "I")
+    data = load_training_data(train_data_dir=tmp_path / "images")
+    expected = torch.from_numpy(ramp.astype(np.float64) / 65535 * 2 - 1).float()
+    assert data.images.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(data.images[0, 0], expected, rtol=0, atol=1e-6)
+    assert (data.images > 0.99).float().mean() < 0.05  # clipping made 98% of these pixels white
+    resized = load_training_data(train_data_dir=tmp_path / "images", resolution=4).images
+    assert -1 < resized.min() < resized.max() < 1 and resized.unique().numel() > 4
+
+
+def test_8_bit_png_is_unchanged_by_the_deep_grey_path(tmp_path):
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    for i in range(2):
+        write_png(tmp_path / "images" / f"{i}.png", pixels)
+    data = load_training_data(train_data_dir=tmp_path / "images")
+    torch.testing.assert_close(data.images[0, 0], torch.from_numpy(pixels).float() / 255 * 2 - 1)
+
+
+def test_write_probe_leaves_nothing_and_creates_no_folder(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert diffusers_memsep.utils.check_writable_dir(target) == target
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_precision_recall_count_nonfinite_fakes_as_off_the_real_manifold():
+    from diffusers_memsep.memorization import precision_recall
+
+    real = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    fake = real[:20].clone()
+    precision, recall = precision_recall(real, fake, k=3)
+    fake[:5, 0] = float("nan")
+    precision_nan, recall_nan = precision_recall(real, fake, k=3)
+    assert precision == 1.0 and precision_nan == pytest.approx(15 / 20)
+    assert recall_nan == pytest.approx(precision_recall(real, fake[5:], k=3)[1])
+    with pytest.raises(ValueError, match="real_features hold NaN"):
+        precision_recall(fake, real, k=3)

@@ -1,0 +1,216 @@
+"""`memsep train` and the trainer API against bad input and faults: one clear line, exit code 2, nothing lost.
+
+Each case of the table runs the real command in-process and asserts the message, the exit code and that every file
+present before (the run folder AND its parent, where a sibling file stands) is byte-identical after.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_memsep.cli import main
+from diffusers_memsep.trainer import (
+    NonFiniteLossError,
+    TrainingConfig,
+    dsm_loss,
+    make_dit,
+    make_noise_scheduler,
+    train_dit,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "8", "--train_batch_size", "8",
+        "--validation_num_samples", "4", "--validation_inference_steps", "4", "--no_progress", "--report_to", "none",
+        "--max_train_samples", "8"]
+
+
+def train(*argv):
+    return main([*TINY, *map(str, argv)], command="train")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-step run WITH checkpoints (at steps 1 and 2) and one WITHOUT any."""
+    root = tmp_path_factory.mktemp("runs")
+    assert train("--output_dir", root / "with_checkpoints", "--max_train_steps", "2", "--checkpointing_steps", "1",
+                 "--checkpoints_total_limit", "3") == 0
+    assert train("--output_dir", root / "without_checkpoints", "--max_train_steps", "2",
+                 "--checkpointing_steps", "0") == 0
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# name -> (build the argv from (tmp_path, finished_run); the phrase the one-line error must hold)
+CASES = {
+    "logging_dir_parent": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run"),
+                                              "--overwrite_output_dir", "--logging_dir", ".."],
+                           "logging_dir '..' must be a sub-folder inside output_dir"),
+    "logging_dir_absolute": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run"),
+                                                "--overwrite_output_dir", "--logging_dir", str(tmp / "elsewhere")],
+                             "must be a sub-folder inside output_dir"),
+    "learning_rate_inf": (lambda tmp, runs: ["--output_dir", tmp / "run", "--learning_rate", "inf"],
+                          "learning_rate must be a finite number"),
+    "learning_rate_nan": (lambda tmp, runs: ["--output_dir", tmp / "run", "--learning_rate", "nan"],
+                          "learning_rate must be a finite number"),
+    "adam_epsilon_zero": (lambda tmp, runs: ["--output_dir", tmp / "run", "--adam_epsilon", "0"],
+                          "adam_epsilon must be > 0"),
+    "negative_nonfinite_budget": (lambda tmp, runs: ["--output_dir", tmp / "run", "--max_nonfinite_steps", "-1"],
+                                  "max_nonfinite_steps must be an integer >= 0"),
+    "latest_on_finished_run": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run"),
+                                                  "--resume_from_checkpoint", "latest"],
+                               "holds no checkpoint to resume"),
+    "resume_other_seed": (lambda tmp, runs: ["--output_dir", _copy(runs / "with_checkpoints", tmp / "run"),
+                                             "--max_train_steps", "3", "--checkpointing_steps", "1",
+                                             "--resume_from_checkpoint", "latest", "--seed", "1"],
+                          "seed (checkpoint 0, now 1)"),
+    "resume_other_subset": (lambda tmp, runs: ["--output_dir", _copy(runs / "with_checkpoints", tmp / "run"),
+                                               "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                                               "--max_train_samples", "16"],
+                            "num_train_images (checkpoint 8, now 16)"),
+    "resume_other_architecture": (lambda tmp, runs: ["--output_dir", _copy(runs / "with_checkpoints", tmp / "run"),
+                                                     "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                                                     "--num_layers", "2"],
+                                  "model_config.num_layers (checkpoint 1, now 2)"),
+    "resume_corrupt_checkpoint": (lambda tmp, runs: ["--output_dir", _corrupt(_copy(runs / "with_checkpoints",
+                                                                                    tmp / "run")),
+                                                     "--max_train_steps", "3", "--resume_from_checkpoint", "latest"],
+                                  "cannot be loaded"),
+    "ddpm_num_steps_zero": (lambda tmp, runs: ["--output_dir", tmp / "run", "--ddpm_num_steps", "0"],
+                            "--ddpm_num_steps) must be an integer >= 2"),
+    "ddpm_beta_schedule_unknown": (lambda tmp, runs: ["--output_dir", tmp / "run", "--ddpm_beta_schedule", "foo"],
+                                   "--ddpm_beta_schedule) must be one of"),
+    "validation_steps_beyond_schedule": (lambda tmp, runs: ["--output_dir", tmp / "run", "--ddpm_num_steps", "500",
+                                                            "--validation_inference_steps", "1000"],
+                                         "exceeds the 500 training timesteps"),
+    "missing_model_config": (lambda tmp, runs: ["--output_dir", tmp / "run", "--model_config_name_or_path",
+                                                str(tmp / "nowhere" / "config.json")],
+                             "cannot read a DiT config"),
+    "output_dir_is_a_file": (lambda tmp, runs: ["--output_dir", _file(tmp / "run")], "is a file"),
+    "occupied_output_dir": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run")],
+                            "already holds another run"),
+}
+
+
+def _corrupt(run: Path) -> Path:
+    latest = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    weights = next(latest.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated file, as a full disk leaves it
+    return run
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_train_input_one_line_exit_2_nothing_lost(case, tmp_path, finished_run, capsys):
+    (tmp_path / "sibling.txt").write_text("a file beside the run folder that must survive")
+    build, phrase = CASES[case]
+    argv = build(tmp_path, finished_run)
+    before = snapshot(tmp_path)
+    assert train(*argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("memsep: error: ") and phrase in error, error
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing present before changed or vanished
+    assert not any(k.endswith("model_index.json") and k not in before for k in after)  # no pipeline written
+
+
+def test_diverged_training_stops_with_an_error_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train("--output_dir", out, "--max_train_steps", "30", "--learning_rate", "1e6", "--max_grad_norm", "0",
+                 "--lr_warmup_steps", "0", "--checkpointing_steps", "0") == 2
+    error = capsys.readouterr().err
+    assert "training diverged" in error and "Lower --learning_rate" in error
+    assert not (out / "model_index.json").exists() and not (out / "README.md").exists()
+
+
+def test_skipped_nonfinite_steps_are_counted_against_the_budget(digits_data):
+    model = make_dit(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    scheduler = make_noise_scheduler(100)
+    with torch.no_grad():  # a NaN weight makes every loss NaN
+        next(model.parameters()).fill_(float("nan"))
+    config = TrainingConfig(max_train_steps=5, train_batch_size=4, max_nonfinite_steps=2, use_ema=False,
+                            show_progress=False)
+    with pytest.raises(NonFiniteLossError, match="non-finite steps: 3, allowed: 2"):
+        train_dit(model, digits_data, scheduler, config)
+
+
+def test_resume_that_lands_on_the_last_step_still_measures_memorization(tmp_path, finished_run):
+    run = _copy(finished_run / "with_checkpoints", tmp_path / "run")
+    (run / "README.md").unlink()
+    assert train("--output_dir", run, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                 "--resume_from_checkpoint", "latest") == 0
+    card = (run / "README.md").read_text()
+    assert "memorization_ratio" in card
+
+
+def test_several_processes_without_a_distributed_setup_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train("--output_dir", tmp_path / "run", "--max_train_steps", "1") == 2
+    error = capsys.readouterr().err
+    assert "2 processes were started" in error and "ACCELERATE_USE_CPU=true torchrun" in error
+    assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("timestep", [-1, 100])
+def test_dsm_loss_refuses_timesteps_outside_the_schedule(timestep, digits_data):
+    model = make_dit(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    scheduler = make_noise_scheduler(100)
+    images = digits_data.images[:2]
+    with pytest.raises(ValueError, match=r"timesteps must be scheduler indices in \[0, 99\]"):
+        dsm_loss(model, scheduler, images, None, torch.tensor([0, timestep]))
+
+
+@pytest.fixture
+def digits_data():
+    from diffusers_memsep.data import load_training_data
+
+    return load_training_data(max_train_samples=8, seed=0)
+
+
+def test_two_process_data_parallel_training_equals_one_process_on_the_same_global_batch(tmp_path):
+    """A real gloo run of 2 processes x batch 4 against 1 process x batch 8: the same weights (float tolerance)."""
+    common = [*TINY, "--max_train_steps", "3", "--checkpointing_steps", "0", "--validation_num_samples", "0",
+              "--lr_warmup_steps", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = str(ROOT / "training" / "train_dit.py")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", script, *common, "--train_batch_size", "4",
+                          "--output_dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("Saved a MemSepPipeline") == 1  # only the main process reports
+    one = subprocess.run([sys.executable, script, *common, "--train_batch_size", "8",
+                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    weights = [load_file(str(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors"))
+               for run in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    torch.manual_seed(0)  # the initial weights of both runs (memsep train seeds them with --seed)
+    initial = make_dit(num_layers=1, num_attention_heads=2, attention_head_dim=8).state_dict()
+    moved = 0
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
+        moved += int(not torch.equal(weights[0][name], initial[name]))
+    assert moved > 0  # training changed the weights, so the comparison is not between two untouched copies
+    assert json.loads((tmp_path / "two" / "model_index.json").read_text())["_class_name"] == "MemSepPipeline"
