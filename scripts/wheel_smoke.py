@@ -16,7 +16,7 @@ The dependencies are installed from a wheelhouse, ``$MEMSEP_WHEELHOUSE`` (defaul
 ``~/.cache/diffusers-memsep/wheelhouse``), filled by ``pip download`` whenever it misses a requirement. pip's own
 HTTP cache cannot be relied on: it stores only responses that carry caching headers, and a proxy may strip them, in
 which case every fresh environment downloads everything again (measured: over 4 minutes). ``--no-compile`` skips
-byte-compiling torch and the rest at install time; Python compiles what it imports.
+byte-compiling torch and the rest at install time; Python compiles what it imports, once.
 """
 
 from __future__ import annotations
@@ -149,7 +149,10 @@ def try_step(title: str, command: list[str], cwd: Path) -> bool:
 def _run(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run offline, without PYTHONPATH; return the process, its wall time and its CPU time (a shared machine's
     wall times vary with the load, CPU times much less)."""
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    # PYTHONDONTWRITEBYTECODE is dropped too: with --no-compile, the first command byte-compiles what it imports
+    # (into the throw-away venv) and the later ones reuse it, instead of each compiling torch and diffusers again.
+    unset = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+    env = {key: value for key, value in os.environ.items() if key not in unset}
     env["HF_HUB_OFFLINE"] = "1"
     started, cpu_before = time.perf_counter(), _children_cpu()
     done = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
