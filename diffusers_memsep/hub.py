@@ -1,5 +1,17 @@
 """Model cards from ``model_cards/`` and pushing pipeline folders to the Hugging Face Hub.
 
+Where the templates live. They are edited in the repository's top-level ``model_cards/`` and nowhere else. An
+installed wheel carries them as package data, ``diffusers_memsep/model_cards/*.md``, read with
+:mod:`importlib.resources`: ``setup.py``'s ``build_py`` copies ``model_cards/*.md`` there at build time (and adds
+them to the sdist, so a wheel built from the sdist has them too). A checkout (an editable install, or
+``PYTHONPATH`` pointing at a clone) has no such package folder, so the lookup falls back to ``model_cards/`` next to
+the package. Why a build step rather than the alternatives: a second committed copy drifts; a symlink
+``diffusers_memsep/model_cards -> ../model_cards`` breaks on checkouts without symlinks (Windows);
+``[tool.setuptools.package-dir]`` can map ``model_cards/`` to a sub-package only as a separate package whose
+editable import goes through setuptools' import hook, and ``data-files`` land outside the package, where
+:mod:`importlib.resources` cannot see them. The commands call :func:`require_templates` before any training step,
+so an installation without templates fails at once instead of after the training.
+
 Save locally first, push as a separate step: diffusers' ``save_pretrained(push_to_hub=True)`` creates the remote
 repository before anything is written, so a failed push there can leave an empty repo and nothing local. Here the
 folder is complete on disk before the network is touched, and a failed push leaves it untouched.
@@ -14,14 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from .data import EMBEDDED_DATASET
 from .utils import write_text
 
-#: The templates live in the repository's ``model_cards/`` (the project is installed editable from a clone).
-TEMPLATE_DIRS = (Path(__file__).resolve().parent.parent / "model_cards",)
+#: The package whose ``model_cards/`` data folder holds the templates in an installed wheel.
+TEMPLATE_PACKAGE = __package__
+#: The folder the templates are edited in; a checkout (editable install, ``PYTHONPATH``) reads them there.
+CHECKOUT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 #: Never uploaded: training checkpoints (optimizer state, hundreds of MB), temporary folders, local logs.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "*.tmp"]
 
@@ -57,20 +73,50 @@ class HubPushError(RuntimeError):
     """A push to the Hub failed for an expected reason (offline, no token, refused); the message says the fix."""
 
 
-def template_path(template_name: str) -> Path:
-    """Path of the model-card template ``template_name`` (``"base_model"`` or ``"pruned_variant"``)."""
-    name = template_name if template_name.endswith(".md") else f"{template_name}.md"
-    for folder in TEMPLATE_DIRS:
-        if (folder / name).is_file():
-            return folder / name
-    available = sorted({p.stem for folder in TEMPLATE_DIRS if folder.is_dir() for p in folder.glob("*.md")})
+def template_dirs() -> tuple[Traversable, ...]:
+    """Where templates are looked up, first match wins: the installed package's data, then the checkout's."""
+    return resources.files(TEMPLATE_PACKAGE) / "model_cards", CHECKOUT_TEMPLATE_DIR
+
+
+def template_path(template_name: str) -> Traversable:
+    """The model-card template ``template_name`` (``"base_model"`` or ``"pruned_variant"``).
+
+    A :class:`~importlib.resources.abc.Traversable`: a ``pathlib.Path`` for a package installed in a folder (wheel
+    or checkout), a ``zipfile.Path`` for a zipped one. Read it with ``.read_text()``, or get a real file with
+    ``importlib.resources.as_file``. Raises ``ValueError`` for an unknown name, ``FileNotFoundError`` when no
+    template is installed at all.
+    """
+    found = _find_template(template_name)
+    if found is not None:
+        return found
+    available = sorted({entry.name[:-3] for folder in template_dirs() if folder.is_dir()
+                        for entry in folder.iterdir() if entry.name.endswith(".md")})
+    if not available:
+        raise FileNotFoundError(_not_installed(template_name))
     raise ValueError(f"no model-card template {template_name!r}; choose one of {available}.")
 
 
 def require_templates(*template_names: str) -> None:
-    """Raise ValueError now (before any training step) when a model-card template a command needs is missing."""
-    for name in template_names:
-        template_path(name)
+    """Check, before any expensive work, that the model-card templates a command will write are installed.
+
+    Raises ``FileNotFoundError`` (one line: the missing file and the fix) for the first one missing.
+    """
+    for template_name in template_names:
+        if _find_template(template_name) is None:
+            raise FileNotFoundError(_not_installed(template_name))
+
+
+def _find_template(template_name: str) -> Traversable | None:
+    name = template_name if template_name.endswith(".md") else f"{template_name}.md"
+    return next((folder / name for folder in template_dirs() if (folder / name).is_file()), None)
+
+
+def _not_installed(template_name: str) -> str:
+    name = template_name if template_name.endswith(".md") else f"{template_name}.md"
+    package_dir, checkout_dir = template_dirs()
+    return (f"model-card template {name} is not installed (neither in {package_dir} nor in {checkout_dir}); "
+            "reinstall diffusers-memsep from a clone (`pip install .`) or from a wheel built from one (its setup.py "
+            "copies model_cards/ into the package).")
 
 
 def render_model_card(template_name: str, metadata: dict[str, Any] | None = None,
@@ -124,7 +170,8 @@ def render_model_card(template_name: str, metadata: dict[str, Any] | None = None
             results.append(EvalResult(**entry))
         metadata["eval_results"] = results
     card_data = ModelCardData(**metadata)
-    return ModelCard.from_template(card_data, template_path=str(template_path(template_name)), **fields)
+    template = template_path(template_name).read_text(encoding="utf-8")
+    return ModelCard.from_template(card_data, template_str=template, **fields)
 
 
 def save_model_card(folder: str | os.PathLike, template_name: str, metadata: dict[str, Any] | None = None,
@@ -220,4 +267,4 @@ def _truthy(value: str | None) -> bool:
 
 
 __all__ = ["HubPushError", "check_hub_repo", "hub_repo_id", "push_folder_to_hub", "render_model_card",
-           "require_templates", "save_model_card", "template_path"]
+           "require_templates", "save_model_card", "template_dirs", "template_path"]

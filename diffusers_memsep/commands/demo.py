@@ -2,7 +2,8 @@
 
 Trains a DiT on a small digits subset until it memorizes, prunes half of its heads with small-time head importance
 (the paper), random pruning and the inverse selection (small_t_top), fine-tunes, evaluates all on the same seeds,
-and writes the report, figures, variants and model cards under ``--output_dir``. ``--quick`` is a seconds-long smoke run (tiny model, few steps) for tests.
+and writes the report, figures, variants and model cards under ``--output_dir``. ``--quick`` is a seconds-long smoke
+run (tiny model, few steps) for tests.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     from diffusers_memsep.commands.prune import check_quality_arguments
     from diffusers_memsep.demo import DemoConfig, run_demo
+    from diffusers_memsep.hub import require_templates
     from diffusers_memsep.mitigation import PruningStudyConfig
 
+    require_templates("base_model", "pruned_variant")  # the base model's card and every variant's
     check_quality_arguments(args)
     default = DemoConfig()
     train = replace(default.train, max_train_steps=args.train_steps, learning_rate=args.learning_rate)

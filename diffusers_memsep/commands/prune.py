@@ -153,10 +153,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffusers_memsep.data import TrainingData, load_population, load_training_data
-    from diffusers_memsep.hub import push_folder_to_hub
+    from diffusers_memsep.hub import push_folder_to_hub, require_templates
     from diffusers_memsep.mitigation import PruningStudyConfig, check_study_output_dir, run_pruning_study
     from diffusers_memsep.training import TrainingConfig
 
+    require_templates("pruned_variant")  # every variant gets a card: fail now, not after the fine-tuning
     if args.push_to_hub and not args.hub_model_id_prefix:
         raise ValueError("--push_to_hub needs --hub_model_id_prefix (e.g. me/dit-digits-pruned).")
     check_quality_arguments(args)
