@@ -16,6 +16,7 @@ _EXPORTS = {
     "PrunableDiTTransformer2DModel": "diffusers_memsep.models",
     "MemSepPipeline": "diffusers_memsep.pipelines",
     "MemSepPipelineOutput": "diffusers_memsep.pipelines",
+    "PipelineLoadError": "diffusers_memsep.pipelines",
     # Pipeline components must be reachable as `diffusers_memsep.<ClassName>`: DiffusionPipeline.from_pretrained
     # imports a component's class from the top of the library named in model_index.json.
     "NearestNeighborIndex": "diffusers_memsep.memorization",

@@ -68,6 +68,7 @@ class EvaluationResult(BaseOutput):
     memorized_features: torch.Tensor | None = None
     kid: float = float("nan")
     kid_se: float = float("nan")
+    num_nonfinite: int = 0  # samples with NaN/Inf values: left out of both memorization ratios, never "not copies"
     num_quality_samples: int = 0
     num_real_images: int = 0
     extra: dict = field(default_factory=dict)
@@ -76,8 +77,8 @@ class EvaluationResult(BaseOutput):
         """The scalar fields, for CSV and markdown tables."""
         return {"name": self.name, **{k: getattr(self, k) for k in METRIC_COLUMNS},
                 "feature_space": self.feature_space,
-                "num_samples": self.num_samples, "num_quality_samples": self.num_quality_samples,
-                "num_real_images": self.num_real_images, "num_parameters": self.num_parameters,
+                "num_samples": self.num_samples, "num_nonfinite": self.num_nonfinite,
+                "num_quality_samples": self.num_quality_samples, "num_real_images": self.num_real_images, "num_parameters": self.num_parameters,
                 "sampling_seconds": round(self.sampling_seconds, 3), **self.extra}
 
 
@@ -195,11 +196,11 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
     in_features = memorization_report(reference.feature_space(samples[:num_samples]), reference.train_features)
     models = [pipe.transformer] + ([pipe.small_t_transformer] if getattr(pipe, "small_t_transformer", None) else [])
     return EvaluationResult(
-        name=name, memorization_ratio=report.memorized.float().mean().item(), precision=quality["precision"],
+        name=name, memorization_ratio=report.ratio, precision=quality["precision"],
         recall=quality["recall"], frechet_distance=quality["frechet_distance"], feature_space=quality["feature_space"],
         num_samples=num_samples, num_parameters=sum(m.num_parameters() for m in models), sampling_seconds=seconds,
         samples=samples[:num_samples], memorized=report.memorized.cpu(), nearest_index=report.nearest_index.cpu(),
-        memorization_ratio_features=in_features.memorized.float().mean().item(),
+        memorization_ratio_features=in_features.ratio, num_nonfinite=report.num_nonfinite,
         memorized_features=in_features.memorized.cpu(), kid=quality["kid"], kid_se=quality["kid_se"],
         num_quality_samples=num_quality_samples, num_real_images=reference.num_real_images,
     )

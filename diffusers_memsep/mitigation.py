@@ -13,7 +13,7 @@ Latent DiTs (a pipeline with a VAE, e.g. a stock ``DiTPipeline`` checkpoint). Th
 eta and seed scores and fine-tunes on those latents; every evaluated and saved pipeline keeps the VAE, so
 memorization and quality are measured on decoded images in pixel space, against the pixel-space reference.
 
-Time-routed sampling (beyond the paper). With ``routed_switch = s`` each pruned model also gets a row in which the
+Time-routed sampling (beyond the paper). With ``small_t_switch = s`` each pruned model also gets a row in which the
 ORIGINAL model denoises steps ``t >= s`` and the pruned one only ``t < s`` (``MemSepPipeline.small_t_transformer``).
 """
 
@@ -46,7 +46,7 @@ from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
 from .pruning.importance import SMALL_TIME, UNIFORM_TIME
 from .training import TrainingConfig
-from .utils import check_writable_dir, replace_path, write_csv, write_text
+from .utils import CACHE_FOLDERS, check_writable_dir, replace_path, write_csv, write_text
 
 METHOD_TITLES = {
     "original": "original (unpruned)",
@@ -60,8 +60,6 @@ SAMPLERS = ("ddpm", "ddim")
 #: Everything a study writes into its output folder; overwriting an earlier study replaces exactly these.
 STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "memorization_vs_quality.png", "samples_nearest.png",
                  "variants")
-#: Caches a study keeps in its output folder (reused, keyed by their content): not "another run" in the folder.
-STUDY_CACHES = ("feature_network", "latent_cache")
 
 
 @dataclass
@@ -78,7 +76,7 @@ class PruningStudyConfig:
     num_quality_samples: int | None = None  # samples for precision/recall, Frechet distance, KID (None: num_samples)
     num_inference_steps: int = 100
     sampler: str = "ddpm"
-    routed_switch: int | None = None
+    small_t_switch: int | None = None
     save_variants: bool = True
 
     def __post_init__(self):
@@ -143,7 +141,7 @@ def check_study_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: 
             raise ValueError(f"the input pipeline {str(pipeline_dir)!r} lies in {str(output_dir / 'variants')!r}, "
                              "which the study replaces; copy the pipeline elsewhere or choose another --output_dir.")
     if output_dir.is_dir() and not overwrite_output_dir:
-        contents = sorted(p.name for p in output_dir.iterdir() if p.name not in STUDY_CACHES)
+        contents = sorted(p.name for p in output_dir.iterdir() if p.name not in CACHE_FOLDERS)
         if contents:
             shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
             raise ValueError(f"output_dir {str(output_dir)!r} already holds files ({shown}); pass "
@@ -208,7 +206,7 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor | Qu
         progress.update()
         for method, eta in [(m, e) for (s, m, e) in runs if s == seed]:
             finetune = replace(config.finetune, seed=seed)
-            pruned = one_shot_prune(pipe.transformer, train_data, train_scheduler, ratio=eta, method=method,
+            pruned = one_shot_prune(pipe.transformer, train_data, train_scheduler, eta=eta, method=method,
                                     finetune_config=finetune, num_batches=config.importance_batches,
                                     batch_size=config.importance_batch_size,
                                     generator=torch.Generator().manual_seed(seed))
@@ -221,12 +219,12 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor | Qu
             if seed == config.seeds[0]:
                 evaluations.append(result)
                 first_models[(method, eta)] = pruned
-            if config.routed_switch is not None:
+            if config.small_t_switch is not None:
                 routed = pipeline_like(pipe.transformer, eval_pipe.scheduler, small_t_transformer=pruned.model,
-                                       small_t_switch=config.routed_switch)
+                                       small_t_switch=config.small_t_switch)
                 routed.set_progress_bar_config(disable=True)
                 result = evaluate(routed, f"{name}+routed", seed)
-                rows.append({**result.row(), "method": f"{method}+routed(t<{config.routed_switch})", "eta": eta,
+                rows.append({**result.row(), "method": f"{method}+routed(t<{config.small_t_switch})", "eta": eta,
                              "seed": seed, "pruned_heads": num_pruned})
             progress.update()
     progress.close()

@@ -75,6 +75,10 @@ def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
     return Path(path)
 
 
+#: Caches a command keeps in its output folder, keyed by their content and reused (a population-trained feature
+#: network, VAE latents of the training images): they never count as "another run" in that folder.
+CACHE_FOLDERS = ("feature_network", "latent_cache")
+
 #: Name prefix of the probe file :func:`check_writable_dir` writes and removes (ignored by "folder is empty" checks).
 WRITE_CHECK_PREFIX = ".memsep-write-check"
 

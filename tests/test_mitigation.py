@@ -18,7 +18,7 @@ QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size",
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--output_dir", str(output), "--routed_switch", "500"]) == 0
+    assert main(["demo", "--quick", "--output_dir", str(output), "--small_t_switch", "500"]) == 0
     return output
 
 

@@ -174,7 +174,7 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
     from diffusers_memsep.training import TrainingConfig
 
     finetune = TrainingConfig(max_train_steps=1, train_batch_size=2, lr_warmup_steps=0, show_progress=False)
-    pruned = one_shot_prune(dit, data, scheduler, ratio=0.5, method="small_t", finetune_config=finetune,
+    pruned = one_shot_prune(dit, data, scheduler, eta=0.5, method="small_t", finetune_config=finetune,
                             num_batches=1, batch_size=2, vae=vae)
     assert sum(pruned.model.heads_per_layer()) == 2 and len(pruned.finetune.losses) == 1
 

@@ -166,3 +166,24 @@ def test_overwrite_output_dir_replaces_another_run(tmp_path):
     assert train("--output_dir", out, "--max_train_steps", "1", "--max_train_samples", "8",
                  "--checkpointing_steps", "0", "--overwrite_output_dir") == 0
     assert not (out / "checkpoint-7").exists() and (out / "model_index.json").is_file()
+
+
+def test_validation_measures_quality_against_the_population(tmp_path):
+    """--feature_space: precision, recall, Frechet distance and KID at validation, against all 1,797 digits."""
+    from diffusers_memsep.data import load_population, load_training_data
+    from diffusers_memsep.evaluate import QualityReference
+    from diffusers_memsep.memorization import resolve_feature_space
+    from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
+
+    data = load_training_data(max_train_samples=8)
+    population = load_population()
+    reference = QualityReference.build(resolve_feature_space("pixels", population), population.images, data.images)
+    trained = train_pipeline(tmp_path / "run", data, make_dit(num_layers=1, num_attention_heads=2,
+                                                               attention_head_dim=8),
+                             make_noise_scheduler(20), TrainingConfig(max_train_steps=2, train_batch_size=4,
+                                                                      show_progress=False),
+                             report_to="none", validation_num_samples=8, quality_reference=reference)
+    assert {"memorization_ratio", "precision", "recall", "frechet_distance", "kid", "kid_se"} <= set(trained.metrics)
+    assert reference.num_real_images == 1797 and trained.metrics["frechet_distance"] > 0
+    assert train("--output_dir", tmp_path / "cli", "--max_train_samples", "8", "--max_train_steps", "1",
+                 "--checkpointing_steps", "0", "--feature_space", "pixels") == 0

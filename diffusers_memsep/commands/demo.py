@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_samples", type=int, default=study.num_samples)
     parser.add_argument("--num_inference_steps", type=int, default=study.num_inference_steps)
     parser.add_argument("--sampler", default=study.sampler, choices=SAMPLERS)
-    parser.add_argument("--routed_switch", type=int, default=study.routed_switch,
+    parser.add_argument("--small_t_switch", type=int, default=study.small_t_switch,
                         help="Also evaluate time-routed sampling (pruned model only for timesteps < this).")
     parser.add_argument("--quick", action="store_true", help="Tiny smoke run (seconds): checks the wiring only.")
     from diffusers_memsep.commands.prune import add_quality_arguments
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                finetune=finetune, importance_batches=default.study.importance_batches,
                                importance_batch_size=default.study.importance_batch_size,
                                num_samples=args.num_samples, num_inference_steps=args.num_inference_steps,
-                               sampler=args.sampler, routed_switch=args.routed_switch,
+                               sampler=args.sampler, small_t_switch=args.small_t_switch,
                                num_quality_samples=args.num_quality_samples)
     config = DemoConfig(output_dir=args.output_dir, num_train_samples=args.num_train_samples,
                         data_seed=args.data_seed, conditional=args.conditional, train=train, study=study,

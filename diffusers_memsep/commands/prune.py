@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_samples", type=int, default=study.num_samples, help="Samples per row and seed.")
     parser.add_argument("--num_inference_steps", type=int, default=study.num_inference_steps)
     parser.add_argument("--sampler", default=study.sampler, choices=SAMPLERS)
-    parser.add_argument("--routed_switch", type=int, default=None,
+    parser.add_argument("--small_t_switch", type=int, default=None,
                         help="Also evaluate time-routed sampling: the pruned model only for timesteps < this.")
     add_quality_arguments(parser)
     data = parser.add_argument_group(
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from diffusers_memsep.data import TrainingData, load_population, load_training_data
+    from diffusers_memsep.data import TrainingData, load_population
     from diffusers_memsep.hub import push_folder_to_hub, require_templates
     from diffusers_memsep.mitigation import PruningStudyConfig, check_study_output_dir, run_pruning_study
     from diffusers_memsep.training import TrainingConfig
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                 finetune=finetune, importance_batches=args.importance_batches,
                                 importance_batch_size=args.importance_batch_size, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, sampler=args.sampler,
-                                routed_switch=args.routed_switch, num_quality_samples=args.num_quality_samples)
+                                small_t_switch=args.small_t_switch, num_quality_samples=args.num_quality_samples)
     # Before loading anything: a study that cannot write its results must not run for minutes first.
     check_study_output_dir(args.output_dir, args.overwrite_output_dir, pipeline_dir=args.pipeline)
     pipe = load_pipeline(args.pipeline)

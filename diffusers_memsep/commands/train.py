@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 
-
 #: n of the documented default run on the embedded digits (``docs/results.md``, "How fast the DiT memorizes the digits").
 EMBEDDED_DEFAULT_N = 64
 
@@ -111,6 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="Sample a grid and measure the memorization ratio every N steps (always at the end).")
     run.add_argument("--validation_num_samples", type=int, default=64,
                      help="Samples per validation (0: no validation, no ratio in the card).")
+    run.add_argument("--feature_space", default="none", choices=["none", "auto", "digits", "trained", "pixels",
+                                                                    "inception"],
+                     help="Also measure precision/recall, Frechet distance and KID at every validation, against ALL "
+                          "images of the data source, in this space (as memsep prune does; default: none).")
+    run.add_argument("--inception_weights", default=None, help="FID weights file for --feature_space inception.")
     run.add_argument("--validation_inference_steps", type=int, default=None,
                      help="DDPM steps per validation (default: --ddpm_num_steps).")
     run.add_argument("--push_to_hub", action="store_true",
@@ -150,6 +154,28 @@ def load_pretrained(args: argparse.Namespace):
     return pipe, vae
 
 
+def validation_quality_reference(args: argparse.Namespace, data):
+    """The population (every image of the data source, not the training subset) in ``--feature_space``."""
+    from pathlib import Path
+
+    from diffusers_memsep.data import all_images, load_population
+    from diffusers_memsep.evaluate import QualityReference
+    from diffusers_memsep.memorization import resolve_feature_space
+
+    population = load_population(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                                 resolution=data.resolution, center_crop=args.center_crop, cache_dir=args.cache_dir)
+    try:
+        space = resolve_feature_space(args.feature_space, population, Path(args.output_dir) / "feature_network",
+                                      args.inception_weights, progress=True)
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+    images = all_images(data)
+    if population.images.shape[1:] != images.shape[1:]:
+        raise ValueError(f"the population images are {tuple(population.images.shape[1:])} but the training images "
+                         f"{tuple(images.shape[1:])}; pass --resolution.")
+    return QualityReference.build(space, population.images, images, population.source)
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -157,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
     from diffusers import DDPMScheduler
 
     from diffusers_memsep.data import TrainingData, load_training_data
-    from diffusers_memsep.models import PrunableDiTTransformer2DModel
     from diffusers_memsep.hub import require_templates
+    from diffusers_memsep.models import PrunableDiTTransformer2DModel
     from diffusers_memsep.trainer import (
         TrainingConfig,
         check_output_dir,
@@ -227,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
         model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
                          num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                          attention_head_dim=args.attention_head_dim, patch_size=args.patch_size)
+    quality_reference = None
+    if args.feature_space != "none":
+        quality_reference = validation_quality_reference(args, data)
     trained = train_pipeline(
         args.output_dir, data, model, noise_scheduler, config,
         overwrite_output_dir=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
@@ -236,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
         hub_token=args.hub_token, vae=vae, id2label=pretrained.config.get("id2label") if pretrained else None,
         base_model=args.pretrained_model_name_or_path, dataset_id=args.dataset_name,
+        quality_reference=quality_reference,
     )
     if not trained.is_main_process:
         return 0  # the main process reports for the whole data-parallel run

@@ -1,3 +1,3 @@
-from .pipeline_memsep import MemSepPipeline, MemSepPipelineOutput
+from .pipeline_memsep import MemSepPipeline, MemSepPipelineOutput, PipelineLoadError
 
-__all__ = ["MemSepPipeline", "MemSepPipelineOutput"]
+__all__ = ["MemSepPipeline", "MemSepPipelineOutput", "PipelineLoadError"]

@@ -29,17 +29,17 @@ from .importance import (
 METHODS = ("small_t", "uniform_t", "ablation", "random", "small_t_top")
 
 
-def number_of_heads_to_prune(ratio: float, num_heads: int) -> int:
+def number_of_heads_to_prune(eta: float, num_heads: int) -> int:
     """``floor(eta * H)``, after checking that eta lies in [0, 1) and that there is a head to keep."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"pruning ratio eta must lie in [0, 1), got {ratio!r} (0.2 prunes 20% of the heads).")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < 1:
+        raise ValueError(f"the pruning fraction eta must lie in [0, 1), got {eta!r} (0.2 prunes 20% of the heads).")
     if num_heads < 1:
         raise ValueError("the model has no attention heads left to prune; start from a less pruned model.")
-    return math.floor(ratio * num_heads)  # < num_heads for eta < 1: at least one head always stays
+    return math.floor(eta * num_heads)  # < num_heads for eta < 1: at least one head always stays
 
 
-def select_heads_to_prune(scores: torch.Tensor | HeadImportance, ratio: float) -> dict[int, list[int]]:
-    """The ``floor(ratio * H)`` heads with the lowest score, ranked over the whole model (Algorithm 1, step 3).
+def select_heads_to_prune(scores: torch.Tensor | HeadImportance, eta: float) -> dict[int, list[int]]:
+    """The ``floor(eta * H)`` heads with the lowest score, ranked over the whole model (Algorithm 1, step 3).
 
     ``H`` counts the heads still present (finite scores; NaN marks heads pruned before). Ties break by (layer, head)
     so the choice is deterministic. Returns ``{layer: [head, ...]}`` in the original numbering, ready for
@@ -50,7 +50,7 @@ def select_heads_to_prune(scores: torch.Tensor | HeadImportance, ratio: float) -
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
         raise TypeError("scores must be a (num_layers, num_attention_heads) tensor or a HeadImportance.")
     present = ~torch.isnan(scores)
-    num_to_prune = number_of_heads_to_prune(ratio, int(present.sum()))
+    num_to_prune = number_of_heads_to_prune(eta, int(present.sum()))
     candidates = sorted((float(scores[layer, head]), layer, head) for layer, head in present.nonzero().tolist())
     selected: dict[int, list[int]] = {}
     for _, layer, head in candidates[:num_to_prune]:
@@ -103,7 +103,7 @@ def one_shot_prune(
     model: DiTTransformer2DModel,
     data,
     scheduler,
-    ratio: float = 0.2,
+    eta: float = 0.2,
     method: str = "small_t",
     finetune_config: TrainingConfig | None = None,
     num_batches: int = 16,
@@ -113,14 +113,14 @@ def one_shot_prune(
     vae=None,
     latent_cache_dir=None,
 ) -> PruneResult:
-    """Algorithm 1: importance scores -> remove ``floor(ratio * H)`` heads globally -> fine-tune.
+    """Algorithm 1: importance scores -> remove ``floor(eta * H)`` heads globally -> fine-tune.
 
     Args:
         model: a trained DiT (stock ``DiTTransformer2DModel`` or prunable); it is copied, never modified.
         data: the training data (``images``, ``labels``), e.g. :class:`diffusers_memsep.data.TrainingData`; used for
             the scores and the fine-tuning.
         scheduler: the noise scheduler of the training run.
-        ratio: eta, the fraction of the remaining heads to remove (the paper uses 0.2).
+        eta: eta, the fraction of the remaining heads to remove (the paper uses 0.2).
         method: how heads are scored (see :func:`head_importance`).
         finetune_config: the fine-tuning settings (M = ``max_train_steps``); None skips fine-tuning.
         num_batches, batch_size, time_distribution: passed to the scoring.
@@ -136,14 +136,14 @@ def one_shot_prune(
         pruned = copy.deepcopy(model)
     else:
         pruned = PrunableDiTTransformer2DModel.from_dit(model)
-    number_of_heads_to_prune(ratio, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work
+    number_of_heads_to_prune(eta, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work
     if vae is not None:
         from ..latents import latent_training_data
 
         data = latent_training_data(data, vae, latent_cache_dir)
     importance = head_importance(method, pruned, data, scheduler, num_batches=num_batches, batch_size=batch_size,
                                  generator=generator, time_distribution=time_distribution)
-    heads = select_heads_to_prune(importance, ratio)
+    heads = select_heads_to_prune(importance, eta)
     pruned.prune_heads(heads)
     finetune = None
     if finetune_config is not None:

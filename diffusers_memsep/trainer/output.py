@@ -21,11 +21,12 @@ from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
 from ..data import TrainingData, all_images
+from ..evaluate import QualityReference, quality_metrics
 from ..hub import check_hub_repo, hub_repo_id, push_folder_to_hub, require_templates, save_model_card
 from ..latents import latent_training_data
 from ..memorization import NearestNeighborIndex
 from ..pipelines import MemSepPipeline
-from ..utils import WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
+from ..utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
 from .checkpoints import list_checkpoints, resolve_checkpoint
 from .config import TrainingConfig
 from .loop import TrainResult, check_model_and_data, train_dit
@@ -64,20 +65,27 @@ def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num
                           num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
     finally:
         pipeline.scheduler = original
-    ratio = float(output.memorized.float().mean()) if output.memorized is not None else float("nan")
+    if output.memorized is None:
+        return output, float("nan")
+    finite = output.finite if output.finite is not None else torch.ones_like(output.memorized)
+    # over the finite samples only: a diverged (NaN) sample is neither a copy nor a non-copy
+    ratio = float(output.memorized[finite].float().mean()) if finite.any() else float("nan")
     return output, ratio
 
 
 def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | os.PathLike | None = None,
                        num_samples: int = 64, num_inference_steps: int = 1000, seed: int = 0, accelerator=None,
-                       reference: NearestNeighborIndex | None = None, vae=None):
+                       reference: NearestNeighborIndex | None = None, vae=None,
+                       quality_reference: QualityReference | None = None):
     """A ``validation_fn`` for :func:`train_dit`: sample a grid, save it, return the memorization ratio.
 
     Samples come from the model being trained (EMA weights when on) with a DDPM sampler of
     ``num_inference_steps`` steps built from the training scheduler's config, always from the same noise
     (``seed``), so grids of successive steps are comparable. The grid goes to
     ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard, to TensorBoard.
-    With ``vae`` (a latent DiT) samples are decoded and judged against ``data``'s pixel images.
+    With ``vae`` (a latent DiT) samples are decoded and judged against ``data``'s pixel images. With
+    ``quality_reference`` (the population in a feature space, :class:`~diffusers_memsep.evaluate.QualityReference`)
+    the same samples also give precision, recall, the Frechet distance and the KID formula.
     """
     validation_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     reference = reference if reference is not None else NearestNeighborIndex.from_images(all_images(data))
@@ -100,7 +108,13 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_images("samples", output.images.cpu().numpy(), step)
-        return {"memorization_ratio": ratio, "memorized_samples": int(output.memorized.sum())}
+        nonfinite = int((~output.finite).sum()) if output.finite is not None else 0
+        metrics = {"memorization_ratio": ratio, "memorized_samples": int(output.memorized.sum()),
+                   "nonfinite_samples": nonfinite}
+        if quality_reference is not None:
+            quality = quality_metrics(output.images.cpu() * 2 - 1, quality_reference, seed=seed)
+            metrics.update({k: quality[k] for k in ("precision", "recall", "frechet_distance", "kid", "kid_se")})
+        return metrics
 
     return validation_fn
 
@@ -123,7 +137,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: bool =
     resuming = resume_from_checkpoint is not None and resolve_checkpoint(resume_from_checkpoint, folder) is not None
     if resuming or overwrite_output_dir or not folder.is_dir():
         return
-    contents = sorted(p.name for p in folder.iterdir() if not p.name.startswith(WRITE_CHECK_PREFIX))
+    contents = sorted(p.name for p in folder.iterdir()
+                      if not p.name.startswith(WRITE_CHECK_PREFIX) and p.name not in CACHE_FOLDERS)
     if contents:
         shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
         fix = ("it holds no checkpoint to resume (a finished run keeps none unless --checkpointing_steps is on); "
@@ -188,6 +203,7 @@ def train_pipeline(
     id2label: dict | None = None,
     base_model: str | None = None,
     dataset_id: str | None = None,
+    quality_reference: QualityReference | None = None,
 ) -> TrainedPipeline:
     """Train ``model`` with :func:`train_dit` and leave a ``MemSepPipeline`` folder in ``output_dir``.
 
@@ -210,6 +226,8 @@ def train_pipeline(
     ``<output_dir>/latent_cache``), the transformer trains on those latents, the VAE stays frozen and is saved in
     the pipeline, and memorization is judged on decoded samples against the pixel images. ``id2label`` (class
     names) is kept in the pipeline; ``base_model`` and ``dataset_id`` enter the card when they are Hub ids.
+    ``quality_reference`` adds the quality metrics of :func:`~diffusers_memsep.evaluate.quality_metrics` to every
+    validation (``memsep train --feature_space``).
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
@@ -224,6 +242,8 @@ def train_pipeline(
     validation_inference_steps = validation_inference_steps or num_train_timesteps
     if validation_num_samples < 0 or validation_inference_steps < 1:
         raise ValueError("validation_num_samples must be >= 0 and validation_inference_steps >= 1.")
+    if quality_reference is not None and 0 < validation_num_samples < 4:
+        raise ValueError("quality metrics at validation need --validation_num_samples >= 4 (k = 3 neighbours).")
     if validation_num_samples and validation_inference_steps > num_train_timesteps:
         raise ValueError(f"validation_inference_steps {validation_inference_steps} exceeds the {num_train_timesteps} "
                          f"training timesteps; pass --validation_inference_steps <= {num_train_timesteps}.")
@@ -259,7 +279,7 @@ def train_pipeline(
     if validation_num_samples > 0:
         measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
                                      validation_inference_steps, seed=config.seed, accelerator=accelerator,
-                                     reference=reference, vae=vae)
+                                     reference=reference, vae=vae, quality_reference=quality_reference)
 
         def validation_fn(model_with_ema, step):
             metrics.clear()
