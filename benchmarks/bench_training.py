@@ -1,11 +1,11 @@
 """Images/s of the training step of ``train_dit`` (what ``memsep train`` runs) vs a bare PyTorch loop.
 
 Same model (the default digits DiT), same batch, same data, same optimiser, gradient clipping and EMA; rounds
-alternate between the two in ABBA order so that load from other processes hits both alike. Reported: median images/s of each over
-the rounds, and their ratio (goal >= 0.9). ``train_dit`` is timed by its own step clock (``TrainResult.train_seconds``:
-batch drawing, loss, backward, clipping, AdamW, EMA, logging and the progress bar; not the one-off set-up, which
-is printed separately). The bare loop is what one would write by hand: index a batch, draw noise and timesteps,
-forward, MSE, backward, clip, step, ``torch._foreach_lerp_`` EMA.
+alternate between the two in ABBA order so that load from other processes hits both alike. Reported: median
+images/s of each over the rounds, and their ratio (goal >= 0.9). ``train_dit`` is timed by its own step clock
+(``TrainResult.train_seconds``: batch drawing, loss, backward, clipping, AdamW, EMA, logging and the progress
+bar; not the one-off set-up, which is printed separately). The bare loop is what one would write by hand: index
+a batch, draw noise and timesteps, forward, MSE, backward, clip, step, ``torch._foreach_lerp_`` EMA.
 
     python benchmarks/bench_training.py [--rounds 5 --steps 40 --batch 64 --threads 2]
 
@@ -72,8 +72,14 @@ def memorization_speed(argv):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from diffusers_memsep.data import load_training_data
-    from diffusers_memsep.training import (TrainingConfig, build_pipeline, make_dit, make_noise_scheduler,
-                                           sample_and_measure, train_dit)
+    from diffusers_memsep.training import (
+        TrainingConfig,
+        build_pipeline,
+        make_dit,
+        make_noise_scheduler,
+        sample_and_measure,
+        train_dit,
+    )
 
     torch.manual_seed(args.seed)
     data = load_training_data(max_train_samples=args.n, seed=args.seed, label_column="label" if args.cond else None)
@@ -99,7 +105,8 @@ def memorization_speed(argv):
                             lr_warmup_steps=args.warmup, ema_max_decay=args.ema, validation_steps=args.eval_every,
                             show_progress=False, seed=args.seed)
     print(f"n={args.n} ({data.source}), {'conditional' if args.cond else 'unconditional'}, lr {args.lr}, "
-          f"batch {args.batch}, EMA max decay {args.ema}, {args.samples} samples per sampler, {args.threads} thread(s)")
+          f"batch {args.batch}, EMA max decay {args.ema}, {args.samples} samples per sampler, "
+          f"{args.threads} thread(s)")
     train_dit(model, data, scheduler, config, validation_fn=evaluate)
     print(f"training images/s: {args.steps * args.batch / clock['wall']:.1f} wall, "
           f"{args.steps * args.batch / clock['cpu']:.1f} per CPU-second")
@@ -148,7 +155,8 @@ def main():
             script_rates.append(result.images_per_second)
             overheads.append(total - result.train_seconds)
         print(f"round {round_index}{' (warm-up)' if not round_index else ''}: bare {bare:7.1f} img/s | "
-              f"train_dit {result.images_per_second:7.1f} img/s | train_dit set-up + tear-down {total - result.train_seconds:.2f} s")
+              f"train_dit {result.images_per_second:7.1f} img/s | "
+              f"train_dit set-up + tear-down {total - result.train_seconds:.2f} s")
     bare, script = statistics.median(bare_rates), statistics.median(script_rates)
     print(f"\nmedian over {args.rounds} rounds of {args.steps} steps: bare PyTorch loop {bare:.1f} img/s, "
           f"train_dit {script:.1f} img/s, ratio train_dit / bare = {script / bare:.3f} (goal >= 0.9); "

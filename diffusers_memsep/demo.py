@@ -23,7 +23,8 @@ from .training import TrainingConfig, make_dit, make_noise_scheduler, train_pipe
 
 @dataclass
 class DemoConfig:
-    """Settings of the main job; the defaults are the documented embedded benchmark (``docs/results.md``, "The main job")."""
+    """Settings of the main job; the defaults are the documented embedded benchmark (``docs/results.md``,
+    "The main job")."""
 
     output_dir: str = "outputs/demo"
     num_train_samples: int = 16

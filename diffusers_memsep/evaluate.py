@@ -78,7 +78,8 @@ class EvaluationResult(BaseOutput):
         return {"name": self.name, **{k: getattr(self, k) for k in METRIC_COLUMNS},
                 "feature_space": self.feature_space,
                 "num_samples": self.num_samples, "num_nonfinite": self.num_nonfinite,
-                "num_quality_samples": self.num_quality_samples, "num_real_images": self.num_real_images, "num_parameters": self.num_parameters,
+                "num_quality_samples": self.num_quality_samples, "num_real_images": self.num_real_images,
+                "num_parameters": self.num_parameters,
                 "sampling_seconds": round(self.sampling_seconds, 3), **self.extra}
 
 

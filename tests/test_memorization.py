@@ -1,4 +1,5 @@
-"""Tests of diffusers_memsep.memorization: exact k-NN index, the paper's 1/3 rule, precision/recall, Frechet distance."""
+"""Tests of diffusers_memsep.memorization: exact k-NN index, the paper's 1/3 rule, precision/recall,
+Frechet distance."""
 
 import math
 

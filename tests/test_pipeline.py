@@ -174,20 +174,26 @@ def test_latent_pipeline_with_tiny_autoencoder():
         sample_size=16,
     ).eval()
     reference = NearestNeighborIndex.from_images(train_images(shape=(3, 16, 16)))
-    pipe = MemSepPipeline(tiny_dit(in_channels=4), DDIMScheduler(num_train_timesteps=100), vae=vae, reference=reference)
+    pipe = MemSepPipeline(
+        tiny_dit(in_channels=4), DDIMScheduler(num_train_timesteps=100), vae=vae, reference=reference
+    )
     pipe.set_progress_bar_config(disable=True)
     assert pipe.image_shape == (3, 16, 16)
     out = sample(pipe, class_labels=[1, 2], guidance_scale=2.0)
     assert out.images.shape == (2, 3, 16, 16) and out.memorized.shape == (2,)
     with pytest.raises(ValueError, match=r"\(3, 16, 16\)"):
-        MemSepPipeline(tiny_dit(in_channels=4), DDIMScheduler(), vae=vae, reference=NearestNeighborIndex(train_images()))
+        MemSepPipeline(
+            tiny_dit(in_channels=4), DDIMScheduler(), vae=vae, reference=NearestNeighborIndex(train_images())
+        )
 
 
 def test_time_routing_uses_small_t_model_below_the_switch():
     pipe = make_pipe(small_t_transformer=tiny_dit(seed=1))
     big, small = [], []
     pipe.transformer.register_forward_pre_hook(lambda m, a, k: big.append(int(k["timestep"][0])), with_kwargs=True)
-    pipe.small_t_transformer.register_forward_pre_hook(lambda m, a, k: small.append(int(k["timestep"][0])), with_kwargs=True)
+    pipe.small_t_transformer.register_forward_pre_hook(
+        lambda m, a, k: small.append(int(k["timestep"][0])), with_kwargs=True
+    )
     routed = sample(pipe, class_labels=[1], small_t_switch=50)
     assert big and small and min(big) >= 50 and max(small) < 50 and len(big) + len(small) == 4
     big.clear(), small.clear()
@@ -252,7 +258,8 @@ def test_save_load_round_trip_gives_identical_images(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert loaded.config.label_dropout_prob == 0.1 and loaded.vae is None
     assert torch.equal(loaded.reference.images, pipe.reference.images)
-    before, after = sample(pipe, class_labels=[1, 5], guidance_scale=2.0), sample(loaded, class_labels=[1, 5], guidance_scale=2.0)
+    before = sample(pipe, class_labels=[1, 5], guidance_scale=2.0)
+    after = sample(loaded, class_labels=[1, 5], guidance_scale=2.0)
     assert torch.equal(before.images, after.images)
     assert torch.equal(before.nearest_index, after.nearest_index)
 
@@ -274,7 +281,9 @@ def test_prunable_transformer_round_trip(tmp_path):
     assert loaded.config.small_t_switch == 60
     # the physically pruned weights are re-sliced at load time: same values, possibly another memory layout, so
     # float32 kernels may round differently in the last bits
-    torch.testing.assert_close(sample(pipe, class_labels=[2]).images, sample(loaded, class_labels=[2]).images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        sample(pipe, class_labels=[2]).images, sample(loaded, class_labels=[2]).images, rtol=0, atol=1e-5
+    )
 
 
 LOAD_BY_REPO_ID = textwrap.dedent(
@@ -284,7 +293,9 @@ LOAD_BY_REPO_ID = textwrap.dedent(
     from diffusers_memsep import MemSepPipeline
     pipe = MemSepPipeline.from_pretrained(sys.argv[1])
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(class_labels=[1, 5], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe(
+        class_labels=[1, 5], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+    )
     save_file({"images": out.images, "nearest_index": out.nearest_index}, sys.argv[2])
     """
 )
@@ -301,7 +312,9 @@ def fake_hub_upload(cache_dir, repo_id, folder, revision="0123456789abcdef012345
 def load_offline_by_repo_id(tmp_path, cache_dir, repo_id):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache_dir), "HF_HOME": str(tmp_path / "hf_home")}
     result_file = tmp_path / "result.safetensors"
-    subprocess.run([sys.executable, "-c", LOAD_BY_REPO_ID, repo_id, str(result_file)], env=env, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", LOAD_BY_REPO_ID, repo_id, str(result_file)], env=env, check=True, timeout=300
+    )
     from safetensors.torch import load_file
 
     return load_file(result_file)
@@ -322,7 +335,9 @@ def test_push_to_hub_then_load_by_repo_id_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(
         hub_utils,
         "upload_folder",
-        lambda repo_id, folder_path, **kw: uploaded.append(repo_id) or fake_hub_upload(cache_dir, repo_id, folder_path),
+        lambda repo_id, folder_path, **kw: (
+            uploaded.append(repo_id) or fake_hub_upload(cache_dir, repo_id, folder_path)
+        ),
     )
     pipe = make_pipe()
     pipe.save_pretrained(str(tmp_path / "tiny-memsep"), push_to_hub=True, repo_id=repo_id)
@@ -337,6 +352,8 @@ def test_learned_sigma_is_passed_to_schedulers_that_learn_the_variance():
     for variance_type, channels in (("learned_range", 2), ("fixed_small", 1)):
         pipe = make_pipe(scheduler=DDPMScheduler(num_train_timesteps=100, variance_type=variance_type))
         seen, step = [], pipe.scheduler.step
-        pipe.scheduler.step = lambda model_output, *a, **k: seen.append(model_output.shape[1]) or step(model_output, *a, **k)
+        pipe.scheduler.step = lambda model_output, *a, **k: (
+            seen.append(model_output.shape[1]) or step(model_output, *a, **k)
+        )
         sample(pipe, class_labels=[1, 2], guidance_scale=2.0)
         assert set(seen) == {channels}

@@ -146,7 +146,7 @@ def test_one_shot_prune_prunes_a_copy_and_fine_tunes(model, data, scheduler):
     original = copy.deepcopy(model.state_dict())
     config = TrainingConfig(max_train_steps=3, train_batch_size=8, use_ema=False, show_progress=False,
                             lr_warmup_steps=0)
-    result = one_shot_prune(model, data, scheduler, ratio=0.25, method="small_t", finetune_config=config,
+    result = one_shot_prune(model, data, scheduler, eta=0.25, method="small_t", finetune_config=config,
                             num_batches=2, batch_size=8)
     assert sum(len(h) for h in result.pruned_heads.values()) == 3  # floor(0.25 * 12)
     assert sum(result.model.heads_per_layer()) == 9
@@ -156,7 +156,9 @@ def test_one_shot_prune_prunes_a_copy_and_fine_tunes(model, data, scheduler):
     assert model.heads_per_layer() == [4, 4, 4]
     # The pruned heads were the lowest-scored ones.
     scores = result.importance.scores
-    kept = scores[torch.tensor([[h not in result.pruned_heads.get(layer, []) for h in range(4)] for layer in range(3)])]
+    kept = scores[
+        torch.tensor([[h not in result.pruned_heads.get(layer, []) for h in range(4)] for layer in range(3)])
+    ]
     removed = torch.stack([scores[layer, h] for layer, hs in result.pruned_heads.items() for h in hs])
     assert removed.max() <= kept.min()
 
@@ -164,7 +166,7 @@ def test_one_shot_prune_prunes_a_copy_and_fine_tunes(model, data, scheduler):
 def test_one_shot_prune_accepts_a_stock_dit_and_random_method(data, scheduler):
     torch.manual_seed(0)
     stock = DiTTransformer2DModel(**CONFIG)
-    result = one_shot_prune(stock, data, scheduler, ratio=0.5, method="random", finetune_config=None,
+    result = one_shot_prune(stock, data, scheduler, eta=0.5, method="random", finetune_config=None,
                             generator=torch.Generator().manual_seed(1))
     assert isinstance(result.model, PrunableDiTTransformer2DModel) and sum(result.model.heads_per_layer()) == 6
     assert result.finetune is None and result.importance.method == "random"
@@ -174,7 +176,7 @@ def test_one_shot_prune_bad_inputs_fail_before_any_work(model, data, scheduler):
     with pytest.raises(TypeError, match="DiT"):
         one_shot_prune(torch.nn.Linear(2, 2), data, scheduler)
     with pytest.raises(ValueError, match="eta"):
-        one_shot_prune(model, data, scheduler, ratio=1.0)
+        one_shot_prune(model, data, scheduler, eta=1.0)
     with pytest.raises(ValueError, match="unknown pruning method"):
         one_shot_prune(model, data, scheduler, method="magnitude")
     with pytest.raises(TypeError, match="from_dit"):
@@ -190,4 +192,5 @@ def test_small_t_top_removes_the_most_important_heads(model, data, scheduler):
     assert top.method == "small_t_top" and torch.equal(top.scores, -paper.scores)
     removed = select_heads_to_prune(top, 0.25)
     highest = sorted(paper.scores.flatten().tolist(), reverse=True)[:3]
-    assert sorted(float(paper.scores[layer, head]) for layer, heads in removed.items() for head in heads) == sorted(highest)
+    removed_scores = sorted(float(paper.scores[layer, head]) for layer, heads in removed.items() for head in heads)
+    assert removed_scores == sorted(highest)

@@ -21,7 +21,9 @@ from diffusers_memsep.memorization.features import (
     train_digits_feature_extractor,
 )
 
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "..", "diffusers_memsep", "assets", "digits_features.safetensors")
+DEFAULT_OUTPUT = os.path.join(
+    os.path.dirname(__file__), "..", "diffusers_memsep", "assets", "digits_features.safetensors"
+)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="fixed",
                         help="Fix a run parameter of a custom sweep, e.g. --set dim=16.")
     parser.add_argument("--replot", action="store_true",
-                        help="Redraw the figures from the CSV and saved samples already in --output_dir (no training).")
+                        help="Redraw the figures from the CSV and saved samples already in --output_dir "
+                        "(no training).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
 
 

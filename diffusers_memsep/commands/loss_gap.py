@@ -33,8 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from diffusers_memsep.theory import GaussianMixture, loss_gap_curve, plot_loss_gap_curve, time_grid
-    from diffusers_memsep.theory import write_loss_gap_csv
+    from diffusers_memsep.theory import (
+        GaussianMixture,
+        loss_gap_curve,
+        plot_loss_gap_curve,
+        time_grid,
+        write_loss_gap_csv,
+    )
 
     if args.num_times < 2:
         raise ValueError(f"--num_times must be >= 2 (got {args.num_times}).")

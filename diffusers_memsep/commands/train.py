@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
-#: n of the documented default run on the embedded digits (``docs/results.md``, "How fast the DiT memorizes the digits").
+#: n of the documented default run on the embedded digits
+#: (``docs/results.md``, "How fast the DiT memorizes the digits").
 EMBEDDED_DEFAULT_N = 64
 
 

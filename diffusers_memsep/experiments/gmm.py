@@ -108,7 +108,9 @@ class GMMScoreMLP(ModelMixin, ConfigMixin):
             raise ValueError(f"got {t.numel()} times for {batch} points; pass one float or a tensor of shape "
                              f"[{batch}].")
         if not bool((t > 0).all()):
-            raise ValueError("diffusion times must be > 0 (the score is singular at t = 0); use t >= t_min, e.g. 1e-3.")
+            raise ValueError(
+                "diffusion times must be > 0 (the score is singular at t = 0); use t >= t_min, e.g. 1e-3."
+            )
         return t
 
     def _noise_and_sigma(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +156,8 @@ def gmm_dsm_loss(model: GMMScoreMLP, x0: torch.Tensor, t: torch.Tensor, noise: t
     """Mean over the batch of ``sigma_t^2 * l_t(x0, s)``, the paper's DSM loss weighted by ``lambda(t) = sigma_t^2``.
 
     ``l_t(x, s) = || -(X_t - alpha_t x)/sigma_t^2 - s(X_t, t) ||^2`` with ``X_t = alpha_t x + sigma_t noise``
-    (Ye et al. 2025, Section 2), one noise draw per row. With ``s = -eps_hat/sigma_t`` this equals ``||eps_hat - noise||^2``.
+    (Ye et al. 2025, Section 2), one noise draw per row. With ``s = -eps_hat/sigma_t`` this equals
+    ``||eps_hat - noise||^2``.
     """
     alpha, sigma = ou_alpha_sigma(t)
     x_t = alpha[:, None] * x0 + sigma[:, None] * noise

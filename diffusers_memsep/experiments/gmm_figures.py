@@ -296,7 +296,8 @@ def _save_figure2_samples(results: Sequence[GMMRunResult], path: str) -> None:
         tensors[f"{i}.train"] = result.train.contiguous()
         tensors[f"{i}.memorized"] = result.memorized.to(torch.uint8).contiguous()
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={"widths": json.dumps([result.row["width"] for result in results])})
+        widths = json.dumps([result.row["width"] for result in results])
+        save_file(tensors, str(temporary), metadata={"widths": widths})
 
 
 def _parse(value: str) -> Any:

@@ -81,7 +81,9 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
             num_images, sample_shape = images.shape[0], tuple(images.shape[1:])
             images = images.detach().to(torch.float32).clone()
         elif num_images is None or sample_shape is None:
-            raise ValueError("NearestNeighborIndex needs `images` (a tensor [n, ...]) or both num_images and sample_shape.")
+            raise ValueError(
+                "NearestNeighborIndex needs `images` (a tensor [n, ...]) or both num_images and sample_shape."
+            )
         else:
             images = torch.zeros(int(num_images), *[int(s) for s in sample_shape])
         if num_images < 2:
@@ -157,9 +159,13 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
             training set (NaN and -1 on skipped rows).
         """
         if k < 2:
-            raise ValueError(f"k={k}: the memorization rule compares the nearest and second-nearest samples, use k >= 2.")
+            raise ValueError(
+                f"k={k}: the memorization rule compares the nearest and second-nearest samples, use k >= 2."
+            )
         if k > self.num_images:
-            raise ValueError(f"k={k} but the reference holds only {self.num_images} images; use k <= {self.num_images}.")
+            raise ValueError(
+                f"k={k} but the reference holds only {self.num_images} images; use k <= {self.num_images}."
+            )
         if chunk_size < 1 or query_chunk_size < 1 or spare_candidates < 0:
             raise ValueError("chunk_size and query_chunk_size must be >= 1 and spare_candidates >= 0.")
         if nonfinite not in ("raise", "skip"):
@@ -415,6 +421,8 @@ def _as_samples(samples, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape [n, d] or [n, C, H, W], got {tuple(samples.shape)}.")
     if samples.shape[0] == 0:
         raise ValueError(f"{name} is empty (0 samples); the reference needs at least 2 training images.")
-    if samples.is_complex() or not (samples.is_floating_point() or samples.dtype in (torch.uint8, torch.int64, torch.int32)):
+    if samples.is_complex() or not (
+        samples.is_floating_point() or samples.dtype in (torch.uint8, torch.int64, torch.int32)
+    ):
         raise TypeError(f"{name} must hold real numbers, got dtype {samples.dtype}.")
     return samples

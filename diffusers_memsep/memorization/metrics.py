@@ -65,7 +65,8 @@ def _as_index(reference: NearestNeighborIndex | torch.Tensor) -> NearestNeighbor
     if isinstance(reference, torch.Tensor):
         return NearestNeighborIndex.from_images(reference)
     raise TypeError(
-        f"reference must be a NearestNeighborIndex or a tensor of training samples [n, ...], got {type(reference).__name__}."
+        "reference must be a NearestNeighborIndex or a tensor of training samples [n, ...], "
+        f"got {type(reference).__name__}."
     )
 
 
@@ -77,7 +78,7 @@ def memorization_report(
     **search_kwargs,
 ) -> MemorizationResult:
     r"""
-    Flag generated samples that copy a training sample (``../shared/PAPER.md`` section 4).
+    Flag generated samples that copy a training sample (Ye et al. 2025, Section 4).
 
     A sample ``x`` is memorized when ``||x - x_(1)||^2 <= threshold^2 ||x - x_(2)||^2`` with ``x_(k)`` its k-th
     nearest training sample in Euclidean distance; the paper uses ``threshold = 1/3``. Distances are computed in
@@ -100,7 +101,9 @@ def memorization_report(
     distances, indices = index.search(samples, k=2, nonfinite="skip", **search_kwargs)
     nearest, second = distances[:, 0].contiguous(), distances[:, 1].contiguous()
     finite = indices[:, 0] >= 0
-    ratio = torch.where(second > 0, nearest / second.clamp_min(torch.finfo(second.dtype).tiny), torch.zeros_like(nearest))
+    ratio = torch.where(
+        second > 0, nearest / second.clamp_min(torch.finfo(second.dtype).tiny), torch.zeros_like(nearest)
+    )
     ratio[~finite] = float("nan")
     if not bool(finite.all()):
         logger.warning(f"{int((~finite).sum())} of {len(finite)} samples hold NaN or infinite values: they are left "
@@ -142,7 +145,9 @@ def _kth_neighbor_radius(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _inside_any_ball(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def _inside_any_ball(
+    points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, chunk: int = 2048
+) -> torch.Tensor:
     """For each point: does some center c have ||point - c||^2 <= radius_c^2 ? (radii are squared already)."""
     inside = []
     for start in range(0, points.shape[0], chunk):
@@ -175,7 +180,8 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
     fake = _features_2d(fake_features, "fake_features").to(real.device)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(
-            f"real features have {real.shape[1]} dimensions, fake ones {fake.shape[1]}; use the same feature extractor."
+            f"real features have {real.shape[1]} dimensions, fake ones {fake.shape[1]}; "
+            "use the same feature extractor."
         )
     if not bool(torch.isfinite(real).all()):
         raise ValueError("real_features hold NaN or infinite values; clean the real images before measuring quality.")
@@ -193,7 +199,9 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 
 # ----------------------------------------------------------------------------------------------- Frechet distance
 @torch.no_grad()
-def _extract(samples: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None, batch_size: int) -> torch.Tensor:
+def _extract(
+    samples: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None, batch_size: int
+) -> torch.Tensor:
     if features is None:
         return _features_2d(samples, "samples").double()
     chunks = [features(samples[start : start + batch_size]) for start in range(0, samples.shape[0], batch_size)]

@@ -277,7 +277,9 @@ class MemSepPipeline(DiffusionPipeline):
         """Raise a ValueError when the components do not fit together (called at construction and per call)."""
         config = self.transformer.config
         if getattr(config, "num_embeds_ada_norm", None) is None:
-            raise ValueError("transformer.config.num_embeds_ada_norm is None: MemSepPipeline needs a DiT with a label table.")
+            raise ValueError(
+                "transformer.config.num_embeds_ada_norm is None: MemSepPipeline needs a DiT with a label table."
+            )
         if self.vae is not None and self.vae.config.latent_channels != config.in_channels:
             raise ValueError(
                 f"vae has {self.vae.config.latent_channels} latent channels but the transformer takes "
@@ -301,8 +303,9 @@ class MemSepPipeline(DiffusionPipeline):
     def _check_null_class(self, why: str) -> None:
         if self.config.get("label_dropout_prob") == 0:
             raise ValueError(
-                f"{why} needs the null class, but this model was trained with label_dropout_prob=0 (the null class was "
-                "never learned); sample class-conditionally with guidance_scale=1, or retrain with label dropout."
+                f"{why} needs the null class, but this model was trained with label_dropout_prob=0 "
+                "(the null class was never learned); sample class-conditionally with guidance_scale=1, "
+                "or retrain with label dropout."
             )
         for model in (self.transformer, self.small_t_transformer):
             for module in model.modules() if model is not None else ():
@@ -314,7 +317,9 @@ class MemSepPipeline(DiffusionPipeline):
                     )
 
     def _prepare_labels(self, class_labels, batch_size: int | None, device) -> torch.Tensor:
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size={batch_size!r}: pass a positive integer.")
         if class_labels is None:
             self._check_null_class("Unconditional sampling (class_labels=None)")
@@ -331,7 +336,9 @@ class MemSepPipeline(DiffusionPipeline):
         else:
             labels = torch.as_tensor(class_labels)
             if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1 or labels.numel() == 0:
-                raise ValueError(f"class_labels must be an int or a non-empty 1-D list/tensor of ints, got {class_labels!r}.")
+                raise ValueError(
+                    f"class_labels must be an int or a non-empty 1-D list/tensor of ints, got {class_labels!r}."
+                )
             if batch_size is not None and batch_size != labels.numel():
                 raise ValueError(
                     f"batch_size={batch_size} but {labels.numel()} class labels were given; pass one label per "
@@ -380,7 +387,11 @@ class MemSepPipeline(DiffusionPipeline):
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(
                 guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale!r}: pass a finite number (1 = no guidance).")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: use an integer >= 1 (e.g. 50).")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'pt'.")
@@ -389,12 +400,16 @@ class MemSepPipeline(DiffusionPipeline):
         guided = guidance_scale > 1
         if guided:
             if class_labels is None:
-                raise ValueError("guidance_scale > 1 needs class_labels: guiding the null class towards itself does nothing.")
+                raise ValueError(
+                    "guidance_scale > 1 needs class_labels: guiding the null class towards itself does nothing."
+                )
             self._check_null_class("Classifier-free guidance (guidance_scale > 1)")
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         switch = small_t_switch if small_t_switch is not None else self.config.get("small_t_switch")
         if switch is not None and self.small_t_transformer is None:
-            raise ValueError("small_t_switch is set but the pipeline has no small_t_transformer; pass one, or no switch.")
+            raise ValueError(
+                "small_t_switch is set but the pipeline has no small_t_transformer; pass one, or no switch."
+            )
         if self.small_t_transformer is not None and switch is None:
             logger.warning("small_t_transformer is set but no small_t_switch: sampling uses `transformer` only.")
 
@@ -409,7 +424,9 @@ class MemSepPipeline(DiffusionPipeline):
         )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         full_output = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
 
         with _eval_mode(self.transformer, self.small_t_transformer):

@@ -1,6 +1,6 @@
 """Head importance in the small-time regime (the paper's Algorithm 2) and the baselines it is compared with.
 
-Algorithm 2 (IMPORTANCESCORE), as in ``PAPER.md`` section 6, line by line:
+IMPORTANCESCORE, as in Ye et al. 2025, Section 6, Algorithm 2, line by line:
 
 1. attach a mask variable ``xi_h = 1`` to every head's output           -> ``model.set_head_mask(ones)``
 2. for batches ``x ~ D`` with ``t ~ T``, compute the training loss       -> :func:`diffusers_memsep.training.dsm_loss`
@@ -235,7 +235,8 @@ def ablation_head_importance(
                 mask = torch.ones(present.shape, device=device)
                 mask[layer, head] = 0.0
                 model.set_head_mask(mask)
-                increase[layer, head] += dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item() - base
+                loss = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item()
+                increase[layer, head] += loss - base
     increase = all_reduce_sum(increase)  # over every process's batches
     scores = (increase / num_batches).where(present, torch.tensor(float("nan"), dtype=torch.float64))
     return HeadImportance(scores=scores, raw_scores=scores.clone(), method="ablation",

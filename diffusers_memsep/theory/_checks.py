@@ -21,7 +21,9 @@ def check_points(x, name: str, dim: int | None = None) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor (got {x.dtype}); convert it with .float() or .double().")
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf; clean the data (e.g. drop rows with ~torch.isfinite(x).all(1)).")
+        raise ValueError(
+            f"{name} contains NaN or inf; clean the data (e.g. drop rows with ~torch.isfinite(x).all(1))."
+        )
     return x
 
 

@@ -60,9 +60,9 @@ def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: Trai
     """Save ``checkpoint-<step>`` atomically: write ``.checkpoint-<step>.tmp``, then rename it into place.
 
     ``accelerator.save_state`` writes ``transformer/`` and ``transformer_ema/`` (diffusers layout, through
-    :func:`register_checkpoint_hooks`), optimizer, scheduler and RNG states; ``trainer_state.json`` (the step, the settings and ``run``, the
-    :func:`run_signature` a resume must match) is written last and marks a complete checkpoint. Old
-    checkpoints beyond ``checkpoints_total_limit`` are removed only after the new one is in place.
+    :func:`register_checkpoint_hooks`), optimizer, scheduler and RNG states; ``trainer_state.json`` (the step,
+    the settings and ``run``, the :func:`run_signature` a resume must match) is written last and marks a complete
+    checkpoint. Old checkpoints beyond ``checkpoints_total_limit`` are removed only after the new one is in place.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"

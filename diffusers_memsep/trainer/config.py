@@ -68,7 +68,9 @@ class TrainingConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
         if not self.adam_epsilon > 0:
-            raise ValueError(f"adam_epsilon must be > 0 (it keeps AdamW's division finite), got {self.adam_epsilon!r}.")
+            raise ValueError(
+                f"adam_epsilon must be > 0 (it keeps AdamW's division finite), got {self.adam_epsilon!r}."
+            )
         if self.adam_weight_decay < 0:
             raise ValueError(f"adam_weight_decay must be >= 0, got {self.adam_weight_decay!r}.")
         if self.lr_scheduler not in LR_SCHEDULES:

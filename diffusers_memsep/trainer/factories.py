@@ -61,9 +61,13 @@ def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "
                          prediction_type: str = "epsilon"):
     """The DDPM training scheduler (``diffusers.DDPMScheduler``) with the given discretisation."""
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps (--ddpm_num_steps) must be an integer >= 2, got {num_train_timesteps!r}.")
+        raise ValueError(
+            f"num_train_timesteps (--ddpm_num_steps) must be an integer >= 2, got {num_train_timesteps!r}."
+        )
     if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta_schedule (--ddpm_beta_schedule) must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")
+        raise ValueError(
+            f"beta_schedule (--ddpm_beta_schedule) must be one of {BETA_SCHEDULES}, got {beta_schedule!r}."
+        )
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
@@ -82,5 +86,7 @@ def load_dit_config(name_or_path: str | os.PathLike) -> dict:
             raise ValueError(f"{str(path)!r} holds no config.json (nor transformer/config.json); pass a DiT config.")
         return PrunableDiTTransformer2DModel.load_config(str(name_or_path))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read a DiT config from {str(name_or_path)!r} ({str(error).splitlines()[0]}); pass "
-                         "an existing config.json, its folder, a pipeline folder, or a Hub id in the local cache.") from None
+        raise ValueError(
+            f"cannot read a DiT config from {str(name_or_path)!r} ({str(error).splitlines()[0]}); pass "
+            "an existing config.json, its folder, a pipeline folder, or a Hub id in the local cache."
+        ) from None

@@ -38,8 +38,8 @@ from ..data import StreamingTrainingData, TrainingData
 from .checkpoints import (
     check_same_run,
     load_checkpoint,
-    register_checkpoint_hooks,
     read_trainer_state,
+    register_checkpoint_hooks,
     resolve_checkpoint,
     run_signature,
     save_checkpoint,

@@ -20,7 +20,8 @@ def dsm_loss(model, noise_scheduler, clean_images: torch.Tensor, class_labels: t
              timesteps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """The ordinary denoising loss at the given timesteps (mean over batch and pixels).
 
-    The paper (Ye et al. 2025, Section 2, the denoising score-matching loss) writes, for a training image ``x_i`` and time ``t``::
+    The paper (Ye et al. 2025, Section 2, the denoising score-matching loss) writes, for a training image ``x_i``
+    and time ``t``::
 
         l_t(x_i, s) = E_{X_t | X_0 = x_i} || -(X_t - alpha_t x_i) / sigma_t^2 - s(X_t, t) ||^2
 

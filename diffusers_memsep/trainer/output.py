@@ -364,7 +364,8 @@ def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: T
     if "memorization_ratio" in metrics:
         sampler = f"DDPM-{inference_steps}"
         memorization.append({"sampler": sampler, "ratio": metrics["memorization_ratio"], "num_samples": num_samples})
-        eval_results.append({"metric_type": "memorization_ratio", "metric_value": round(metrics["memorization_ratio"], 4),
+        eval_results.append({"metric_type": "memorization_ratio",
+                             "metric_value": round(metrics["memorization_ratio"], 4),
                              "metric_name": f"Memorization ratio (1/3 rule, {sampler}, {num_samples} samples)",
                              "dataset_name": data.source, "dataset_type": dataset_tag})
     model_config = dict(model.config)
