@@ -45,10 +45,34 @@ Choices the paper leaves open:
   intra-op threads spin against each other (measured on the shared 2-core machine: 30 training steps of the
   quick model took 4.3 s with one thread and 65 s with two).
 
-Budget of the full profile (:func:`full_config`), from the ``--quick`` times measured on the 2-core CPU (see
-:data:`MEASURED_SECONDS`)::
+Budget of the full profile (the defaults of :class:`StudyConfig`, ``memsep study`` without ``--quick``), from
+times measured on the shared 2-core CPU while other jobs kept its load average near 10 (one torch thread):
 
-    (see full_config's docstring)
+- ``--quick`` (tiny DiT: 2 layers x 4 heads of 8): 4 base models and 48 runs in 3.3 min; a base model (200
+  steps) 18-20 s on digits8, 9-12 s on colour16; a run: evaluation only 1.2-1.6 s; score + 20 fine-tuning steps +
+  evaluation (32 samples, DDIM-10) 2.0-4.2 s. The run cost is dominated by fixed overheads at this size, so
+  the full profile is extrapolated from the same steps measured on the full-size DiT:
+- full-size DiT (4 layers x 4 heads of 32, 1.42M parameters), same load: 0.216 s per training step (batch 16;
+  0.222 s on colour16), 2.45 ms per sample and DDIM step, scores from 8 batches of 32: 1.2 s (small_t), 11.6 s
+  (ablation); idle, the same DiT trains at 18 steps/s (``docs/results.md``), 0.056 s per step: the load
+  slows everything about 3.9x.
+
+Idle-machine arithmetic (loaded times / 3.9)::
+
+    step 0.056 s; evaluation (64 samples x DDIM-25 = 1,600 sample-steps x 0.63 ms) 1.0 s
+    scores from 4 batches of 32: small_t, uniform_t, small_t_top 0.15 s; ablation 1.5 s; memorization_gap 3.0 s
+    base model: 3,000 steps x 0.056 s + 6 checkpoints x 1.0 s             =   174 s;  x 8 (2 settings x 4) = 1,392 s
+    per (base model, seed): original + early_stop: 2 x 1.0 s               =     2 s
+      fine-tuned run: 60 steps x 0.056 s + 1.0 s                           =   4.4 s + its score
+      finetune_only 4.4 + small_t 3 x 4.55 + random 3 x 4.4 + memorization_gap 3 x 7.4
+      + uniform_t 4.55 + ablation 5.9 + small_t_top 4.55                   =  68.5 s
+    per base model: 3 seeds x (2 + 68.5) s = 211 s;  x 8                   = 1,690 s
+    total: 1,392 + 1,690 = 3,082 s = 51 min for 360 runs (at load 10, about 3.3 h: run it on a quiet machine)
+
+What was cut to fit the hour (against the full grid): uniform_t, ablation and small_t_top at eta 0.5 only (the
+other etas would add 6 runs per base model and seed, about +8 min); 60 fine-tuning steps (the demo's 300 would
+add about +35 min); 64 samples with DDIM-25 (the demo: 128 with DDIM-50); scores from 4 batches of 32; base
+models trained 3,000 steps (memorization on 16 digits is measured near 40% at 3,000 steps, 50-80% at 5,000).
 """
 
 from __future__ import annotations
@@ -135,20 +159,21 @@ class StudyConfig:
     num_base_models: int = 4
     methods: tuple = METHODS
     etas: tuple = (0.25, 0.5, 0.75)
-    method_etas: dict = field(default_factory=dict)
+    # The budget cut (module docstring): three methods at every eta, the other three at eta 0.5 only.
+    method_etas: dict = field(default_factory=lambda: {m: (0.5,) for m in ("uniform_t", "ablation", "small_t_top")})
     seeds: tuple = (0, 1, 2)
     base_train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
-        max_train_steps=2000, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=0, ema_max_decay=0.995,
+        max_train_steps=3000, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=100, ema_max_decay=0.995,
         show_progress=False))
-    checkpoint_every: int = 250
+    checkpoint_every: int = 500
     early_stop_threshold: float = 0.1
     curve_num_samples: int = 64
     finetune: TrainingConfig = field(default_factory=lambda: TrainingConfig(
-        max_train_steps=300, train_batch_size=16, lr_warmup_steps=0, show_progress=False))
-    importance_batches: int = 8
+        max_train_steps=60, train_batch_size=16, lr_warmup_steps=0, show_progress=False))
+    importance_batches: int = 4
     importance_batch_size: int = 32
-    num_samples: int = 128
-    num_inference_steps: int = 50
+    num_samples: int = 64
+    num_inference_steps: int = 25
     sampler: str = "ddim"
     quality_metric: str = "frechet_distance"
     max_runs: int | None = None  # stop after this many new runs (continue later: the study resumes)
@@ -171,7 +196,8 @@ class StudyConfig:
             raise ValueError(f"checkpoint_every must lie in [1, base training steps = "
                              f"{self.base_train.max_train_steps}], got {self.checkpoint_every}.")
         if not 0 <= self.early_stop_threshold < 1:
-            raise ValueError(f"early_stop_threshold is a memorization ratio in [0, 1), got {self.early_stop_threshold}.")
+            raise ValueError(f"early_stop_threshold is a memorization ratio in [0, 1), got "
+                             f"{self.early_stop_threshold}.")
         if self.num_samples < 2 or self.curve_num_samples < 1 or self.num_inference_steps < 1:
             raise ValueError("num_samples must be >= 2, curve_num_samples and num_inference_steps >= 1.")
         if self.max_runs is not None and self.max_runs < 0:
@@ -204,12 +230,8 @@ def quick_config(output_dir: str = "outputs/study-quick", **overrides) -> StudyC
     return replace(config, **overrides)
 
 
-#: Seconds measured with :func:`quick_config` on the shared 2-core CPU (filled from a --quick run; see full_config).
-MEASURED_SECONDS = {}
-
-
 def full_config(output_dir: str = "outputs/study", **overrides) -> StudyConfig:
-    """The default profile (<= 60 min on a 2-core CPU); the arithmetic is in the module docstring."""
+    """The default profile (about 51 min on an idle 2-core CPU; the arithmetic is in the module docstring)."""
     return replace(StudyConfig(output_dir=output_dir), **overrides)
 
 
@@ -252,7 +274,8 @@ def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
                          f"held-out image of the {len(population)}; train on fewer images.")
     held_out = None
     if setting.validation_data_dir:
-        held_out = load_training_data(**{**kwargs, "dataset_name": None, "train_data_dir": setting.validation_data_dir})
+        held_out = load_training_data(**{**kwargs, "dataset_name": None,
+                                         "train_data_dir": setting.validation_data_dir})
     return SettingData(population, held_out)
 
 
@@ -276,7 +299,8 @@ def base_dir(output_dir: Path, setting: StudySetting, base: int) -> Path:
     return output_dir / "bases" / setting.name / f"base-{base}"
 
 
-def prepare_base_model(config: StudyConfig, setting: StudySetting, base: int, data: TrainingData) -> tuple[BaseModel, bool]:
+def prepare_base_model(config: StudyConfig, setting: StudySetting, base: int,
+                       data: TrainingData) -> tuple[BaseModel, bool]:
     """Train (or reload) base model ``base``: checkpoints every ``checkpoint_every`` steps, its memorization curve
     and the early-stop checkpoint, kept as pipeline folders. Returns the model and whether it was trained now."""
     folder = base_dir(Path(config.output_dir), setting, base)
@@ -349,7 +373,8 @@ class Run:
     seed: int
 
     def path(self, output_dir: Path) -> Path:
-        return output_dir / "runs" / self.setting / f"base-{self.base}" / f"{self.condition}-eta{self.eta:g}-seed{self.seed}.json"
+        name = f"{self.condition}-eta{self.eta:g}-seed{self.seed}.json"
+        return output_dir / "runs" / self.setting / f"base-{self.base}" / name
 
 
 def planned_runs(config: StudyConfig) -> list[Run]:
@@ -409,7 +434,8 @@ def _run_study(config: StudyConfig) -> StudyResult:
             model, trained = prepare_base_model(config, setting, base, data)
             trained_bases += trained
             for run in (r for r in todo if r.setting == setting.name and r.base == base):
-                progress.set_postfix_str(f"{setting.name} base {base}: {run.condition} eta {run.eta:g} seed {run.seed}")
+                progress.set_postfix_str(f"{setting.name} base {base}: {run.condition} eta {run.eta:g} "
+                                         f"seed {run.seed}")
                 row = execute_run(config, run, model, data, setting_data.population.images)
                 write_text(run.path(output_dir), json.dumps(row, indent=1))  # one atomic file per finished run
                 executed += 1
@@ -460,8 +486,8 @@ def _check_signature(config: StudyConfig, output_dir: Path) -> None:
         stored = json.loads(path.read_text())
         if stored != signature:
             changed = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
-            raise ValueError(f"{str(output_dir)!r} holds a study with other settings ({', '.join(changed)}); rerun with "
-                             "the same settings to continue it, or choose another --output_dir.")
+            raise ValueError(f"{str(output_dir)!r} holds a study with other settings ({', '.join(changed)}); rerun "
+                             "with the same settings to continue it, or choose another --output_dir.")
     else:
         write_text(path, json.dumps(signature, indent=1))
 
@@ -579,11 +605,12 @@ def _error_bars(rows, metric):
     return [lows, highs]
 
 
-def _interval(entry, key) -> str:
+def _interval(entry, key, sign: str = "+") -> str:
+    """``mean [low, high]`` (signed for differences: ``sign="+"``; plain for means: ``sign=""``)."""
     low, high = entry.get(key + "_low", math.nan), entry.get(key + "_high", math.nan)
     if math.isnan(low):
-        return f"{entry[key]:+.3f} (n < 2)"
-    return f"{entry[key]:+.3f} [{low:+.3f}, {high:+.3f}]"
+        return f"{entry[key]:{sign}.3f} (n < 2)"
+    return f"{entry[key]:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
 def study_report(config: StudyConfig, rows: list[dict], summary: list[dict], planned: int) -> str:
@@ -619,14 +646,15 @@ def study_report(config: StudyConfig, rows: list[dict], summary: list[dict], pla
                              f"in {curve['train_seconds']:.0f} s.")
         lines += ["", "| method | eta | runs | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
         for entry in setting_rows:
-            cells = [_interval(entry, m).lstrip("+") for m in metrics]
+            cells = [_interval(entry, m, sign="") for m in metrics]
             lines.append(f"| {entry['method']} | {entry['eta']:g} | {entry['runs']} | " + " | ".join(cells) + " |")
         for label in ("random", "finetune_only"):
             compared = [e for e in setting_rows if f"vs_{label}_memorization_ratio" in e]
             if not compared:
                 continue
             lines += ["", f"Paired difference (method - {label}), mean [95% t-interval], verdict:", "",
-                      "| method | eta | pairs | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+                      "| method | eta | pairs | " + " | ".join(metrics) + " |",
+                      "|---|---|---|" + "---|" * len(metrics)]
             for entry in compared:
                 cells = [f"{_interval(entry, f'vs_{label}_{m}')} {entry[f'vs_{label}_{m}_verdict']}" for m in metrics]
                 lines.append(f"| {entry['method']} | {entry['eta']:g} | "

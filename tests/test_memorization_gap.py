@@ -18,7 +18,8 @@ from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_schedu
 class ControlledHeads(PrunableDiTTransformer2DModel):
     """A DiT whose prediction is a sum of three per-head terms, each gated by its head mask entry:
 
-    - head (0, 0), the memorizer (weight 0.1): the exact noise of the NEAREST TRAINING IMAGE, ``(x_t - alpha_t x_(1)) / sigma_t``
+    - head (0, 0), the memorizer (weight 0.1): the exact noise of the NEAREST TRAINING IMAGE,
+      ``(x_t - alpha_t x_(1)) / sigma_t``
       (right on training images, wrong on any other image);
     - heads (0, 1) and (0, 2): ``c * sigma_t * x_t``, the ideal noise prediction for N(0, I) data, split 0.3 / 0.7
       (they help every image of the distribution alike; head 2 matters most for the ordinary loss).

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from diffusers_memsep.study import BUILTIN_SETTINGS, StudyConfig
 
     default = StudyConfig()
-    parser.add_argument("--output_dir", default=None, help="Default: outputs/study (outputs/study-quick with --quick).")
+    parser.add_argument("--output_dir", default=None, help="Default: outputs/study (--quick: outputs/study-quick).")
     parser.add_argument("--quick", action="store_true", help="Tiny profile (~2-3 min): the wiring and the run costs.")
     parser.add_argument("--settings", nargs="*", default=None, choices=BUILTIN_SETTINGS,
                         help="Built-in settings (default: both; none with a data flag runs only that data).")
@@ -47,17 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from diffusers_memsep.study import StudySetting, builtin_setting, full_config, quick_config, run_study
+    from diffusers_memsep.study import StudySetting, full_config, quick_config, run_study
 
     config = quick_config() if args.quick else full_config()
-    model = dict(config.settings[0].model)
-    settings = [s for s in config.settings if args.settings is None or s.name in args.settings]
-    if args.settings:
-        settings = [builtin_setting(name, model) if not any(s.name == name for s in settings) else
-                    next(s for s in settings if s.name == name) for name in args.settings]
-    if args.dataset_name or args.train_data_dir:
-        if args.settings is None:
-            settings = []
+    extra = bool(args.dataset_name or args.train_data_dir)
+    names = args.settings if args.settings is not None else ([] if extra else [s.name for s in config.settings])
+    settings = [next(s for s in config.settings if s.name == name) for name in names]
+    model = dict(config.settings[0].model)  # the profile's DiT (digits8's) for an extra setting
+    if extra:
         settings.append(StudySetting(args.setting_name, dataset_name=args.dataset_name,
                                      dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
                                      validation_data_dir=args.validation_data_dir, image_column=args.image_column,

@@ -103,7 +103,8 @@ def memorization_gap_importance(
     held_out = held_out if held_out is not None else getattr(data, "held_out", None)
     if held_out is None:
         raise ValueError("memorization_gap needs held-out images of the training distribution; pass held_out=... "
-                         "or data=with_held_out(train, held_out) (memsep: --validation_data_dir).")
+                         "or data=with_held_out(train, held_out) (memsep study and memsep demo hold them out "
+                         "themselves; memsep study --validation_data_dir takes a folder).")
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}.")
     if len(data.images) == 0 or len(held_out.images) == 0:
