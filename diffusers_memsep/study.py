@@ -423,11 +423,12 @@ def _run_study(config: StudyConfig) -> StudyResult:
     executed, trained_bases = 0, 0
     progress = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="study runs",
                     disable=not config.show_progress)
+    # Every data set is read before the first training step, so a bad path fails now, not after an hour.
+    loaded = {s.name: load_setting(s, output_dir) for s in config.settings if any(r.setting == s.name for r in todo)}
+    write_text(output_dir / "study.json", json.dumps(config.signature(), indent=1))
     for setting in config.settings:
         needed_bases = sorted({run.base for run in todo if run.setting == setting.name})
-        if not needed_bases:
-            continue
-        setting_data = load_setting(setting, output_dir)
+        setting_data = loaded.get(setting.name)
         for base in needed_bases:
             data = base_training_data(setting, output_dir, base, setting_data)
             progress.set_postfix_str(f"{setting.name} base {base}: training")
@@ -443,8 +444,11 @@ def _run_study(config: StudyConfig) -> StudyResult:
     progress.close()
 
     rows = [json.loads(run.path(output_dir).read_text()) for run in runs if run.path(output_dir).is_file()]
-    summary = compare(rows, config) if rows else []
+    summary = compare(rows) if rows else []
     report_path = output_dir / "report.md"
+    if rows and config.quality_metric not in metric_columns(rows):
+        raise ValueError(f"quality_metric {config.quality_metric!r} is not a metric column of the runs "
+                         f"({', '.join(metric_columns(rows))}); rerun with one of them (finished runs are kept).")
     if rows:
         write_csv(rows, output_dir / "runs.csv")
         write_csv(summary, output_dir / "summary.csv")
@@ -488,8 +492,6 @@ def _check_signature(config: StudyConfig, output_dir: Path) -> None:
             changed = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
             raise ValueError(f"{str(output_dir)!r} holds a study with other settings ({', '.join(changed)}); rerun "
                              "with the same settings to continue it, or choose another --output_dir.")
-    else:
-        write_text(path, json.dumps(signature, indent=1))
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -534,7 +536,7 @@ def paired_differences(rows: list[dict], method: str, eta: float, control: str, 
     return [own[key] - other[key] for key in sorted(own) if key in other]
 
 
-def compare(rows: list[dict], config: StudyConfig | None = None) -> list[dict]:
+def compare(rows: list[dict]) -> list[dict]:
     """One row per (setting, method, eta): mean and 95% t-interval of every metric, and the paired differences
     against ``random`` (same eta) and ``finetune_only``, each with its interval and verdict."""
     metrics = metric_columns(rows)

@@ -143,3 +143,10 @@ def test_study_command_bad_input(tmp_path, argv, message, capsys):
     error = capsys.readouterr().err
     assert error.startswith("memsep: error:") and message in error
     assert not (tmp_path / "out").exists()
+
+
+def test_study_command_refuses_a_missing_folder_before_training(tmp_path, capsys):
+    argv = ["study", "--quick", "--output_dir", str(tmp_path / "out"), "--train_data_dir", str(tmp_path / "none")]
+    assert main(argv) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "bases").exists() and not (tmp_path / "out" / "study.json").exists()
