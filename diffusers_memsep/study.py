@@ -352,8 +352,15 @@ def early_stop_choice(steps: list[int], ratios: list[float], threshold: float) -
 def _checkpoint_pipeline(checkpoint: Path, scheduler, data) -> MemSepPipeline:
     from .models import PrunableDiTTransformer2DModel
 
+    from diffusers.utils import logging as diffusers_logging
+
     sub = "transformer_ema" if (checkpoint / "transformer_ema").is_dir() else "transformer"
-    model = PrunableDiTTransformer2DModel.from_pretrained(checkpoint / sub, use_safetensors=True).eval()
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the EMA's own fields (decay, ...) in its config.json are not the model's
+    try:
+        model = PrunableDiTTransformer2DModel.from_pretrained(checkpoint / sub, use_safetensors=True).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return build_pipeline(model, scheduler, data)
 
 
