@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     parser.add_argument("--etas", nargs="+", type=float, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--base_train_steps", type=int, default=None,
+                        help="Training steps of each base model (default 3,000; 5,000 memorizes clearly, +20 min).")
+    parser.add_argument("--checkpoint_every", type=int, default=None, help="Memorization curve / early-stop grid.")
+    parser.add_argument("--finetune_steps", type=int, default=None, help="Fine-tuning steps of every pruned row.")
     parser.add_argument("--early_stop_threshold", type=float, default=default.early_stop_threshold,
                         help="Memorization ratio above which training counts as memorizing (early_stop row).")
     parser.add_argument("--quality_metric", default=default.quality_metric,
@@ -66,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {key: (tuple(value) if isinstance(value, list) else value) for key, value in (
         ("output_dir", args.output_dir), ("num_base_models", args.num_base_models), ("methods", args.methods),
         ("etas", args.etas), ("seeds", args.seeds)) if value is not None}
+    if args.base_train_steps is not None:
+        overrides["base_train"] = replace(config.base_train, max_train_steps=args.base_train_steps)
+    if args.checkpoint_every is not None:
+        overrides["checkpoint_every"] = args.checkpoint_every
+    if args.finetune_steps is not None:
+        overrides["finetune"] = replace(config.finetune, max_train_steps=args.finetune_steps)
     if args.etas is not None:
         overrides["method_etas"] = {}  # explicit etas apply to every method
     config = replace(config, settings=tuple(settings), early_stop_threshold=args.early_stop_threshold,
