@@ -56,7 +56,8 @@ times measured on the shared 2-core CPU, one torch thread, while other jobs kept
   (0.295 s per step), its memorization curve 41 s (6.9 s per checkpoint); runs (64 samples, DDIM-25): original
   7.4 s, early_stop 6.9 s, finetune_only 29.7 s, small_t 30.8 s, random 23.7 s, memorization_gap 48.9 s
   (60 fine-tuning steps). The same DiT trains at 18 steps/s on the idle machine (``docs/results.md``) against
-  0.216 s per step here without checkpoints: the load slows everything about 3.9x.
+  0.216 s per step here without checkpoints: the load slows everything about 3.9x. (Cross-check: the same
+  ``--quick`` run at load average 2 took 1.0 min instead of 3.3, base models 3-4 s, runs 0.3-1.1 s.)
 
 Idle-machine arithmetic (measured / 3.9; the defaults fine-tune 40 steps, 20 fewer than measured)::
 
