@@ -66,8 +66,9 @@ def held_out_from_population(population: TrainingData, train: TrainingData) -> T
         raise ValueError("the training subset is the whole population: no held-out images are left; train on a "
                          "subset (max_train_samples) or pass --validation_data_dir.")
     index = keep.nonzero().squeeze(1)
-    labels = None if population.labels is None else population.labels[index]
-    return TrainingData(population.images[index], labels, population.num_classes,
+    # An unconditional model is scored without labels, even when the population carries some.
+    labels = None if population.labels is None or train.labels is None else population.labels[index]
+    return TrainingData(population.images[index], labels, train.num_classes,
                         f"held out from {population.source}: {len(index)} images", index.tolist())
 
 
