@@ -91,7 +91,8 @@ import numpy as np
 import torch
 
 from .data import TrainingData, load_training_data
-from .evaluate import balanced_labels, evaluate_pipeline
+from .evaluate import QualityReference, balanced_labels, evaluate_pipeline
+from .memorization import resolve_feature_space
 from .mitigation import sampling_scheduler, training_scheduler
 from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
@@ -110,8 +111,7 @@ from .utils import check_writable_dir, save_figure, write_csv, write_text
 BASELINES = ("original", "early_stop", "finetune_only")  # conditions without an eta
 HIGHER_IS_BETTER = {"precision", "recall"}
 #: Numeric row fields that are bookkeeping, not metrics.
-NOT_METRICS = {"eta", "seed", "base", "num_samples", "num_parameters", "sampling_seconds", "pruned_heads",
-               "run_seconds", "step"}
+NOT_METRICS = {"eta", "seed", "base", "sampling_seconds", "pruned_heads", "run_seconds", "step"}
 BUILTIN_SETTINGS = ("digits8", "colour16")
 
 
@@ -268,6 +268,7 @@ def colour_digits_folder(output_dir: Path) -> str:
 class SettingData:
     population: TrainingData  # every image of the setting: the quality reference
     held_out_dir: TrainingData | None  # the user's held-out folder, if any
+    feature_space: object  # the quality metrics' feature space, resolved once per setting
 
 
 def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
@@ -280,7 +281,10 @@ def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
     if setting.validation_data_dir:
         held_out = load_training_data(**{**kwargs, "dataset_name": None,
                                          "train_data_dir": setting.validation_data_dir})
-    return SettingData(population, held_out)
+    # "auto": the digits classifier for the embedded digits, else a small CNN trained once on the population and
+    # cached under the output folder (reused by every run and every rerun).
+    feature_space = resolve_feature_space("auto", population, output_dir / "feature_networks" / setting.name)
+    return SettingData(population, held_out, feature_space)
 
 
 def base_training_data(setting: StudySetting, output_dir: Path, base: int, setting_data: SettingData):
@@ -445,10 +449,12 @@ def _run_study(config: StudyConfig) -> StudyResult:
             progress.set_postfix_str(f"{setting.name} base {base}: training")
             model, trained = prepare_base_model(config, setting, base, data)
             trained_bases += trained
+            quality = QualityReference.build(setting_data.feature_space, setting_data.population.images, data.images,
+                                             setting_data.population.source)  # population features: once per base
             for run in (r for r in todo if r.setting == setting.name and r.base == base):
                 progress.set_postfix_str(f"{setting.name} base {base}: {run.condition} eta {run.eta:g} "
                                          f"seed {run.seed}")
-                row = execute_run(config, run, model, data, setting_data.population.images)
+                row = execute_run(config, run, model, data, quality)
                 write_text(run.path(output_dir), json.dumps(row, indent=1))  # one atomic file per finished run
                 executed += 1
                 progress.update()
@@ -469,7 +475,7 @@ def _run_study(config: StudyConfig) -> StudyResult:
                        report_path, time.perf_counter() - start)
 
 
-def execute_run(config: StudyConfig, run: Run, model: BaseModel, data, real_images: torch.Tensor) -> dict:
+def execute_run(config: StudyConfig, run: Run, model: BaseModel, data, real_images) -> dict:
     """One row: prune/fine-tune as the condition says, then evaluate with evaluation seed ``1000 * seed``."""
     start = time.perf_counter()
     pipe = model.early_stop if run.condition == "early_stop" else model.pipeline
@@ -531,7 +537,8 @@ def verdict(low: float, high: float, metric: str) -> str:
 
 def metric_columns(rows: list[dict]) -> list[str]:
     """Every numeric column present in all rows that is not bookkeeping (new metrics are picked up as they come)."""
-    columns = [k for k in rows[0] if k not in NOT_METRICS]
+    # Counts (num_*) and standard errors (*_se) describe a measurement; they are not one.
+    columns = [k for k in rows[0] if k not in NOT_METRICS and not k.startswith("num_") and not k.endswith("_se")]
     return [k for k in columns if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
                                       for r in rows)]
 
