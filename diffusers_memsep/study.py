@@ -358,9 +358,9 @@ def early_stop_choice(steps: list[int], ratios: list[float], threshold: float) -
 
 
 def _checkpoint_pipeline(checkpoint: Path, scheduler, data) -> MemSepPipeline:
-    from .models import PrunableDiTTransformer2DModel
-
     from diffusers.utils import logging as diffusers_logging
+
+    from .models import PrunableDiTTransformer2DModel
 
     sub = "transformer_ema" if (checkpoint / "transformer_ema").is_dir() else "transformer"
     verbosity = diffusers_logging.get_verbosity()
