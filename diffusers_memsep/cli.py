@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ("demo", "The main job: train a DiT on the embedded digits until it memorizes, prune, compare."),
     "train": ("train", "Train a (prunable) DiT and write a MemSepPipeline folder (Accelerate)."),
     "prune": ("prune", "Algorithm 1: score heads, prune, fine-tune, evaluate against random pruning."),
+    "study": ("study", "Replicated pruning study: base models x conditions x seeds, paired intervals, verdicts."),
     "push": ("push", "Upload a saved pipeline folder (trained model or pruned variant) to the Hugging Face Hub."),
     "reference": ("reference", "Attach a training-set reference to any DiT pipeline, so its samples are checked."),
     "loss-gap": ("loss_gap", "Figure 1: Loss-Gap_t = Fisher divergence against t for several n."),

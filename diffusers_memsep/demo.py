@@ -18,6 +18,7 @@ from pathlib import Path
 from .data import load_population, load_training_data
 from .memorization import resolve_feature_space
 from .mitigation import PruningStudyConfig, PruningStudyResult, run_pruning_study
+from .pruning.memorization_gap import held_out_from_population, with_held_out
 from .training import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
 
 
@@ -65,6 +66,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                                               config.inception_weights, progress=True)
     except ImportError as error:
         raise ValueError(str(error)) from error
+    data = with_held_out(data, held_out_from_population(population, data))  # for --methods memorization_gap
 
     model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
                      **config.model)

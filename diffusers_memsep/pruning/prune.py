@@ -25,8 +25,9 @@ from .importance import (
     random_head_importance,
     small_time_head_importance,
 )
+from .memorization_gap import memorization_gap_importance
 
-METHODS = ("small_t", "uniform_t", "ablation", "random", "small_t_top")
+METHODS = ("small_t", "uniform_t", "ablation", "random", "small_t_top", "memorization_gap")
 
 
 def number_of_heads_to_prune(eta: float, num_heads: int) -> int:
@@ -68,11 +69,16 @@ def head_importance(method: str, model: PrunableDiTTransformer2DModel, data, sch
     - ``small_t_top`` (beyond the paper): minus the Algorithm 2 scores, so the heads the small-noise loss depends on
       MOST are removed. The small-noise regime is where the empirical (memorizing) score differs from the true one
       (Loss-Gap ~ d / sigma_t^2, Theorem 4.3), so those heads are candidates for carrying the memorization.
+    - ``memorization_gap`` (beyond the paper): minus (small-t loss increase on training images - the same on held-out
+      images) when the head is masked; ``data`` must carry ``held_out`` (:mod:`.memorization_gap`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}.")
     if method == "random":
         return random_head_importance(model, generator=generator)
+    if method == "memorization_gap":
+        return memorization_gap_importance(model, data, scheduler, time_distribution=time_distribution or SMALL_TIME,
+                                           num_batches=num_batches, batch_size=batch_size, generator=generator)
     scoring = ablation_head_importance if method == "ablation" else small_time_head_importance
     default_time = UNIFORM_TIME if method == "uniform_t" else SMALL_TIME
     importance = scoring(model, data, scheduler, time_distribution=time_distribution or default_time,

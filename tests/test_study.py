@@ -1,0 +1,152 @@
+"""The replicated study: statistics against hand-computed values, early-stop choice, resume, bad input."""
+
+import json
+import math
+
+import pytest
+from scipy.stats import t as student_t
+
+from diffusers_memsep.cli import main
+from diffusers_memsep.study import (
+    StudyConfig,
+    builtin_setting,
+    colour_digits_folder,
+    compare,
+    early_stop_choice,
+    metric_columns,
+    planned_runs,
+    run_study,
+    t_interval,
+    verdict,
+)
+from diffusers_memsep.trainer import TrainingConfig
+
+
+def test_t_interval_by_hand():
+    values = [0.1, 0.3, 0.2, 0.6]
+    mean, low, high = t_interval(values)
+    sd = math.sqrt(((0.1 - 0.3) ** 2 + 0 + (0.2 - 0.3) ** 2 + (0.6 - 0.3) ** 2) / 3)
+    half = student_t.ppf(0.975, 3) * sd / 2
+    assert mean == pytest.approx(0.3)
+    assert (low, high) == pytest.approx((0.3 - half, 0.3 + half))
+    assert half == pytest.approx(3.182446305 * 0.2160246899 / 2)
+    assert t_interval([0.4])[0] == 0.4 and math.isnan(t_interval([0.4])[1])
+
+
+def test_verdict_directions():
+    assert verdict(-0.3, -0.1, "memorization_ratio") == "better"
+    assert verdict(0.1, 0.3, "kid") == "worse"
+    assert verdict(0.1, 0.3, "recall") == "better"
+    assert verdict(-0.1, 0.3, "frechet_distance") == "not distinguishable"
+    assert verdict(math.nan, math.nan, "frechet_distance") == "not distinguishable"
+
+
+def _row(method, eta, base, seed, memorization, kid, precision=0.5):
+    return {"setting": "s", "base": base, "method": method, "eta": eta, "seed": seed, "name": method,
+            "memorization_ratio": memorization, "kid": kid, "precision": precision, "feature_space": "pixel space",
+            "num_samples": 8, "sampling_seconds": 1.0, "run_seconds": 2.0, "pruned_heads": 2}
+
+
+def test_paired_comparison_by_hand():
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    small_t = [0.10, 0.20, 0.15, 0.05]
+    random = [0.30, 0.35, 0.20, 0.25]
+    finetune = [0.12, 0.18, 0.20, 0.02]
+    rows = []
+    for (base, seed), a, b, c in zip(pairs, small_t, random, finetune):
+        rows += [_row("small_t", 0.5, base, seed, a, kid=1.0 + a), _row("random", 0.5, base, seed, b, kid=1.0 + a),
+                 _row("finetune_only", 0.0, base, seed, c, kid=1.0)]
+    rows.append(_row("random", 0.25, 0, 0, 0.9, kid=3.0))  # another eta: never paired with small_t at 0.5
+    assert metric_columns(rows) == ["memorization_ratio", "kid", "precision"]
+    summary = {(e["method"], e["eta"]): e for e in compare(rows)}
+    entry = summary[("small_t", 0.5)]
+    differences = [a - b for a, b in zip(small_t, random)]  # -0.20, -0.15, -0.05, -0.20
+    mean = sum(differences) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
+    half = student_t.ppf(0.975, 3) * sd / 2
+    assert entry["vs_random_memorization_ratio"] == pytest.approx(mean)
+    assert entry["vs_random_memorization_ratio_low"] == pytest.approx(mean - half)
+    assert entry["vs_random_memorization_ratio_high"] == pytest.approx(mean + half)
+    assert entry["vs_random_memorization_ratio_pairs"] == 4
+    assert entry["vs_random_memorization_ratio_verdict"] == "better"  # mean - half = -0.15 - 0.111 < +0.039 ...
+    assert mean + half < 0
+    assert entry["vs_random_kid"] == pytest.approx(0) and entry["vs_random_kid_verdict"] == "not distinguishable"
+    ft = [a - c for a, c in zip(small_t, finetune)]  # -0.02, 0.02, -0.05, 0.03: straddles 0
+    assert entry["vs_finetune_only_memorization_ratio"] == pytest.approx(sum(ft) / 4)
+    assert entry["vs_finetune_only_memorization_ratio_verdict"] == "not distinguishable"
+    assert entry["vs_finetune_only_kid_verdict"] == "worse"  # kid 1 + a > 1 on every pair
+    assert "vs_random_memorization_ratio" not in summary[("finetune_only", 0.0)]
+    assert summary[("random", 0.25)]["runs"] == 1
+    assert entry["memorization_ratio"] == pytest.approx(0.125)
+
+
+def test_early_stop_choice():
+    assert early_stop_choice([10, 20, 30, 40], [0.0, 0.05, 0.2, 0.05], 0.1) == (20, "")
+    assert early_stop_choice([10, 20], [0.3, 0.5], 0.1)[0] == 10
+    assert early_stop_choice([10, 20], [0.0, 0.1], 0.1)[0] == 20  # never ABOVE the threshold: the final model
+
+
+def tiny_config(output_dir, **overrides):
+    tiny = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    config = StudyConfig(
+        output_dir=str(output_dir), settings=(builtin_setting("digits8", tiny),), num_base_models=1,
+        methods=("random", "memorization_gap"), etas=(0.5,), seeds=(0, 1),
+        base_train=TrainingConfig(max_train_steps=4, train_batch_size=8, lr_warmup_steps=0, show_progress=False),
+        checkpoint_every=2, curve_num_samples=4,
+        finetune=TrainingConfig(max_train_steps=1, train_batch_size=4, lr_warmup_steps=0, show_progress=False),
+        importance_batches=1, importance_batch_size=4, num_samples=4, num_inference_steps=2, show_progress=False)
+    return StudyConfig(**{**config.__dict__, **overrides})
+
+
+def test_study_resumes_only_the_missing_runs(tmp_path):
+    config = tiny_config(tmp_path)
+    assert len(planned_runs(config)) == 10  # 1 base x 2 seeds x (original, early_stop, finetune_only, 2 methods)
+    first = run_study(StudyConfig(**{**config.__dict__, "max_runs": 3}))
+    assert (first.executed_runs, first.skipped_runs, first.missing_runs, first.trained_base_models) == (3, 0, 7, 1)
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 3
+    weights = tmp_path / "bases" / "digits8" / "base-0" / "transformer" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = run_study(config)
+    assert (second.executed_runs, second.skipped_runs, second.missing_runs, second.trained_base_models) == (7, 3, 0, 0)
+    assert weights.stat().st_mtime_ns == stamp  # the base model was reused, not retrained
+    third = run_study(config)
+    assert (third.executed_runs, third.skipped_runs) == (0, 10)
+    for name in ("report.md", "runs.csv", "summary.csv", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "vs random" in report and "early stop at step" in report
+    curve = json.loads((tmp_path / "bases" / "digits8" / "base-0" / "memorization_curve.json").read_text())
+    assert curve["steps"] == [2, 4] and curve["early_stop_step"] in (2, 4)
+    assert not list((tmp_path / "bases" / "digits8" / "base-0").glob("checkpoint-*"))
+    finetune_only = [r for r in second.rows if r["method"] == "finetune_only"]
+    assert finetune_only and all(r["pruned_heads"] == 0 for r in finetune_only)
+    assert all(r["pruned_heads"] == 1 for r in second.rows if r["method"] == "memorization_gap")
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(tiny_config(tmp_path, finetune=TrainingConfig(max_train_steps=2, show_progress=False)))
+
+
+def test_colour_setting_is_16x16_rgb(tmp_path):
+    from diffusers_memsep.data import load_training_data
+
+    data = load_training_data(train_data_dir=colour_digits_folder(tmp_path), max_train_samples=4, seed=0)
+    assert tuple(data.images.shape) == (4, 3, 16, 16)
+    assert data.images.amin() >= -1 and (data.images[:, 0] != data.images[:, 1]).any()  # tinted, not grey
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--etas", "1.5"], "eta must lie in"),
+    (["--methods", "small_t", "--early_stop_threshold", "2"], "early_stop_threshold"),
+    (["--validation_data_dir", "x"], "--validation_data_dir belongs"),
+])
+def test_study_command_bad_input(tmp_path, argv, message, capsys):
+    assert main(["study", "--output_dir", str(tmp_path / "out"), *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("memsep: error:") and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_command_refuses_a_missing_folder_before_training(tmp_path, capsys):
+    argv = ["study", "--quick", "--output_dir", str(tmp_path / "out"), "--train_data_dir", str(tmp_path / "none")]
+    assert main(argv) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "bases").exists() and not (tmp_path / "out" / "study.json").exists()
