@@ -50,6 +50,8 @@ from .utils import CACHE_FOLDERS, check_writable_dir, replace_path, write_csv, w
 
 METHOD_TITLES = {
     "original": "original (unpruned)",
+    "finetune_only": "fine-tuned only, no head removed (the control)",
+    "memorization_gap": "memorization gap: small-t loss rise on training minus held-out images (beyond the paper)",
     "small_t": "small-t gradient importance (Algorithm 2, Beta(0.8, 2))",
     "uniform_t": "gradient importance, uniform t (Algorithm 2 without the small-time focus)",
     "ablation": "drop-one-head loss increase at small t",
@@ -78,6 +80,7 @@ class PruningStudyConfig:
     sampler: str = "ddpm"
     small_t_switch: int | None = None
     save_variants: bool = True
+    finetune_only: bool = True  # the control: the same fine-tuning with no head removed (eta 0), one row per seed
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -197,13 +200,22 @@ def run_pruning_study(pipe: MemSepPipeline, data, real_images: torch.Tensor | Qu
 
     rows, evaluations, variant_dirs, first_models = list(extra_rows or []), [], {}, {}
     runs = [(seed, method, eta) for seed in config.seeds for eta in config.etas for method in config.methods]
-    progress = tqdm(total=len(config.seeds) + len(runs), desc="pruning study")
+    progress = tqdm(total=len(config.seeds) * (2 if config.finetune_only else 1) + len(runs), desc="pruning study")
     for seed in config.seeds:
         result = evaluate(eval_pipe, "original", seed)
         rows.append({**result.row(), "method": "original", "eta": 0.0, "seed": seed, "pruned_heads": 0})
         if seed == config.seeds[0]:
             evaluations.append(result)
         progress.update()
+        if config.finetune_only:  # the control: how much of a pruned row's change is the fine-tuning alone
+            tuned = one_shot_prune(pipe.transformer, train_data, train_scheduler, eta=0.0, method="random",
+                                   finetune_config=replace(config.finetune, seed=seed),
+                                   generator=torch.Generator().manual_seed(seed))
+            variant = pipeline_like(tuned.model, eval_pipe.scheduler)
+            variant.set_progress_bar_config(disable=True)
+            result = evaluate(variant, "finetune_only", seed)
+            rows.append({**result.row(), "method": "finetune_only", "eta": 0.0, "seed": seed, "pruned_heads": 0})
+            progress.update()
         for method, eta in [(m, e) for (s, m, e) in runs if s == seed]:
             finetune = replace(config.finetune, seed=seed)
             pruned = one_shot_prune(pipe.transformer, train_data, train_scheduler, eta=eta, method=method,
@@ -332,7 +344,7 @@ def write_variant_card(folder: Path, method: str, eta: float, pruned, config: Pr
     """
     metrics = []
     for row in summary:
-        if row["method"] not in ("original", "random", method):
+        if row["method"] not in ("original", "finetune_only", "random", method):
             continue
         entry = {"model": "original" if row["method"] == "original" else f"{row['method']}-eta{row['eta']:g}",
                  "method": METHOD_TITLES.get(row["method"], row["method"]), "eta": row["eta"] or None,

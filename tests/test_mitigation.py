@@ -28,7 +28,7 @@ def test_demo_writes_report_tables_figures_variants_and_cards(demo_dir):
         assert (demo_dir / name).is_file(), name
     rows = list(csv.DictReader((demo_dir / "runs.csv").open()))
     methods = [row["method"] for row in rows]
-    assert methods[0] == "original" and {"small_t", "random", "small_t_top"} <= set(methods)
+    assert methods[:2] == ["original", "finetune_only"] and {"small_t", "random", "small_t_top"} <= set(methods)
     assert any(m.startswith("small_t+routed") for m in methods)
     for row in rows:
         assert 0.0 <= float(row["memorization_ratio"]) <= 1.0
@@ -61,7 +61,7 @@ def test_prune_command_on_a_saved_pipeline(demo_dir, tmp_path, capsys):
                  "uniform_t", "--etas", "0.5", *QUICK_PRUNE])
     assert code == 0
     summary = list(csv.DictReader((output / "summary.csv").open()))
-    assert [row["method"] for row in summary] == ["original", "ablation", "uniform_t"]
+    assert [row["method"] for row in summary] == ["original", "finetune_only", "ablation", "uniform_t"]
     assert (output / "variants" / "ablation-eta0.5" / "model_index.json").is_file()
     assert "report:" in capsys.readouterr().out
 

@@ -200,7 +200,7 @@ def test_prune_without_reference_or_data_flags_says_how(stock_folder, tmp_path, 
 def test_prune_a_stock_checkpoint_without_reference(pruned_dir):
     assert len(list((pruned_dir / "latent_cache").glob("latents-*.safetensors"))) == 1  # encoded once for all
     rows = list(csv.DictReader((pruned_dir / "runs.csv").open()))
-    assert [row["method"] for row in rows] == ["original", "small_t", "ablation", "random"]
+    assert [row["method"] for row in rows] == ["original", "finetune_only", "small_t", "ablation", "random"]
     # quality in features trained on the decoded (pixel) population images, not on latents
     assert all(row["feature_space"].endswith("-trained features") for row in rows)
     recipe = json.loads(next((pruned_dir / "feature_network").rglob("*.json")).read_text())
