@@ -247,6 +247,8 @@ COMMAND_CASES = {
     "loss-gap-nan-mean-scale": (_plain("loss-gap", "--mean_scale", "nan"), "NaN"),
     "gmm-zero-workers": (_plain("gmm", "--scale", "tiny", "--workers", "0"), "workers must be a positive integer"),
     "gmm-zero-depth": (_plain("gmm", "--scale", "tiny", "--depth", "0"), "depth must be a positive integer"),
+    "gmm-level-above-one": (_plain("gmm", "--scale", "tiny", "--level", "1.5"), "--level must lie in (0, 1)"),
+    "gmm-level-nan": (_plain("gmm", "--scale", "tiny", "--level", "nan"), "--level must lie in (0, 1)"),
     "gmm-unknown-sweep-parameter": (_plain("gmm", "--sweep", "heads=1,2"), "heads"),
     "gmm-replot-nothing": (_plain("gmm", "--replot"), "gmm_runs.csv"),
     # the file system refuses mid-run

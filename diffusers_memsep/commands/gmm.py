@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     from diffusers_memsep.experiments import (
         GMMRunSpec,
         parse_sweep_argument,
@@ -45,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         run_gmm_suite,
         run_gmm_sweep,
     )
+
+    if not (math.isfinite(args.level) and 0 < args.level < 1):  # before any training, not after the whole suite
+        raise ValueError(f"--level must lie in (0, 1) (the memorization ratio that counts as memorizing), got "
+                         f"{args.level}.")
 
     if args.sweep and args.replot:
         raise ValueError("--replot redraws the suite's figures; drop --sweep (or --replot).")
