@@ -359,14 +359,19 @@ def sharded_search(shard: NearestNeighborIndex, offset: int, queries: torch.Tens
     gathered_indices = all_gather_cat(indices).view(-1, num_queries, indices.shape[1])
     candidate_distances = gathered_distances.permute(1, 0, 2).reshape(num_queries, -1)
     candidate_indices = gathered_indices.permute(1, 0, 2).reshape(num_queries, -1)
-    if k > candidate_indices.shape[1]:
-        raise ValueError(f"k={k} but the shards hold only {candidate_indices.shape[1]} images; use a smaller k.")
+    return merge_candidates(candidate_distances, candidate_indices, k)
+
+
+def merge_candidates(distances: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest of per-shard candidates ``[B, c]`` (squared distances, global indices), sorted; exact
+    distance ties go to the smaller global index, so the answer does not depend on how the rows were sharded."""
+    if k > indices.shape[1]:
+        raise ValueError(f"k={k} but the shards hold only {indices.shape[1]} images; use a smaller k.")
     # sort by index, then stably by distance: equal distances keep the smaller global index first
-    by_index = candidate_indices.argsort(dim=1)
-    candidate_distances = candidate_distances.gather(1, by_index)
-    candidate_indices = candidate_indices.gather(1, by_index)
-    order = candidate_distances.argsort(dim=1, stable=True)[:, :k]
-    return candidate_distances.gather(1, order), candidate_indices.gather(1, order)
+    by_index = indices.argsort(dim=1)
+    distances, indices = distances.gather(1, by_index), indices.gather(1, by_index)
+    order = distances.argsort(dim=1, stable=True)[:, :k]
+    return distances.gather(1, order), indices.gather(1, order)
 
 
 def _smallest_columns(scores: torch.Tensor, num: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
