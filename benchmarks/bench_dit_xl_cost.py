@@ -31,17 +31,11 @@ import sys
 import time
 
 import torch
+from _memory import status_mb  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 XL_CONFIG = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2, sample_size=32,
                  in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
 
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    return float("nan")
 
 
 def _reset_peak(device: torch.device) -> float:
@@ -52,14 +46,14 @@ def _reset_peak(device: torch.device) -> float:
         return torch.cuda.memory_allocated(device) / 2**20
     with open("/proc/self/clear_refs", "w") as clear_refs:  # Linux: 5 resets VmHWM to the current RSS
         clear_refs.write("5")
-    return _status_mb("VmRSS")
+    return status_mb("VmRSS")
 
 
 def _peak(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mb("VmHWM")
+    return status_mb("VmHWM")
 
 
 def measure(task: str, batch_size: int, prune_ratio: float, device: torch.device) -> dict:

@@ -37,6 +37,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _memory import status_mb  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from diffusers_memsep.memorization import NearestNeighborIndex
 
@@ -109,13 +110,6 @@ def exact_neighbors(train: np.ndarray, queries: np.ndarray, chunk: int = 5000) -
     return best_i.numpy()
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    return float("nan")
-
 
 def _reset_peak_rss() -> None:
     """Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one."""
@@ -130,13 +124,13 @@ def memory_child(method: str, data_file: str) -> None:
     growth = {}
     index = None
     for phase in ("build", "search"):
-        before = _status_mb("VmRSS")
+        before = status_mb("VmRSS")
         _reset_peak_rss()
         if phase == "build":
             index = build(method, train)
         else:
             search(method, index, queries)
-        growth[phase + "_mb"] = _status_mb("VmHWM") - before
+        growth[phase + "_mb"] = status_mb("VmHWM") - before
     print(json.dumps(growth))
 
 
