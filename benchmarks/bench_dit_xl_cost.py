@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of head scoring (Algorithm 2) and of physical pruning at the paper's real model size, DiT-XL/2.
 
-    python benchmarks/bench_dit_xl_cost.py [--batch_sizes 1 2 4] [--device cpu|cuda] [--prune_ratio 0.2]
+    python benchmarks/bench_dit_xl_cost.py [--batch_sizes 1 2 4] [--device cpu|cuda] [--eta 0.2]
 
 What: a ``PrunableDiTTransformer2DModel`` the size of DiT-XL/2 (28 layers, 16 heads of 72, patch 2, latent
 32x32x4, 1000 classes, learned sigma: 8 output channels) with random weights (cost does not depend on the values),
@@ -11,7 +11,7 @@ Measured, each in a fresh subprocess (so one measurement's allocations cannot hi
 
 - one Algorithm-2 batch: ``small_time_head_importance(num_batches=1, batch_size=b)`` (forward, backward to the
   head mask, accumulation) for each ``b`` of ``--batch_sizes``;
-- one physical pruning: ``prune_heads`` removing ``--prune_ratio`` of the heads (the lowest of random scores).
+- one physical pruning: ``prune_heads`` removing ``--eta`` of the heads (the lowest of random scores).
 
 Seconds are wall time of one call (after the model is built; on CUDA with ``synchronize``). Memory is the growth of
 the peak during the call: on CPU the process's peak resident set (Linux ``VmHWM``, reset before the call), on CUDA
@@ -56,7 +56,7 @@ def _peak(device: torch.device) -> float:
     return status_mb("VmHWM")
 
 
-def measure(task: str, batch_size: int, prune_ratio: float, device: torch.device) -> dict:
+def measure(task: str, batch_size: int, eta: float, device: torch.device) -> dict:
     """Run in a fresh process: build the model, then time one call and the growth of peak memory during it."""
     from diffusers_memsep import PrunableDiTTransformer2DModel
     from diffusers_memsep.data import TrainingData
@@ -78,7 +78,7 @@ def measure(task: str, batch_size: int, prune_ratio: float, device: torch.device
         start = time.perf_counter()
         small_time_head_importance(model, data, scheduler, num_batches=1, batch_size=batch_size)
     else:
-        heads = select_heads_to_prune(random_head_importance(model), prune_ratio)
+        heads = select_heads_to_prune(random_head_importance(model), eta)
         result["pruned_heads"] = sum(len(h) for h in heads.values())
         baseline = _reset_peak(device)
         start = time.perf_counter()
@@ -90,8 +90,8 @@ def measure(task: str, batch_size: int, prune_ratio: float, device: torch.device
     return result
 
 
-def run_child(task: str, batch_size: int, prune_ratio: float, device: str) -> dict:
-    command = [sys.executable, __file__, "--_child", task, str(batch_size), str(prune_ratio), device]
+def run_child(task: str, batch_size: int, eta: float, device: str) -> dict:
+    command = [sys.executable, __file__, "--_child", task, str(batch_size), str(eta), device]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"measurement {task} (batch {batch_size}) failed:\n{done.stderr[-3000:]}")
@@ -116,24 +116,24 @@ def extrapolate(scores: list[dict], num_batches: int, batch_size: int) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--prune_ratio", type=float, default=0.2)
+    parser.add_argument("--eta", type=float, default=0.2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        task, batch_size, prune_ratio, device = args._child
-        print(json.dumps(measure(task, int(batch_size), float(prune_ratio), torch.device(device))))
+        task, batch_size, eta, device = args._child
+        print(json.dumps(measure(task, int(batch_size), float(eta), torch.device(device))))
         return
     if not all(b >= 1 for b in args.batch_sizes):
         parser.error(f"--batch_sizes must be >= 1, got {args.batch_sizes}")
-    if not 0 < args.prune_ratio < 1:
-        parser.error(f"--prune_ratio must be in (0, 1), got {args.prune_ratio}")
+    if not 0 < args.eta < 1:
+        parser.error(f"--eta must be in (0, 1), got {args.eta}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available; use --device cpu")
 
-    scores = [run_child("score", b, args.prune_ratio, args.device) for b in args.batch_sizes]
-    prune = run_child("prune", 0, args.prune_ratio, args.device)
+    scores = [run_child("score", b, args.eta, args.device) for b in args.batch_sizes]
+    prune = run_child("prune", 0, args.eta, args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
@@ -148,7 +148,7 @@ def main() -> None:
     for row in scores:
         print(f"| one Algorithm-2 batch, batch size {row['batch_size']} | {row['seconds']:.1f} | "
               f"{row['peak_growth_mb']:.0f} |")
-    print(f"| physical pruning of {prune['pruned_heads']} of 448 heads ({args.prune_ratio:.0%}) | "
+    print(f"| physical pruning of {prune['pruned_heads']} of 448 heads ({args.eta:.0%}) | "
           f"{prune['seconds']:.2f} | {prune['peak_growth_mb']:.0f} |")
     seconds, peak = extrapolate(scores, 16, 64)
     print(f"\n**Extrapolation, not measured**: the paper's scoring run, 16 batches of 64, would take about "
