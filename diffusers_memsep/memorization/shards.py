@@ -10,6 +10,7 @@ with :func:`~diffusers_memsep.memorization.sharded_search`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Iterable
@@ -47,6 +48,8 @@ def save_reference_shards(chunks: Iterable[torch.Tensor], folder: str | os.PathL
             save_file({"images": chunk}, str(temporary))
         shards.append({"file": name, "offset": offset, "num_images": chunk.shape[0]})
         offset += chunk.shape[0]
+        del chunk
+        _release_freed_memory()
     if offset < 2:
         raise ValueError("a reference needs at least 2 training images.")
     write_text(folder / SHARD_INDEX, json.dumps({"num_images": offset, "sample_shape": sample_shape,
@@ -81,4 +84,15 @@ class ShardedReference:
                                                                          **search_kwargs)
             candidate_distances.append(distances.cpu())
             candidate_indices.append(indices.cpu() + offset)
+            del images
+            _release_freed_memory()
         return merge_candidates(torch.cat(candidate_distances, dim=1), torch.cat(candidate_indices, dim=1), k)
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed shard buffers back to the system now (glibc keeps freed heap pages otherwise, and the peak
+    memory of a search would then grow with the number of shards instead of staying one shard's worth)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
