@@ -116,7 +116,9 @@ def train_dit(
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
-    run_config = run_signature(model, data, noise_scheduler, config, accelerator.num_processes)
+    run_config = None  # hashes every image (a full decode of a streamed set): only where a checkpoint needs it
+    if checkpoint is not None or config.checkpointing_steps:
+        run_config = run_signature(model, data, noise_scheduler, config, accelerator.num_processes)
     if checkpoint is not None:
         check_same_run(checkpoint, run_config)
 
