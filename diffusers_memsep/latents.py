@@ -78,6 +78,8 @@ def latent_training_data(data: TrainingData, vae, cache_dir: str | os.PathLike |
     """
     from safetensors.torch import load_file, save_file
 
+    if getattr(data, "held_out", None) is not None:  # memorization_gap's held-out images live in the same space
+        data = replace(data, held_out=latent_training_data(data.held_out, vae, cache_dir))
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"latents-{latent_cache_key(data.images, vae)}.safetensors"

@@ -45,43 +45,33 @@ Choices the paper leaves open:
   intra-op threads spin against each other (measured on the shared 2-core machine: 30 training steps of the
   quick model took 4.3 s with one thread and 65 s with two).
 
-Budget of the full profile (the defaults of :class:`StudyConfig`, ``memsep study`` without ``--quick``), from
-times measured on the shared 2-core CPU, one torch thread, while other jobs kept its load average near 10:
+Budget of the full profile (the defaults of :class:`StudyConfig`, ``memsep study`` without flags): 2 settings x 4
+base models x 5,000 steps, and per base model and seed ``original``, ``early_stop``, ``finetune_only`` and all six
+methods at etas 0.25, 0.5 and 0.75 (21 runs; 504 in all). Measured on the idle 2-core CPU, one torch thread per
+process, two processes side by side: a base model trains 5,000 steps in 272-277 s (0.055 s per step on either
+setting, as both DiTs see 16 tokens) and measures its 10 checkpoints in 12-13 s; a run takes 1.2-1.3 s without
+fine-tuning (64 samples, DDIM-25) and 3.0-4.0 s with score + 40 fine-tuning steps (memorization_gap and ablation
+6-8 s with their scores; a score is computed once per (method, seed) and reused at the three etas). Arithmetic,
+two workers::
 
-- ``--quick`` (tiny DiT: 2 layers x 4 heads of 8): 4 base models and 48 runs in 3.3 min; a base model (200
-  steps) 18-20 s on digits8, 9-12 s on colour16; a run: evaluation only 1.2-1.6 s; score + 20 fine-tuning steps +
-  evaluation (32 samples, DDIM-10) 2.0-4.2 s. At this size fixed overheads dominate, so the full profile is
-  extrapolated from one full-size base model and its runs, measured at the same load:
-- full-size DiT (4 layers x 4 heads of 32, 1.42M parameters) on digits8: 3,000 steps with 6 checkpoints 886 s
-  (0.295 s per step), its memorization curve 41 s (6.9 s per checkpoint); runs (64 samples, DDIM-25): original
-  7.4 s, early_stop 6.9 s, finetune_only 29.7 s, small_t 30.8 s, random 23.7 s, memorization_gap 48.9 s
-  (60 fine-tuning steps). The same DiT trains at 18 steps/s on the idle machine (``docs/results.md``) against
-  0.216 s per step here without checkpoints: the load slows everything about 3.9x. (Cross-check: the same
-  ``--quick`` run at load average 2 took 1.0 min instead of 3.3, base models 3-4 s, runs 0.3-1.1 s.)
+    base models: 8 x 290 s / 2                                              = 1,160 s
+    runs: 24 (base model, seed) x (2 x 1.3 s + 19 x 3.6 s + 4 extra score s) / 2  =   900 s
+    total about 35 min; the measured full run: see docs/study.md
 
-Idle-machine arithmetic (measured / 3.9; the defaults fine-tune 40 steps, 20 fewer than measured)::
+What was cut to fit the hour (against what one would run with more time): 40 fine-tuning steps (the demo uses
+300); 64 samples with DDIM-25 per run (the demo: 128 with DDIM-50); head scores from 4 batches of 32; one
+evaluation seed per run (the seeds vary the scores, the fine-tuning and the sampling together).
 
-    step 0.076 s (with checkpoint saves); evaluation or curve point 1.8 s
-    base model: 3,000 x 0.076 s + 6 x 1.8 s                     =  238 s;  x 8 (2 settings x 4)    = 1,904 s
-    fine-tuned run: 40 x 0.076 s + 1.8 s + 0.5 s (score, setup)  =  5.3 s; memorization_gap + 6.5 s (two sets)
-    per (base model, seed): original + early_stop 2 x 1.8 s + finetune_only + small_t x 3 + random x 3
-      + memorization_gap, uniform_t, ablation, small_t_top at eta 0.5: 3.6 + 11 x 5.3 + 6.5  = 68.4 s
-    per base model: 3 seeds x 68.4 s = 205 s;  x 8                                            = 1,642 s
-    total: 1,904 + 1,642 = 3,546 s = 59 min for 8 base models and 312 runs (about 3.8 h at load 10)
-
-What was cut to fit the hour (against the full grid): small_t and random (the paper's method and its baseline)
-run at every eta, the four other methods at eta 0.5 only (the other etas would add 8 runs per base model and
-seed, about +20 min); 40 fine-tuning steps (the demo's 300 would add about +40 min); 64 samples with DDIM-25 (the
-demo: 128 with DDIM-50); head scores from 4 batches of 32. The base models train 3,000 steps; MEASURED, the
-digits8 base model 0 then memorizes only 6% (0% at 500-2,500 steps, 6.25% at 3,000), so the default profile is a
-weak test of mitigation: ``--base_train_steps 5000`` (about 50-80% memorized in the demo's setting) is the
-meaningful run and adds about 2,000 x 0.076 s x 8 = 20 min.
+Workers: the (setting, base model) units are independent, so :func:`run_study` runs them in ``num_workers``
+spawned processes (default: one per core at one torch thread each). Each unit seeds its own initial weights,
+fine-tuning and sampling, so its rows are bit-identical to a one-process run (tested); only wall time changes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -137,6 +127,7 @@ class StudySetting:
     resolution: int | None = None
     num_train_samples: int = 16
     model: dict = field(default_factory=dict)  # keyword arguments of make_dit
+    base_train: dict = field(default_factory=dict)  # this setting's changes to StudyConfig.base_train (e.g. the lr)
 
     def data_kwargs(self, output_dir: Path) -> dict:
         folder = colour_digits_folder(output_dir) if self.builtin == "colour16" else self.train_data_dir
@@ -149,7 +140,12 @@ def builtin_setting(name: str, model: dict | None = None) -> StudySetting:
     if name == "digits8":
         return StudySetting("digits8", model=dict(model or {}))
     if name == "colour16":
-        return StudySetting("colour16", builtin="colour16", model=dict(model or {}, patch_size=4))
+        # 16x16x3 = 768 numbers per image against 64. Measured with one base model (seed 0, 64 DDIM-25 samples):
+        # the digits' recipe (16 images, lr 1e-3) copies 0% at 5,000 steps, also with lr 2e-3 or nearest upsampling;
+        # 8 images at lr 2e-3 copy 3-17% at 5,000; 4 images at lr 2e-3 copy 11% at 3,000 and 50% at 4,000 steps,
+        # the memorizing regime the study needs within the hour.
+        return StudySetting("colour16", builtin="colour16", model=dict(model or {}, patch_size=4),
+                            num_train_samples=4, base_train={"learning_rate": 2e-3})
     raise ValueError(f"unknown built-in setting {name!r}; choose from {', '.join(BUILTIN_SETTINGS)}.")
 
 
@@ -162,12 +158,10 @@ class StudyConfig:
     num_base_models: int = 4
     methods: tuple = METHODS
     etas: tuple = (0.25, 0.5, 0.75)
-    # The budget cut (module docstring): small_t and random at every eta, the other methods at eta 0.5 only.
-    method_etas: dict = field(default_factory=lambda: {m: (0.5,) for m in ("uniform_t", "ablation", "small_t_top",
-                                                                           "memorization_gap")})
+    method_etas: dict = field(default_factory=dict)
     seeds: tuple = (0, 1, 2)
     base_train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
-        max_train_steps=3000, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=100, ema_max_decay=0.995,
+        max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=100, ema_max_decay=0.995,
         show_progress=False))
     checkpoint_every: int = 500
     early_stop_threshold: float = 0.1
@@ -182,6 +176,9 @@ class StudyConfig:
     quality_metric: str = "frechet_distance"
     max_runs: int | None = None  # stop after this many new runs (continue later: the study resumes)
     num_threads: int | None = 1  # torch intra-op threads (None: leave torch's choice); see the module docstring
+    # Processes that run (setting, base model) units side by side; None: one per num_threads available cores.
+    # Not part of the signature: a unit's rows do not depend on where it runs.
+    num_workers: int | None = None
     show_progress: bool = True
 
     def __post_init__(self):
@@ -196,14 +193,18 @@ class StudyConfig:
         names = [s.name for s in self.settings]
         if len(set(names)) != len(names):
             raise ValueError(f"setting names must be distinct, got {names}.")
-        if self.checkpoint_every < 1 or self.checkpoint_every > self.base_train.max_train_steps:
-            raise ValueError(f"checkpoint_every must lie in [1, base training steps = "
-                             f"{self.base_train.max_train_steps}], got {self.checkpoint_every}.")
+        for setting in self.settings:
+            steps = setting.base_train.get("max_train_steps", self.base_train.max_train_steps)
+            if self.checkpoint_every < 1 or self.checkpoint_every > steps:
+                raise ValueError(f"checkpoint_every must lie in [1, base training steps = {steps}] ({setting.name}), "
+                                 f"got {self.checkpoint_every}.")
         if not 0 <= self.early_stop_threshold < 1:
             raise ValueError(f"early_stop_threshold is a memorization ratio in [0, 1), got "
                              f"{self.early_stop_threshold}.")
         if self.num_samples < 2 or self.curve_num_samples < 1 or self.num_inference_steps < 1:
             raise ValueError("num_samples must be >= 2, curve_num_samples and num_inference_steps >= 1.")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 or None (one per core), got {self.num_workers}.")
         if self.max_runs is not None and self.max_runs < 0:
             raise ValueError(f"max_runs must be >= 0 or None, got {self.max_runs}.")
 
@@ -235,7 +236,7 @@ def quick_config(output_dir: str = "outputs/study-quick", **overrides) -> StudyC
 
 
 def full_config(output_dir: str = "outputs/study", **overrides) -> StudyConfig:
-    """The default profile (about 59 min on an idle 2-core CPU; the arithmetic is in the module docstring)."""
+    """The default profile (under an hour on an idle 2-core CPU; the arithmetic is in the module docstring)."""
     return replace(StudyConfig(output_dir=output_dir), **overrides)
 
 
@@ -250,7 +251,7 @@ def colour_digits_folder(output_dir: Path) -> str:
     if folder.is_dir() and len(list(folder.glob("*.png"))) == len(pixels):
         return str(folder)
     colours = 0.25 + 0.75 * torch.rand(len(pixels), 3, generator=torch.Generator().manual_seed(0))
-    temporary = folder.with_name(".colour16-digits.tmp")
+    temporary = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     for index, (grey, colour) in enumerate(zip(pixels, colours)):
@@ -317,10 +318,12 @@ def prepare_base_model(config: StudyConfig, setting: StudySetting, base: int,
         return BaseModel(_load(folder), _load(early_dir), json.loads(curve_path.read_text())), False
 
     scheduler = make_noise_scheduler()
-    model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
-                     **setting.model)
-    train_config = replace(config.base_train, seed=base, checkpointing_steps=config.checkpoint_every,
-                           checkpoints_total_limit=None)
+    with torch.random.fork_rng(devices=[]):  # initial weights from seed ``base``, whatever ran before in the process
+        torch.manual_seed(base)
+        model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
+                         **setting.model)
+    train_config = replace(config.base_train, **setting.base_train, seed=base,
+                           checkpointing_steps=config.checkpoint_every, checkpoints_total_limit=None)
     start = time.perf_counter()
     # A half-trained base model (killed mid-run) continues from its latest checkpoint.
     trained = train_pipeline(folder, data, model, scheduler, train_config, overwrite_output_dir=True,
@@ -426,6 +429,14 @@ def run_study(config: StudyConfig) -> StudyResult:
         torch.set_num_threads(threads)
 
 
+def number_of_workers(config: StudyConfig, num_units: int) -> int:
+    """``config.num_workers``, or by default one process per ``num_threads`` cores available, at most one per unit."""
+    if config.num_workers is not None:
+        return max(1, min(config.num_workers, num_units))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores // (config.num_threads or cores), num_units))
+
+
 def _run_study(config: StudyConfig) -> StudyResult:
     from tqdm.auto import tqdm
 
@@ -435,29 +446,24 @@ def _run_study(config: StudyConfig) -> StudyResult:
     runs = planned_runs(config)
     pending = [run for run in runs if not run.path(output_dir).is_file()]
     todo = pending if config.max_runs is None else pending[: config.max_runs]
-    executed, trained_bases = 0, 0
     progress = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="study runs",
                     disable=not config.show_progress)
-    # Every data set is read before the first training step, so a bad path fails now, not after an hour.
+    # Every data set is read (and the colour16 folder written, the feature networks trained and cached) here, before
+    # the first training step and before any worker starts: a bad path fails now, not after an hour, and workers
+    # only read caches.
     loaded = {s.name: load_setting(s, output_dir) for s in config.settings if any(r.setting == s.name for r in todo)}
     write_text(output_dir / "study.json", json.dumps(config.signature(), indent=1))
-    for setting in config.settings:
-        needed_bases = sorted({run.base for run in todo if run.setting == setting.name})
-        setting_data = loaded.get(setting.name)
-        for base in needed_bases:
-            data = base_training_data(setting, output_dir, base, setting_data)
-            progress.set_postfix_str(f"{setting.name} base {base}: training")
-            model, trained = prepare_base_model(config, setting, base, data)
-            trained_bases += trained
-            quality = QualityReference.build(setting_data.feature_space, setting_data.population.images, data.images,
-                                             setting_data.population.source)  # population features: once per base
-            for run in (r for r in todo if r.setting == setting.name and r.base == base):
-                progress.set_postfix_str(f"{setting.name} base {base}: {run.condition} eta {run.eta:g} "
-                                         f"seed {run.seed}")
-                row = execute_run(config, run, model, data, quality)
-                write_text(run.path(output_dir), json.dumps(row, indent=1))  # one atomic file per finished run
-                executed += 1
-                progress.update()
+    units = [(setting, base) for setting in config.settings
+             for base in sorted({run.base for run in todo if run.setting == setting.name})]
+    workers = number_of_workers(config, len(units))
+    if workers == 1:
+        executed, trained_bases = 0, 0
+        for setting, base in units:
+            unit_runs = [r for r in todo if r.setting == setting.name and r.base == base]
+            done, trained = run_unit(config, setting, base, unit_runs, loaded[setting.name], progress)
+            executed, trained_bases = executed + done, trained_bases + trained
+    else:
+        executed, trained_bases = _run_units_in_workers(config, units, todo, workers, progress)
     progress.close()
 
     rows = [json.loads(run.path(output_dir).read_text()) for run in runs if run.path(output_dir).is_file()]
@@ -475,17 +481,90 @@ def _run_study(config: StudyConfig) -> StudyResult:
                        report_path, time.perf_counter() - start)
 
 
-def execute_run(config: StudyConfig, run: Run, model: BaseModel, data, real_images) -> dict:
-    """One row: prune/fine-tune as the condition says, then evaluate with evaluation seed ``1000 * seed``."""
+def run_unit(config: StudyConfig, setting: StudySetting, base: int, unit_runs: list[Run], setting_data: SettingData,
+             progress=None) -> tuple[int, bool]:
+    """One unit of work: train (or reload) base model ``base`` of ``setting`` and execute ``unit_runs`` on it, each
+    written as one atomic JSON file as soon as it is finished. Returns (runs executed, whether the base was trained).
+
+    A head score does not depend on eta (Algorithm 1 ranks the heads once and removes the lowest ``floor(eta * H)``),
+    so the scores of one (method, seed) are computed once and reused at every eta: the etas of one score prune
+    nested sets of heads, and a resumed study recomputes exactly the same scores (same model, same seeded generator).
+    """
+    output_dir = Path(config.output_dir)
+    data = base_training_data(setting, output_dir, base, setting_data)
+    if progress is not None:
+        progress.set_postfix_str(f"{setting.name} base {base}: training")
+    model, trained = prepare_base_model(config, setting, base, data)
+    quality = QualityReference.build(setting_data.feature_space, setting_data.population.images, data.images,
+                                     setting_data.population.source)  # population features: once per base model
+    scores: dict = {}
+    for run in unit_runs:
+        if progress is not None:
+            progress.set_postfix_str(f"{setting.name} base {base}: {run.condition} eta {run.eta:g} seed {run.seed}")
+        row = execute_run(config, run, model, data, quality, scores)
+        write_text(run.path(output_dir), json.dumps(row, indent=1))  # one atomic file per finished run
+        if progress is not None:
+            progress.update()
+    return len(unit_runs), trained
+
+
+_WORKER_SETTINGS: dict = {}  # per worker process: the settings it has loaded (from the main process's caches)
+
+
+def _run_unit_in_worker(config: StudyConfig, setting_name: str, base: int, unit_runs: list[Run]) -> tuple[int, bool]:
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    setting = next(s for s in config.settings if s.name == setting_name)
+    if setting_name not in _WORKER_SETTINGS:
+        _WORKER_SETTINGS[setting_name] = load_setting(setting, Path(config.output_dir))
+    return run_unit(config, setting, base, unit_runs, _WORKER_SETTINGS[setting_name])
+
+
+def _run_units_in_workers(config: StudyConfig, units, todo: list[Run], workers: int, progress) -> tuple[int, int]:
+    """The units in ``workers`` spawned processes (one torch thread each by default). Every unit is independent and
+    seeded on its own, so the rows are the same as in one process; progress counts the finished run files."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    output_dir = Path(config.output_dir)
+    quiet = replace(config, show_progress=False)
+    progress.set_postfix_str(f"{len(units)} base models on {workers} worker processes")
+    before = progress.n
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_unit_in_worker, quiet, setting.name, base,
+                               [r for r in todo if r.setting == setting.name and r.base == base])
+                   for setting, base in units]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
+            progress.n = before + sum(run.path(output_dir).is_file() for run in todo)
+            progress.refresh()
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                for future in pending:
+                    future.cancel()
+                raise failed[0].exception()  # the finished runs are on disk: a rerun continues from them
+    results = [future.result() for future in futures]
+    return sum(done for done, _ in results), sum(trained for _, trained in results)
+
+
+def execute_run(config: StudyConfig, run: Run, model: BaseModel, data, real_images,
+                scores: dict | None = None) -> dict:
+    """One row: prune/fine-tune as the condition says, then evaluate with evaluation seed ``1000 * seed``.
+
+    ``scores``: a cache of head scores by (method, seed) for this base model (:func:`run_unit`), filled here."""
     start = time.perf_counter()
     pipe = model.early_stop if run.condition == "early_stop" else model.pipeline
     transformer, pruned_heads = pipe.transformer, 0
     if run.condition not in ("original", "early_stop"):
         method = "random" if run.condition == "finetune_only" else run.condition  # ratio 0: no head is removed
+        scores = {} if scores is None else scores
         pruned = one_shot_prune(pipe.transformer, data, training_scheduler(pipe), eta=run.eta, method=method,
                                 finetune_config=replace(config.finetune, seed=run.seed),
                                 num_batches=config.importance_batches, batch_size=config.importance_batch_size,
-                                generator=torch.Generator().manual_seed(run.seed))
+                                generator=torch.Generator().manual_seed(run.seed),
+                                importance=scores.get((method, run.seed)))
+        scores[(method, run.seed)] = pruned.importance
         transformer, pruned_heads = pruned.model, sum(len(h) for h in pruned.pruned_heads.values())
     variant = MemSepPipeline(transformer=transformer, scheduler=sampling_scheduler(pipe, config.sampler),
                              reference=pipe.reference, label_dropout_prob=pipe.config.get("label_dropout_prob"))
@@ -640,7 +719,8 @@ def study_report(config: StudyConfig, rows: list[dict], summary: list[dict], pla
              f"{', '.join(s.name for s in config.settings)}; {config.num_base_models} base models per setting "
              f"(subset seed = training seed = base index), seeds {list(config.seeds)} per condition.",
              f"Base training: {config.base_train.max_train_steps} steps, batch {config.base_train.train_batch_size}, "
-             f"lr {config.base_train.learning_rate:g}; checkpoint and memorization measured every "
+             f"lr {config.base_train.learning_rate:g} (unless a setting says otherwise); checkpoint and memorization "
+             "measured every "
              f"{config.checkpoint_every} steps ({config.curve_num_samples} samples); early-stop threshold "
              f"{config.early_stop_threshold:g}.",
              f"Fine-tuning (every pruned row and finetune_only): {config.finetune.max_train_steps} steps, batch "
@@ -655,7 +735,11 @@ def study_report(config: StudyConfig, rows: list[dict], summary: list[dict], pla
         setting_rows = [r for r in summary if r["setting"] == setting.name]
         if not setting_rows:
             continue
-        lines += [f"## {setting.name}", "", "Base models (memorization ratio per checkpoint; early-stop step):", ""]
+        train = replace(config.base_train, **setting.base_train)
+        lines += [f"## {setting.name}", "",
+                  f"{setting.num_train_samples} training images per base model; base training {train.max_train_steps} "
+                  f"steps, lr {train.learning_rate:g}.", "",
+                  "Base models (memorization ratio per checkpoint; early-stop step):", ""]
         for base in range(config.num_base_models):
             curve_path = base_dir(output_dir, setting, base) / "memorization_curve.json"
             if curve_path.is_file():

@@ -120,3 +120,32 @@ def test_prune_names_a_missing_pipeline_folder(tmp_path, capsys):
     assert main(["prune", "--pipeline", str(missing), "--output_dir", str(tmp_path / "out")]) == 2
     assert "no pipeline folder at" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_memorization_gap_needs_and_takes_held_out_images(demo_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    refused = tmp_path / "refused"
+    code = main(["prune", "--pipeline", str(demo_dir / "base"), "--output_dir", str(refused), "--methods",
+                 "memorization_gap", "--etas", "0.5", *QUICK_PRUNE])
+    assert code == 2 and "--validation_data_dir" in capsys.readouterr().err
+    assert not refused.exists()
+
+    held_out = tmp_path / "held_out"  # digits the base model was not trained on (the reference holds its images)
+    held_out.mkdir()
+    reference = MemSepPipeline.from_pretrained(demo_dir / "base").reference.images
+    digits = load_digits().images
+    for index in range(len(digits) - 8, len(digits)):
+        image = (digits[index] / 16 * 255).round().astype(np.uint8)
+        as_model_input = torch.from_numpy(image).float().div(127.5).sub(1)
+        assert not any(torch.allclose(as_model_input, r[0], atol=1e-3) for r in reference)
+        Image.fromarray(image, mode="L").save(held_out / f"{index}.png")
+    output = tmp_path / "gap"
+    code = main(["prune", "--pipeline", str(demo_dir / "base"), "--output_dir", str(output), "--methods",
+                 "memorization_gap", "--etas", "0.5", "--validation_data_dir", str(held_out), *QUICK_PRUNE])
+    assert code == 0, capsys.readouterr().err
+    summary = list(csv.DictReader((output / "summary.csv").open()))
+    assert [row["method"] for row in summary] == ["original", "finetune_only", "memorization_gap"]
+    assert (output / "variants" / "memorization_gap-eta0.5" / "model_index.json").is_file()

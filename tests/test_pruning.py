@@ -194,3 +194,20 @@ def test_small_t_top_removes_the_most_important_heads(model, data, scheduler):
     highest = sorted(paper.scores.flatten().tolist(), reverse=True)[:3]
     removed_scores = sorted(float(paper.scores[layer, head]) for layer, heads in removed.items() for head in heads)
     assert removed_scores == sorted(highest)
+
+
+def test_given_scores_are_reused_at_another_eta_exactly_as_if_recomputed(model, data, scheduler):
+    config = TrainingConfig(max_train_steps=2, train_batch_size=8, use_ema=False, show_progress=False,
+                            lr_warmup_steps=0, seed=3)
+    kwargs = dict(method="small_t", finetune_config=config, num_batches=2, batch_size=8)
+    low = one_shot_prune(model, data, scheduler, eta=0.25, generator=torch.Generator().manual_seed(1), **kwargs)
+    fresh = one_shot_prune(model, data, scheduler, eta=0.5, generator=torch.Generator().manual_seed(1), **kwargs)
+    reused = one_shot_prune(model, data, scheduler, eta=0.5, importance=low.importance, **kwargs)
+    assert reused.importance is low.importance and reused.pruned_heads == fresh.pruned_heads
+    weights = zip(fresh.model.state_dict().values(), reused.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in weights)
+    # One score ranks the heads once: the heads removed at eta 0.25 are among those removed at eta 0.5.
+    assert all(set(heads) <= set(fresh.pruned_heads.get(layer, [])) for layer, heads in low.pruned_heads.items())
+    with pytest.raises(ValueError, match="layers of"):
+        small = PrunableDiTTransformer2DModel(**{**CONFIG, "num_layers": 2})
+        one_shot_prune(small, data, scheduler, eta=0.5, importance=low.importance)

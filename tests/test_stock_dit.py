@@ -179,6 +179,25 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
     assert sum(pruned.model.heads_per_layer()) == 2 and len(pruned.finetune.losses) == 1
 
 
+def test_memorization_gap_on_a_latent_dit_scores_held_out_latents(tmp_path):
+    """memorization_gap on a latent DiT: the held-out images are encoded with the training images (both cached)."""
+    from diffusers_memsep.pruning.memorization_gap import with_held_out
+    from diffusers_memsep.training import TrainingConfig
+
+    vae, dit = tiny_vae(), tiny_dit()
+    generator = torch.Generator().manual_seed(0)
+    train = TrainingData(torch.rand(6, 3, 8, 8, generator=generator) * 2 - 1, torch.tensor([0, 1, 2] * 2), 3, "t")
+    held = TrainingData(torch.rand(5, 3, 8, 8, generator=generator) * 2 - 1, torch.tensor([2, 1, 0, 1, 2]), 3, "h")
+    latents = latent_training_data(with_held_out(train, held), vae, tmp_path)
+    assert tuple(latents.images.shape) == (6, 4, 4, 4) and tuple(latents.held_out.images.shape) == (5, 4, 4, 4)
+    assert torch.equal(latents.held_out.images, encode_images(vae, held.images))
+    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 2
+    finetune = TrainingConfig(max_train_steps=1, train_batch_size=2, lr_warmup_steps=0, show_progress=False)
+    pruned = one_shot_prune(dit, with_held_out(train, held), DDPMScheduler(), eta=0.5, method="memorization_gap",
+                            finetune_config=finetune, num_batches=1, batch_size=2, vae=vae)
+    assert sum(pruned.model.heads_per_layer()) == 2 and torch.isfinite(pruned.importance.raw_scores).all()
+
+
 # ------------------------------------------------------------------------------------------- memsep prune
 @pytest.fixture(scope="module")
 def pruned_dir(stock_folder, image_folder, tmp_path_factory):

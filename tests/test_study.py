@@ -150,3 +150,21 @@ def test_study_command_refuses_a_missing_folder_before_training(tmp_path, capsys
     assert main(argv) == 2
     assert "is not a directory" in capsys.readouterr().err
     assert not (tmp_path / "out" / "bases").exists() and not (tmp_path / "out" / "study.json").exists()
+
+
+def test_worker_processes_give_the_rows_of_one_process(tmp_path):
+    """Units (setting, base model) in two spawned workers: the same rows, bit for bit, as in this process; the
+    scores of one (method, seed) serve every eta (nested head sets)."""
+    kwargs = dict(num_base_models=2, methods=("small_t",), etas=(0.25, 0.5), seeds=(0,))
+    serial = run_study(tiny_config(tmp_path / "serial", num_workers=1, **kwargs))
+    parallel = run_study(tiny_config(tmp_path / "parallel", num_workers=2, **kwargs))
+    timing = {"run_seconds", "sampling_seconds"}
+
+    def strip(rows):
+        return sorted((sorted((k, v) for k, v in r.items() if k not in timing) for r in rows), key=str)
+
+    assert len(serial.rows) == len(parallel.rows) == 2 * 5
+    assert strip(serial.rows) == strip(parallel.rows)
+    assert (parallel.executed_runs, parallel.trained_base_models) == (10, 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        tiny_config(tmp_path, num_workers=0)

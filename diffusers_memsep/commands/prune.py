@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Replace an earlier study in --output_dir (its report, CSVs, figures, variants/ only).")
     parser.add_argument("--methods", nargs="+", default=list(study.methods), choices=METHODS,
-                        help="Head scores: small_t (Algorithm 2), uniform_t, ablation, random (baseline).")
+                        help="Head scores: small_t (Algorithm 2), uniform_t, ablation, random (baseline), "
+                             "small_t_top, memorization_gap (needs held-out images: --validation_data_dir).")
     parser.add_argument("--etas", nargs="+", type=float, default=list(study.etas), help="Fractions of heads to prune.")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(study.seeds), help="Repetitions (mean +- std).")
     parser.add_argument("--finetune_steps", type=int, default=study.finetune.max_train_steps, help="M of Algorithm 1.")
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "the data source above, all 1,797 digits for the embedded data).")
     data.add_argument("--population_split", default="train",
                       help="Split of --dataset_name used as the population (all of its images).")
+    data.add_argument("--validation_data_dir", default=None,
+                      help="Held-out images of the training distribution for --methods memorization_gap (default: "
+                           "the population minus the training subset, when the data flags load that subset).")
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload every variant folder after saving it.")
     hub.add_argument("--hub_model_id_prefix", default=None, help="Variants go to <prefix>-<method>-eta<eta>.")
@@ -198,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the population images are {tuple(population.images.shape[1:])} but the model makes "
                          f"{tuple(data.images.shape[1:])}; pass --resolution (and --center_crop) as in training.")
     feature_space = resolve_quality_space(args, population)
+    if "memorization_gap" in args.methods:
+        data = with_held_out_images(args, data, population, pipe)
 
     result = run_pruning_study(pipe, data, population.images, config, args.output_dir,
                                base_model_name=str(args.pipeline), feature_space=feature_space,
@@ -212,6 +218,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"pushed {name}: {url}")
     print(f"report: {result.report_path}")
     return 0
+
+
+def with_held_out_images(args: argparse.Namespace, data, population, pipe):
+    """The training data carrying the held-out images ``memorization_gap`` compares them with:
+    ``--validation_data_dir``, else the population minus the training subset (only when both come from the same
+    source, so that the subset's indices point into the population)."""
+    from dataclasses import replace
+
+    from diffusers_memsep.data import load_training_data
+    from diffusers_memsep.pruning.memorization_gap import held_out_from_population, with_held_out
+
+    if args.validation_data_dir:
+        held_out = load_training_data(train_data_dir=args.validation_data_dir, image_column=args.image_column,
+                                      label_column=args.label_column, resolution=args.resolution or data.resolution,
+                                      center_crop=args.center_crop)
+        if held_out.images.shape[1:] != data.images.shape[1:] and pipe.vae is not None:
+            held_out = replace(held_out, images=pipe.match_image_shape(held_out.images))
+        if data.labels is not None and held_out.labels is None:
+            raise ValueError("the model is class-conditional but --validation_data_dir has no labels; give it one "
+                             "sub-folder per class (as the training folder) or --label_column.")
+        if data.labels is None:
+            held_out = replace(held_out, labels=None)
+        return with_held_out(data, held_out)
+    if data.indices is None or args.population_data_dir:
+        raise ValueError("--methods memorization_gap compares the training images with held-out images of the same "
+                         "distribution: pass --validation_data_dir, or the data flags the model was trained with "
+                         "(with --max_train_samples / --data_seed) so the rest of that data set is held out.")
+    return with_held_out(data, held_out_from_population(population, data))
 
 
 def load_population_of(args: argparse.Namespace, data, load_population):

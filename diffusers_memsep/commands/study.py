@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etas", nargs="+", type=float, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--base_train_steps", type=int, default=None,
-                        help="Training steps of each base model (default 3,000; 5,000 memorizes clearly, +20 min).")
+                        help="Training steps of every base model (default 5,000).")
     parser.add_argument("--checkpoint_every", type=int, default=None, help="Memorization curve / early-stop grid.")
     parser.add_argument("--finetune_steps", type=int, default=None, help="Fine-tuning steps of every pruned row.")
     parser.add_argument("--early_stop_threshold", type=float, default=default.early_stop_threshold,
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality_metric", default=default.quality_metric,
                         help="Metric column on the y axis of pareto.png (e.g. frechet_distance, kid).")
     parser.add_argument("--max_runs", type=int, default=None, help="Stop after this many new runs (rerun continues).")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="Processes that train and evaluate base models side by side (default: one per core).")
     data = parser.add_argument_group("extra setting (any image folder or Hub dataset)")
     data.add_argument("--dataset_name", default=None)
     data.add_argument("--dataset_config_name", default=None)
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         ("etas", args.etas), ("seeds", args.seeds)) if value is not None}
     if args.base_train_steps is not None:
         overrides["base_train"] = replace(config.base_train, max_train_steps=args.base_train_steps)
+        settings = [replace(s, base_train={k: v for k, v in s.base_train.items() if k != "max_train_steps"})
+                    for s in settings]  # the flag sets every setting's steps
     if args.checkpoint_every is not None:
         overrides["checkpoint_every"] = args.checkpoint_every
     if args.finetune_steps is not None:
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if args.etas is not None:
         overrides["method_etas"] = {}  # explicit etas apply to every method
     config = replace(config, settings=tuple(settings), early_stop_threshold=args.early_stop_threshold,
-                     quality_metric=args.quality_metric, max_runs=args.max_runs, **overrides)
+                     quality_metric=args.quality_metric, max_runs=args.max_runs, num_workers=args.num_workers,
+                     **overrides)
     result = run_study(config)
     if result.rows:
         print(result.report_path.read_text())

@@ -118,6 +118,7 @@ def one_shot_prune(
     generator: torch.Generator | None = None,
     vae=None,
     latent_cache_dir=None,
+    importance: HeadImportance | None = None,
 ) -> PruneResult:
     """Algorithm 1: importance scores -> remove ``floor(eta * H)`` heads globally -> fine-tune.
 
@@ -135,6 +136,10 @@ def one_shot_prune(
             (:func:`diffusers_memsep.latents.latent_training_data`, cached under ``latent_cache_dir`` when given)
             and the scores and the fine-tuning run on the latents. Without it ``data`` must already match the
             model's input (pixels for a pixel DiT, latents for a latent one).
+        importance: scores already computed for this model (e.g. the ``importance`` of an earlier call at another
+            eta: Algorithm 1 ranks the heads once, so every eta of one score prunes a nested set of heads); the
+            scoring is then skipped and ``method``, ``num_batches``, ``batch_size``, ``time_distribution`` and
+            ``generator`` are not used.
     """
     if not isinstance(model, DiTTransformer2DModel):
         raise TypeError(f"one_shot_prune needs a DiT (diffusers DiTTransformer2DModel), got {type(model).__name__}.")
@@ -147,8 +152,13 @@ def one_shot_prune(
         from ..latents import latent_training_data
 
         data = latent_training_data(data, vae, latent_cache_dir)
-    importance = head_importance(method, pruned, data, scheduler, num_batches=num_batches, batch_size=batch_size,
-                                 generator=generator, time_distribution=time_distribution)
+    if importance is None:
+        importance = head_importance(method, pruned, data, scheduler, num_batches=num_batches,
+                                     batch_size=batch_size, generator=generator, time_distribution=time_distribution)
+    elif tuple(importance.scores.shape) != (len(pruned.heads_per_layer()), pruned.config.num_attention_heads):
+        raise ValueError(f"the given importance scores have shape {tuple(importance.scores.shape)} but the model has "
+                         f"{len(pruned.heads_per_layer())} layers of {pruned.config.num_attention_heads} heads; score "
+                         "this model (importance=None).")
     heads = select_heads_to_prune(importance, eta)
     pruned.prune_heads(heads)
     finetune = None

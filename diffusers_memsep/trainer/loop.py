@@ -14,7 +14,8 @@ Choices the paper leaves open, made here:
   For class-conditional training, DiT's own label dropout (10%, in ``LabelEmbedding``) also trains the null label,
   so classifier-free guidance works.
 - Data order, noise, timesteps and flips come from generators seeded by ``(seed, micro-step, process)``, not from
-  global RNG state: a run resumed from a checkpoint draws exactly what the uninterrupted run draws.
+  global RNG state: a run resumed from a checkpoint draws exactly what the uninterrupted run draws. DiT's label
+  dropout draws from the global RNG, so it runs with that RNG seeded the same way (:func:`_label_dropout_rng`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,7 +178,7 @@ def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noi
                                                            noise_scheduler.config.num_train_timesteps)
             # Only the last micro-batch all-reduces gradients (DDP); the others accumulate locally.
             sync = accelerator.no_sync(model) if micro < accumulation - 1 else nullcontext()
-            with sync:
+            with sync, _label_dropout_rng(config.seed, global_step * accumulation + micro, accelerator):
                 loss = dsm_loss(model, noise_scheduler, clean, labels, timesteps, noise)
                 accelerator.backward(loss / accumulation)
             step_loss += loss.detach().item() / accumulation
@@ -357,6 +358,22 @@ class _BatchStream:
             flip = (torch.rand(global_batch, generator=generator, device=self.device) < 0.5)[mine]
             clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
         return clean, labels, timesteps, noise
+
+
+@contextmanager
+def _label_dropout_rng(seed: int, micro_step: int, accelerator):
+    """DiT's label dropout (``LabelEmbedding.token_drop``) draws from the GLOBAL torch RNG; inside this context that
+    RNG is seeded by ``(seed, micro-step, process)`` and restored afterwards, so which labels are dropped is a pure
+    function of the step (two runs with one seed fine-tune identically, whatever ran before them in the process) and
+    the caller's RNG stream is left untouched."""
+    device = accelerator.device
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(np.random.SeedSequence([int(seed), micro_step, accelerator.process_index, 1])
+                              .generate_state(1)[0]))
+        yield
 
 
 class _Positions(torch.utils.data.Dataset):
