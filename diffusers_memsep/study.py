@@ -635,7 +635,8 @@ def paired_differences(rows: list[dict], method: str, eta: float, control: str, 
 
 def compare(rows: list[dict]) -> list[dict]:
     """One row per (setting, method, eta): mean and 95% t-interval of every metric, and the paired differences
-    against ``random`` (same eta) and ``finetune_only``, each with its interval and verdict."""
+    against ``random`` (same eta), ``finetune_only`` (the fine-tuning control) and ``early_stop`` (the free
+    baseline every mitigation must beat), each with its interval and verdict."""
     metrics = metric_columns(rows)
     groups = list(dict.fromkeys((r["setting"], r["method"], float(r["eta"])) for r in rows))
     summary = []
@@ -645,7 +646,7 @@ def compare(rows: list[dict]) -> list[dict]:
         for metric in metrics:
             entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"] = t_interval([float(m[metric])
                                                                                         for m in members])
-        controls = [("finetune_only", "finetune_only", 0.0)]
+        controls = [("finetune_only", "finetune_only", 0.0), ("early_stop", "early_stop", 0.0)]
         if method not in BASELINES and method != "random":
             controls.insert(0, ("random", "random", eta))
         for label, control, control_eta in controls:
@@ -653,6 +654,8 @@ def compare(rows: list[dict]) -> list[dict]:
                 continue
             for metric in metrics:
                 differences = paired_differences(rows, method, eta, control, control_eta, metric, setting)
+                if not differences:  # the control was not run (yet): no comparison
+                    continue
                 mean, low, high = t_interval(differences)
                 entry[f"vs_{label}_{metric}"] = mean
                 entry[f"vs_{label}_{metric}_low"], entry[f"vs_{label}_{metric}_high"] = low, high
@@ -752,7 +755,7 @@ def study_report(config: StudyConfig, rows: list[dict], summary: list[dict], pla
         for entry in setting_rows:
             cells = [_interval(entry, m, sign="") for m in metrics]
             lines.append(f"| {entry['method']} | {entry['eta']:g} | {entry['runs']} | " + " | ".join(cells) + " |")
-        for label in ("random", "finetune_only"):
+        for label in ("random", "finetune_only", "early_stop"):
             compared = [e for e in setting_rows if f"vs_{label}_memorization_ratio" in e]
             if not compared:
                 continue
@@ -763,10 +766,10 @@ def study_report(config: StudyConfig, rows: list[dict], summary: list[dict], pla
                 cells = [f"{_interval(entry, f'vs_{label}_{m}')} {entry[f'vs_{label}_{m}_verdict']}" for m in metrics]
                 lines.append(f"| {entry['method']} | {entry['eta']:g} | "
                              f"{entry[f'vs_{label}_memorization_ratio_pairs']} | " + " | ".join(cells) + " |")
-        lines += ["", "Verdicts (against random at the same eta; against finetune_only):", ""]
+        lines += ["", "Verdicts (against random at the same eta; against finetune_only; against early_stop):", ""]
         for entry in setting_rows:
             parts = []
-            for label in ("random", "finetune_only"):
+            for label in ("random", "finetune_only", "early_stop"):
                 if f"vs_{label}_memorization_ratio" in entry:
                     axes = "; ".join(f"{m} {entry[f'vs_{label}_{m}_verdict']}" for m in metrics)
                     parts.append(f"vs {label}: {axes}")

@@ -78,6 +78,12 @@ def test_paired_comparison_by_hand():
     assert "vs_random_memorization_ratio" not in summary[("finetune_only", 0.0)]
     assert summary[("random", 0.25)]["runs"] == 1
     assert entry["memorization_ratio"] == pytest.approx(0.125)
+    assert "vs_early_stop_memorization_ratio" not in entry  # no early_stop rows: no comparison, not a NaN one
+    early = [0.05, 0.10, 0.05, 0.00]
+    rows += [_row("early_stop", 0.0, base, seed, e, kid=2.0) for (base, seed), e in zip(pairs, early)]
+    entry = {(e["method"], e["eta"]): e for e in compare(rows)}[("small_t", 0.5)]
+    assert entry["vs_early_stop_memorization_ratio"] == pytest.approx(sum(a - e for a, e in zip(small_t, early)) / 4)
+    assert entry["vs_early_stop_memorization_ratio_pairs"] == 4 and entry["vs_early_stop_kid_verdict"] == "better"
 
 
 def test_early_stop_choice():
