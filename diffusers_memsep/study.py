@@ -48,15 +48,15 @@ Choices the paper leaves open:
 Budget of the full profile (the defaults of :class:`StudyConfig`, ``memsep study`` without flags): 2 settings x 4
 base models x 5,000 steps, and per base model and seed ``original``, ``early_stop``, ``finetune_only`` and all six
 methods at etas 0.25, 0.5 and 0.75 (21 runs; 504 in all). Measured on the idle 2-core CPU, one torch thread per
-process, two processes side by side: a base model trains 5,000 steps in 272-277 s (0.055 s per step on either
-setting, as both DiTs see 16 tokens) and measures its 10 checkpoints in 12-13 s; a run takes 1.2-1.3 s without
+process, two processes side by side: a base model trains 5,000 steps in 289-311 s (about 0.06 s per step on
+either setting, as both DiTs see 16 tokens) and measures its 10 checkpoints in 12-13 s; a run takes 1.2-1.3 s without
 fine-tuning (64 samples, DDIM-25) and 3.0-4.0 s with score + 40 fine-tuning steps (memorization_gap and ablation
 6-8 s with their scores; a score is computed once per (method, seed) and reused at the three etas). Arithmetic,
 two workers::
 
-    base models: 8 x 290 s / 2                                              = 1,160 s
+    base models: 8 x 300 s / 2                                              = 1,200 s
     runs: 24 (base model, seed) x (2 x 1.3 s + 19 x 3.6 s + 4 extra score s) / 2  =   900 s
-    total about 35 min; the measured full run: see docs/study.md
+    total about 35 min; measured for the whole run: 37.0 min
 
 What was cut to fit the hour (against what one would run with more time): 40 fine-tuning steps (the demo uses
 300); 64 samples with DDIM-25 per run (the demo: 128 with DDIM-50); head scores from 4 batches of 32; one
