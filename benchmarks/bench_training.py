@@ -72,7 +72,7 @@ def memorization_speed(argv):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from diffusers_memsep.data import load_training_data
-    from diffusers_memsep.training import (
+    from diffusers_memsep.trainer import (
         TrainingConfig,
         build_pipeline,
         make_dit,
@@ -96,8 +96,9 @@ def memorization_speed(argv):
         for sampler in args.samplers.split(","):
             kind, steps = sampler[:4], int(sampler[4:])
             chosen = (DDPMScheduler if kind == "ddpm" else DDIMScheduler).from_config(scheduler.config)
-            _, row[sampler] = sample_and_measure(pipeline, args.samples, steps, data.num_classes, seed=1234,
-                                                 scheduler=chosen)
+            report = sample_and_measure(pipeline, args.samples, steps, data.num_classes, seed=1234,
+                                        scheduler=chosen)[1]
+            row[sampler] = report.ratio
         print(json.dumps(row), flush=True)
         clock["wall0"], clock["cpu0"] = time.perf_counter(), time.process_time()
 

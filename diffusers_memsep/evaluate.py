@@ -19,7 +19,6 @@ Metrics, and the choices behind them:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -134,29 +133,56 @@ def feature_space_for(images: torch.Tensor) -> FeatureSpace:
     return resolve_feature_space("trained", TrainingData(images, None, None, "population"))
 
 
+#: The seed scheme of every sampled number. Run seed ``s`` (``0 <= s < MAX_RUN_SEED``) evaluates with batch ``b``
+#: seeded ``EVALUATION_SEED_STRIDE * s + b`` (at most ``EVALUATION_SEED_STRIDE`` batches); the early-stop curve of
+#: ``memsep study`` samples batch ``b`` from ``CURVE_SEED + b``, above every evaluation seed, so the samples that
+#: choose a checkpoint are never the samples that score it.
+EVALUATION_SEED_STRIDE = 1000
+MAX_RUN_SEED = 10**6
+CURVE_SEED = EVALUATION_SEED_STRIDE * MAX_RUN_SEED
+
+
+def evaluation_seed(seed: int) -> int:
+    """The first sampling seed of run seed ``seed`` (see :data:`EVALUATION_SEED_STRIDE`)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_RUN_SEED:
+        raise ValueError(f"seeds must be integers in [0, {MAX_RUN_SEED:,}) (the evaluation draws from seed 1000 * s), "
+                         f"got {seed!r}.")
+    return EVALUATION_SEED_STRIDE * seed
+
+
 def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor | None:
-    """``0, 1, ..., C-1, 0, 1, ...`` (same labels for every variant), or None for an unconditional model."""
+    """The one label rule: ``0, 1, ..., C-1, 0, 1, ...`` (same labels for every variant), None when unconditional."""
     return None if not num_classes else torch.arange(num_samples) % num_classes
 
 
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, num_inference_steps: int, seed: int,
-                    batch_size: int = 256, **call_kwargs) -> tuple[torch.Tensor, float]:
-    """``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``.
+                    batch_size: int = 256, scheduler=None, **call_kwargs) -> tuple[torch.Tensor, float]:
+    """THE sampler of every memorization and quality number (evaluation, training validation, early-stop curve):
+    ``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``.
 
-    Under several processes (``accelerate launch`` / ``torchrun``) the batches are split across them (contiguous
-    shares, each batch keeping its seed) and gathered in order, so every process returns the samples one process
-    would draw, after sampling only its share.
+    ``scheduler`` (default: the pipeline's) is used for this call only. Under several processes (``accelerate
+    launch`` / ``torchrun``) the batches are split across them (contiguous shares, each batch keeping its seed) and
+    gathered in order, so every process returns the samples one process would draw, after sampling only its share.
     """
-    chunks, start_time = [], time.perf_counter()
-    for batch_index, start in split_work(list(enumerate(range(0, num_samples, batch_size)))):
-        size = min(batch_size, num_samples - start)
-        labels = None if class_labels is None else class_labels[start:start + size]
-        generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
-        output = pipe(class_labels=labels, batch_size=None if labels is not None else size,
-                      num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
-                      check_memorization=False, **call_kwargs)
-        chunks.append(output.images.cpu() * 2 - 1)
+    batches = list(enumerate(range(0, num_samples, batch_size)))
+    if len(batches) > EVALUATION_SEED_STRIDE:
+        raise ValueError(f"{num_samples} samples in batches of {batch_size} need more than {EVALUATION_SEED_STRIDE} "
+                         "seeds and would reuse another run's noise; raise batch_size.")
+    chunks, start_time, original = [], time.perf_counter(), pipe.scheduler
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+    try:
+        for batch_index, start in split_work(batches):
+            size = min(batch_size, num_samples - start)
+            labels = None if class_labels is None else class_labels[start:start + size]
+            generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
+            output = pipe(class_labels=labels, batch_size=None if labels is not None else size,
+                          num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
+                          check_memorization=False, **call_kwargs)
+            chunks.append(output.images.cpu() * 2 - 1)
+    finally:
+        pipe.scheduler = original
     return all_gather_cat(torch.cat(chunks) if chunks else None), time.perf_counter() - start_time
 
 
@@ -225,76 +251,7 @@ def quality_metrics(samples: torch.Tensor, reference: QualityReference, kid_subs
             "num_real_images": reference.num_real_images}
 
 
-# ------------------------------------------------------------------------------------------------ aggregation
-def summarize(rows: Sequence[dict], group_by: Sequence[str] = ("method", "eta")) -> list[dict]:
-    """Mean and standard deviation (over seeds) of every metric column, one row per group, in first-seen order."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row.get(key) for key in group_by), []).append(row)
-    summary = []
-    for key, members in groups.items():
-        entry = dict(zip(group_by, key), runs=len(members))
-        for column in ("feature_space", "num_real_images", "num_quality_samples"):  # the same for every run of a row
-            if members[0].get(column) is not None:
-                entry[column] = members[0][column]
-        for column in (*METRIC_COLUMNS, "num_parameters", "sampling_seconds"):
-            values = [float(m[column]) for m in members if m.get(column) is not None]
-            if values:
-                mean = sum(values) / len(values)
-                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-                entry[column], entry[column + "_std"] = mean, std
-        summary.append(entry)
-    return summary
-
-
-# -------------------------------------------------------------------------------------------------- writing
-def markdown_table(summary: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``summary`` rows; metric columns show ``mean +- std`` over seeds when several runs were
-    averaged; ``kid`` also shows its (mean) standard error over subsets, ``se``."""
-    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
-    for row in summary:
-        cells = []
-        for key, _ in columns:
-            value, std = row.get(key), row.get(key + "_std")
-            if key == "num_parameters" and value is not None:
-                cells.append(f"{int(round(value)):,}")
-            elif key == "eta" and value is not None:
-                cells.append(f"{value:g}")
-            elif isinstance(value, float):
-                spread = std is not None and row.get("runs", 1) > 1
-                style = ".3g" if key in ("kid", "kid_se") else ".3f"
-                cell = f"{value:{style}} +- {std:{style}}" if spread else f"{value:{style}}"
-                if key == "kid" and row.get("kid_se") is not None:
-                    cell += f" (se {row['kid_se']:.2g})"
-                cells.append(cell)
-            else:
-                cells.append("" if value is None else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_memorization_vs_quality(summary: Sequence[dict], path: str | os.PathLike, frechet_title: str) -> None:
-    """Scatter: Frechet distance (x, lower is better; ``frechet_title`` names it, e.g. "Frechet distance in
-    digits-classifier feature space" or "FID") against memorization ratio (y), with std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.4, 4.6))
-    for row in summary:
-        label = row["method"] if row.get("eta") in (None, 0, 0.0) else f"{row['method']} (eta={row['eta']:g})"
-        axis.errorbar(row["frechet_distance"], 100 * row["memorization_ratio"],
-                      xerr=row.get("frechet_distance_std", 0), yerr=100 * row.get("memorization_ratio_std", 0),
-                      fmt="o", capsize=3, label=label)
-    axis.set_xlabel(f"{frechet_title} (lower is better)")
-    axis.set_ylabel("memorization ratio (%)")
-    axis.set_title("Memorization vs quality (mean +- std over seeds)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    save_figure(figure, path)
-
-
+# -------------------------------------------------------------------------------------------------- figures
 def plot_samples_with_nearest(results: Sequence[EvaluationResult], train_images: torch.Tensor,
                               path: str | os.PathLike, num_columns: int = 12) -> None:
     """The paper's Figure 4 layout: per variant, a row of samples (same noise) and below it their nearest training

@@ -250,18 +250,19 @@ def generate_samples(model: GMMScoreMLP, num_samples: int, t_max: float = 10.0, 
 @torch.no_grad()
 def evaluate_samples(samples: torch.Tensor, train: torch.Tensor, mixture: GaussianMixture) -> dict[str, Any]:
     """The two metrics of Figure 3 for ``samples`` ``[B, d]``: ``memorization_ratio`` (1/9 rule against ``train``),
-    ``mean_log_likelihood`` (exact log-density under the clean mixture, averaged), and the per-sample ``memorized``
-    mask (for Figure 2's red points)."""
+    ``mean_log_likelihood`` (exact log-density under the clean mixture, averaged), the per-sample ``memorized``
+    mask (for Figure 2's red points) and ``num_nonfinite``. A non-finite (diverged) sample is neither a copy nor a
+    non-copy: it is left out of the ratio and the likelihood and counted (the rule of ``memorization_report``)."""
     if samples.ndim != 2 or train.ndim != 2 or samples.shape[1] != train.shape[1]:
         raise ValueError(f"samples {tuple(samples.shape)} and train {tuple(train.shape)} must both be [*, d] with "
                          f"the same d.")
     report = memorization_report(samples, train)
-    memorized = torch.as_tensor(report.memorized).bool().reshape(-1)
-    log_prob = mixture.log_prob(samples.to(mixture.means.dtype), 0.0)
+    log_prob = mixture.log_prob(samples[report.finite].to(mixture.means.dtype), 0.0)
     return {
-        "memorization_ratio": memorized.float().mean().item(),
-        "mean_log_likelihood": log_prob.mean().item(),
-        "memorized": memorized,
+        "memorization_ratio": report.ratio,
+        "mean_log_likelihood": log_prob.mean().item() if log_prob.numel() else float("nan"),
+        "memorized": report.memorized.bool().reshape(-1),
+        "num_nonfinite": report.num_nonfinite,
     }
 
 
@@ -374,7 +375,7 @@ def run_gmm_experiment(spec: GMMRunSpec, progress: bool = False) -> GMMRunResult
     tail = losses[-max(1, len(losses) // 10):]
     row = {**dataclasses.asdict(spec), "num_parameters": model.num_parameters(),
            "memorization_ratio": metrics["memorization_ratio"],
-           "mean_log_likelihood": metrics["mean_log_likelihood"],
+           "mean_log_likelihood": metrics["mean_log_likelihood"], "num_nonfinite": metrics["num_nonfinite"],
            "true_samples_memorization_ratio": reference["memorization_ratio"],
            "true_samples_mean_log_likelihood": reference["mean_log_likelihood"],
            "final_loss": sum(tail) / len(tail)}

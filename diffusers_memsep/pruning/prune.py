@@ -15,7 +15,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.utils import BaseOutput
 
 from ..models import PrunableDiTTransformer2DModel
-from ..training import TrainingConfig, TrainResult, train_dit
+from ..trainer import TrainingConfig, TrainResult, train_dit
 from .importance import (
     SMALL_TIME,
     UNIFORM_TIME,
@@ -30,10 +30,20 @@ from .memorization_gap import memorization_gap_importance
 METHODS = ("small_t", "uniform_t", "ablation", "random", "small_t_top", "memorization_gap")
 
 
+def check_eta(eta: float, allow_zero: bool = True) -> float:
+    """The one check of a pruning fraction: eta in [0, 1) (in (0, 1) with ``allow_zero=False``: a study condition
+    that prunes nothing is ``finetune_only``, not a method at eta 0)."""
+    number = not isinstance(eta, bool) and isinstance(eta, (int, float))
+    if not number or not (0 <= eta < 1) or (eta == 0 and not allow_zero):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"the pruning fraction eta must lie in {interval}, got {eta!r} (0.25 prunes a quarter of the "
+                         "heads).")
+    return float(eta)
+
+
 def number_of_heads_to_prune(eta: float, num_heads: int) -> int:
     """``floor(eta * H)``, after checking that eta lies in [0, 1) and that there is a head to keep."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < 1:
-        raise ValueError(f"the pruning fraction eta must lie in [0, 1), got {eta!r} (0.2 prunes 20% of the heads).")
+    check_eta(eta)
     if num_heads < 1:
         raise ValueError("the model has no attention heads left to prune; start from a less pruned model.")
     return math.floor(eta * num_heads)  # < num_heads for eta < 1: at least one head always stays
@@ -141,12 +151,7 @@ def one_shot_prune(
             scoring is then skipped and ``method``, ``num_batches``, ``batch_size``, ``time_distribution`` and
             ``generator`` are not used.
     """
-    if not isinstance(model, DiTTransformer2DModel):
-        raise TypeError(f"one_shot_prune needs a DiT (diffusers DiTTransformer2DModel), got {type(model).__name__}.")
-    if isinstance(model, PrunableDiTTransformer2DModel):
-        pruned = copy.deepcopy(model)
-    else:
-        pruned = PrunableDiTTransformer2DModel.from_dit(model)
+    pruned = prunable_copy(model)
     number_of_heads_to_prune(eta, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work
     if vae is not None:
         from ..latents import latent_training_data
@@ -161,8 +166,25 @@ def one_shot_prune(
                          "this model (importance=None).")
     heads = select_heads_to_prune(importance, eta)
     pruned.prune_heads(heads)
-    finetune = None
-    if finetune_config is not None:
-        finetune = train_dit(pruned, data, scheduler, finetune_config)
-        pruned = finetune.ema_model if finetune.ema_model is not None else finetune.model
-    return PruneResult(model=pruned.eval(), pruned_heads=heads, importance=importance, finetune=finetune)
+    finetune = None if finetune_config is None else train_dit(pruned, data, scheduler, finetune_config)
+    return PruneResult(model=finetuned_model(finetune) if finetune else pruned.eval(), pruned_heads=heads,
+                       importance=importance, finetune=finetune)
+
+
+def prunable_copy(model: DiTTransformer2DModel) -> PrunableDiTTransformer2DModel:
+    """A prunable copy of ``model`` (a stock DiT is converted): the input is never modified."""
+    if not isinstance(model, DiTTransformer2DModel):
+        raise TypeError(f"head pruning needs a DiT (diffusers DiTTransformer2DModel), got {type(model).__name__}.")
+    if isinstance(model, PrunableDiTTransformer2DModel):
+        return copy.deepcopy(model)
+    return PrunableDiTTransformer2DModel.from_dit(model)
+
+
+def finetuned_model(finetune: TrainResult) -> PrunableDiTTransformer2DModel:
+    """The model a fine-tuning leaves (its EMA weights when it kept an EMA), in eval mode."""
+    return (finetune.ema_model if finetune.ema_model is not None else finetune.model).eval()
+
+
+def fine_tune_only(model: DiTTransformer2DModel, data, scheduler, config: TrainingConfig) -> TrainResult:
+    """The control of Algorithm 1: exactly the fine-tuning of :func:`one_shot_prune` on a copy, no head removed."""
+    return train_dit(prunable_copy(model), data, scheduler, config)

@@ -21,10 +21,10 @@ from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
 from ..data import TrainingData, all_images
-from ..evaluate import QualityReference, quality_metrics
+from ..evaluate import QualityReference, balanced_labels, quality_metrics, sample_pipeline
 from ..hub import check_hub_repo, hub_repo_id, push_folder_to_hub, require_templates, save_model_card
 from ..latents import latent_training_data
-from ..memorization import NearestNeighborIndex
+from ..memorization import MemorizationResult, NearestNeighborIndex, memorization_report
 from ..pipelines import MemSepPipeline
 from ..utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
 from .checkpoints import list_checkpoints, resolve_checkpoint
@@ -49,28 +49,14 @@ def build_pipeline(model, noise_scheduler, data: TrainingData, reference: Neares
 
 
 def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num_classes: int | None = None,
-                       seed: int = 0, scheduler=None):
-    """Sample ``num_samples`` images (labels cycling over the classes when conditional) with a fixed seed.
-
-    ``scheduler`` (default: the pipeline's) is used for this call only. Returns the pipeline output
-    (``images`` as a ``[B, C, H, W]`` tensor in ``[0, 1]``, ``memorized``...) and the memorization ratio.
-    """
-    original = pipeline.scheduler
-    if scheduler is not None:
-        pipeline.scheduler = scheduler
-    try:
-        labels = [i % num_classes for i in range(num_samples)] if num_classes else None
-        generator = torch.Generator().manual_seed(int(seed))
-        output = pipeline(class_labels=labels, batch_size=None if labels else num_samples,
-                          num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
-    finally:
-        pipeline.scheduler = original
-    if output.memorized is None:
-        return output, float("nan")
-    finite = output.finite if output.finite is not None else torch.ones_like(output.memorized)
-    # over the finite samples only: a diverged (NaN) sample is neither a copy nor a non-copy
-    ratio = float(output.memorized[finite].float().mean()) if finite.any() else float("nan")
-    return output, ratio
+                       seed: int = 0, scheduler=None) -> tuple[torch.Tensor, MemorizationResult | None]:
+    """Samples in ``[-1, 1]`` from the evaluation's sampler (:func:`~diffusers_memsep.evaluate.sample_pipeline`:
+    labels of :func:`~diffusers_memsep.evaluate.balanced_labels`, batch ``b`` seeded ``seed + b``) and their
+    memorization verdicts against the pipeline's reference (None without one). A non-finite sample is neither a
+    copy nor a non-copy: ``report.ratio`` leaves it out and ``report.num_nonfinite`` counts it."""
+    samples, _ = sample_pipeline(pipeline, num_samples, balanced_labels(num_samples, num_classes),
+                                 num_inference_steps, seed, scheduler=scheduler)
+    return samples, None if pipeline.reference is None else memorization_report(samples, pipeline.reference)
 
 
 def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | os.PathLike | None = None,
@@ -80,10 +66,10 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
     """A ``validation_fn`` for :func:`train_dit`: sample a grid, save it, return the memorization ratio.
 
     Samples come from the model being trained (EMA weights when on) with a DDPM sampler of
-    ``num_inference_steps`` steps built from the training scheduler's config, always from the same noise
-    (``seed``), so grids of successive steps are comparable. The grid goes to
-    ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard, to TensorBoard.
-    With ``vae`` (a latent DiT) samples are decoded and judged against ``data``'s pixel images. With
+    ``num_inference_steps`` steps built from the training scheduler's config, drawn by :func:`sample_and_measure`
+    (the evaluation's sampler) always from the same noise (``seed``), so grids of successive steps are comparable.
+    The grid goes to ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard,
+    to TensorBoard. With ``vae`` (a latent DiT) samples are decoded and judged against ``data``'s pixel images. With
     ``quality_reference`` (the population in a feature space, :class:`~diffusers_memsep.evaluate.QualityReference`)
     the same samples also give precision, recall, the Frechet distance and the KID formula.
     """
@@ -95,10 +81,11 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
         pipeline = MemSepPipeline(transformer=model, scheduler=validation_scheduler, vae=vae,
                                   reference=reference.to(model.device), label_dropout_prob=label_dropout)
         pipeline.set_progress_bar_config(disable=True)
-        output, ratio = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed)
+        samples, report = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed)
+        images01 = ((samples + 1) / 2).nan_to_num(0.0)
         if samples_dir is not None:
             rows = max(1, int(math.sqrt(num_samples)))
-            images = pipeline.numpy_to_pil(output.images.cpu().permute(0, 2, 3, 1).numpy())
+            images = pipeline.numpy_to_pil(images01.permute(0, 2, 3, 1).numpy())
             grid = make_image_grid(images[: rows * (num_samples // rows)], rows=rows, cols=num_samples // rows)
             zoom = max(1, 64 // data.resolution)  # 8x8 digits are unreadable at their own size
             grid = grid.resize((grid.width * zoom, grid.height * zoom), resample=0)  # 0 = nearest: keep pixels
@@ -107,12 +94,11 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
         if accelerator is not None:
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
-                    tracker.writer.add_images("samples", output.images.cpu().numpy(), step)
-        nonfinite = int((~output.finite).sum()) if output.finite is not None else 0
-        metrics = {"memorization_ratio": ratio, "memorized_samples": int(output.memorized.sum()),
-                   "nonfinite_samples": nonfinite}
+                    tracker.writer.add_images("samples", images01.numpy(), step)
+        metrics = {"memorization_ratio": report.ratio, "memorized_samples": int(report.memorized.sum()),
+                   "nonfinite_samples": report.num_nonfinite}
         if quality_reference is not None:
-            quality = quality_metrics(output.images.cpu() * 2 - 1, quality_reference, seed=seed)
+            quality = quality_metrics(samples, quality_reference, seed=seed)
             metrics.update({k: quality[k] for k in ("precision", "recall", "frechet_distance", "kid", "kid_se")})
         return metrics
 
