@@ -1,12 +1,12 @@
 """The main job (``memsep demo`` / ``make demo``): memorization appears, is measured, and is pruned away.
 
 On the embedded digits (scikit-learn, offline): train a DiT on a small subset until it memorizes, save it as a
-``MemSepPipeline`` folder that knows its training set, then run the mitigation study
-(:func:`diffusers_memsep.mitigation.run_pruning_study`): at eta = 0.5, small-time head pruning (the paper's
-Algorithm 1-2), random pruning (its baseline) and the inverse selection ``small_t_top`` (the heads most important
-at small noise), each fine-tuned and evaluated on the same seeds as the original. Everything lands
-under one output folder: ``base/`` (pipeline + card), ``variants/<method>-eta<eta>/`` (pipelines + cards),
-``report.md``, ``runs.csv``, ``summary.csv`` and the figures.
+``MemSepPipeline`` folder that knows its training set, then run the pruning-study engine on it
+(:func:`diffusers_memsep.study.prune_pipeline`): at eta = 0.5, small-time head pruning (the paper's Algorithm 1-2),
+random pruning (its baseline) and the inverse selection ``small_t_top`` (the heads most important at small noise),
+each fine-tuned and evaluated on the same seeds as the original and the fine-tuning control. Everything lands under
+one output folder: ``base/`` (pipeline + card), ``variants/<method>-eta<eta>/`` (pipelines + cards), ``report.md``,
+``runs.csv``, ``summary.csv``, ``runs/`` and the figures.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from .data import load_population, load_training_data
 from .memorization import resolve_feature_space
-from .mitigation import PruningStudyConfig, PruningStudyResult, run_pruning_study
 from .pruning.memorization_gap import held_out_from_population, with_held_out
-from .training import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
+from .study import PruningStudyConfig, StudyResult, prune_pipeline
+from .trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
 
 
 @dataclass
@@ -27,16 +27,16 @@ class DemoConfig:
     """Settings of the main job; the defaults are the documented embedded benchmark (``docs/results.md``,
     "The main job")."""
 
-    output_dir: str = "outputs/demo"
-    num_train_samples: int = 16
-    data_seed: int = 0
-    conditional: bool = False
+    output_dir: str = "outputs/demo"  # base/, variants/, report and figures
+    num_train_samples: int = 16  # n: digits drawn for training (small n memorizes)
+    data_seed: int = 0  # seed of the training subset
+    conditional: bool = False  # class-conditional model (default: unconditional)
     train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, ema_max_decay=0.995, show_progress=True))
-    model: dict = field(default_factory=dict)  # keyword arguments of training.make_dit
+    model: dict = field(default_factory=dict)  # keyword arguments of trainer.make_dit
     # Quality space (see diffusers_memsep.memorization.resolve_feature_space): "auto" is the shipped digits classifier.
     feature_space: str = "auto"
-    inception_weights: str | None = None
+    inception_weights: str | None = None  # FID weights file for feature_space="inception"
     # The paper's selection (small_t), its baseline (random) and the inverse selection (small_t_top) at eta = 0.5,
     # the selections compared in docs/results.md; fine-tuning: 300 steps, the TrainingConfig defaults otherwise.
     study: PruningStudyConfig = field(default_factory=lambda: PruningStudyConfig(
@@ -49,7 +49,7 @@ class DemoConfig:
 class DemoResult:
     output_dir: Path
     base_dir: Path
-    study: PruningStudyResult
+    study: StudyResult
     train_seconds: float
     total_seconds: float
 
@@ -74,10 +74,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     # The demo is re-runnable: its own earlier base folder is replaced (atomically, entry by entry).
     trained = train_pipeline(base_dir, data, model, make_noise_scheduler(), config.train, overwrite_output_dir=True,
                              validation_inference_steps=config.study.num_inference_steps)
-    pipe = trained.pipeline
     base_model_name = f"the demo DiT trained {config.train.max_train_steps} steps on {data.source}"
-    study = run_pruning_study(pipe, data, population.images, config.study, output_dir, base_model_name=base_model_name,
-                              feature_space=feature_space, population_source=population.source,
-                              overwrite_output_dir=True)  # the demo replaces its own earlier study
+    study = prune_pipeline(trained.pipeline, data, population.images, config.study, output_dir,
+                           base_model_name=base_model_name, feature_space=feature_space,
+                           population_source=population.source,
+                           overwrite_output_dir=True)  # the demo replaces its own earlier study
     return DemoResult(output_dir=output_dir, base_dir=base_dir, study=study, train_seconds=trained.train_seconds,
                       total_seconds=time.perf_counter() - start)

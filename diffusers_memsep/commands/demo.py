@@ -9,77 +9,53 @@ run (tiny model, few steps) for tests.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+
+from diffusers_memsep.commands.arguments import (
+    add_pruning_arguments,
+    add_quality_arguments,
+    check_quality_arguments,
+    pruning_config,
+)
+from diffusers_memsep.demo import DemoConfig, run_demo
+from diffusers_memsep.hub import require_templates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.demo import DemoConfig
-    from diffusers_memsep.mitigation import SAMPLERS
-    from diffusers_memsep.pruning import METHODS
-
     default = DemoConfig()
-    study, train = default.study, default.train
     parser.add_argument("--output_dir", default=default.output_dir)
     parser.add_argument("--num_train_samples", type=int, default=default.num_train_samples,
                         help="n: training images drawn from the 1,797 digits (small n memorizes).")
     parser.add_argument("--data_seed", type=int, default=default.data_seed)
     parser.add_argument("--conditional", action="store_true", help="Class-conditional model (default: unconditional).")
-    parser.add_argument("--train_steps", type=int, default=train.max_train_steps)
-    parser.add_argument("--learning_rate", type=float, default=train.learning_rate)
-    parser.add_argument("--methods", nargs="+", default=list(study.methods), choices=METHODS)
-    parser.add_argument("--etas", nargs="+", type=float, default=list(study.etas))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(study.seeds))
-    parser.add_argument("--finetune_steps", type=int, default=study.finetune.max_train_steps)
-    parser.add_argument("--finetune_lr", type=float, default=study.finetune.learning_rate)
-    parser.add_argument("--weight_decay", type=float, default=study.finetune.adam_weight_decay,
-                        help="AdamW weight decay while fine-tuning (a remedy of Section 5).")
-    parser.add_argument("--num_samples", type=int, default=study.num_samples)
-    parser.add_argument("--num_inference_steps", type=int, default=study.num_inference_steps)
-    parser.add_argument("--sampler", default=study.sampler, choices=SAMPLERS)
-    parser.add_argument("--small_t_switch", type=int, default=study.small_t_switch,
-                        help="Also evaluate time-routed sampling (pruned model only for timesteps < this).")
+    parser.add_argument("--train_steps", type=int, default=default.train.max_train_steps)
+    parser.add_argument("--learning_rate", type=float, default=default.train.learning_rate)
+    add_pruning_arguments(parser, default.study)
     parser.add_argument("--quick", action="store_true", help="Tiny smoke run (seconds): checks the wiring only.")
-    from diffusers_memsep.commands.prune import add_quality_arguments
-
     add_quality_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from diffusers_memsep.commands.prune import check_quality_arguments
-    from diffusers_memsep.demo import DemoConfig, run_demo
-    from diffusers_memsep.hub import require_templates
-    from diffusers_memsep.mitigation import PruningStudyConfig
-
     require_templates("base_model", "pruned_variant")  # the base model's card and every variant's
     check_quality_arguments(args)
     default = DemoConfig()
     train = replace(default.train, max_train_steps=args.train_steps, learning_rate=args.learning_rate)
-    finetune = replace(default.study.finetune, max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr,
-                       adam_weight_decay=args.weight_decay)
-    study = PruningStudyConfig(methods=tuple(args.methods), etas=tuple(args.etas), seeds=tuple(args.seeds),
-                               finetune=finetune, importance_batches=default.study.importance_batches,
-                               importance_batch_size=default.study.importance_batch_size,
-                               num_samples=args.num_samples, num_inference_steps=args.num_inference_steps,
-                               sampler=args.sampler, small_t_switch=args.small_t_switch,
-                               num_quality_samples=args.num_quality_samples)
     config = DemoConfig(output_dir=args.output_dir, num_train_samples=args.num_train_samples,
-                        data_seed=args.data_seed, conditional=args.conditional, train=train, study=study,
-                        feature_space=args.feature_space, inception_weights=args.inception_weights)
+                        data_seed=args.data_seed, conditional=args.conditional, train=train,
+                        study=pruning_config(args, default.study), feature_space=args.feature_space,
+                        inception_weights=args.inception_weights)
     if args.quick:
         config = quick_config(config)
     result = run_demo(config)
     print(result.study.report_path.read_text())
     print(f"Trained in {result.train_seconds / 60:.1f} min; whole demo {result.total_seconds / 60:.1f} min.")
-    print(f"Results: {result.output_dir.resolve()}  (report.md, summary.csv, runs.csv, memorization_vs_quality.png, "
+    print(f"Results: {result.output_dir.resolve()}  (report.md, summary.csv, runs.csv, pareto.png, "
           f"samples_nearest.png; base pipeline in base/, pruned variants in variants/)")
     return 0
 
 
-def quick_config(config):
+def quick_config(config: DemoConfig) -> DemoConfig:
     """A seconds-long run of the same code path (tiny model, few steps, few samples): wiring, not results."""
-    from dataclasses import replace
-
     train = replace(config.train, max_train_steps=4, train_batch_size=16, lr_warmup_steps=0, show_progress=False)
     study = replace(config.study, seeds=config.study.seeds[:1], num_samples=16, num_inference_steps=4,
                     importance_batches=1, importance_batch_size=8,

@@ -14,26 +14,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers_memsep.commands.arguments import add_saved_model_data_arguments, data_source
+from diffusers_memsep.sources import load_pipeline, load_pipeline_data
+from diffusers_memsep.trainer import sample_and_measure, save_pipeline_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.commands.prune import add_data_arguments
-
     parser.add_argument("--pipeline", required=True, help="A pipeline folder or Hub repo id (MemSep or DiT).")
     parser.add_argument("--output_dir", required=True, help="Where the pipeline with its reference is saved.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace a pipeline already there.")
     parser.add_argument("--num_samples", type=int, default=0, help="Sample this many images and report copies.")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the samples.")
-    add_data_arguments(parser.add_argument_group("training data (the images to check the samples against)"))
+    add_saved_model_data_arguments(parser.add_argument_group("training data (the images to check the samples "
+                                                             "against)"))
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from diffusers_memsep.commands.prune import has_data_flags, load_pipeline, load_pipeline_data
-    from diffusers_memsep.training import save_pipeline_folder
-
-    if not has_data_flags(args):
+    source = data_source(args)
+    if not source.given:
         raise ValueError("pass the training images with --train_data_dir (a folder of images), --dataset_name or "
                          "--embedded_digits.")
     if args.num_samples < 0 or args.num_inference_steps < 1:
@@ -44,21 +43,18 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace the "
                               "pipeline there, or choose another folder.")
     pipe = load_pipeline(args.pipeline)
-    data = load_pipeline_data(pipe, args)
+    data = load_pipeline_data(pipe, source)
     pipe.attach_reference(data.images)
     save_pipeline_folder(pipe, output_dir)
     print(f"reference of {len(data)} images ({data.source}) at {tuple(pipe.image_shape)} attached; saved to "
           f"{output_dir}")
 
     if args.num_samples:
-        labels = None
-        if pipe.config.get("label_dropout_prob") != 1 and pipe.num_classes > 1:
-            labels = torch.arange(args.num_samples) % pipe.num_classes
+        conditional = pipe.config.get("label_dropout_prob") != 1 and pipe.num_classes > 1
         pipe.set_progress_bar_config(disable=True)
-        output = pipe(class_labels=labels, batch_size=None if labels is not None else args.num_samples,
-                      num_inference_steps=args.num_inference_steps, output_type="pt",
-                      generator=torch.Generator().manual_seed(args.seed))
-        copies = int(output.memorized.sum())
-        print(f"{copies} of {args.num_samples} samples copy a training image (memorization ratio "
-              f"{copies / args.num_samples:.3f}).")
+        report = sample_and_measure(pipe, args.num_samples, args.num_inference_steps,
+                                    pipe.num_classes if conditional else None, seed=args.seed)[1]
+        nonfinite = f"; {report.num_nonfinite} non-finite samples left out" if report.num_nonfinite else ""
+        print(f"{int(report.memorized.sum())} of {args.num_samples} samples copy a training image (memorization "
+              f"ratio {report.ratio:.3f}{nonfinite}).")
     return 0

@@ -2,24 +2,26 @@
 
 Runs ``original``, ``finetune_only`` (the fine-tuning control), ``early_stop`` and every ``--methods`` x ``--etas`` on
 ``--num_base_models`` independently trained base models per setting, and writes ``report.md`` (tables, paired
-95% intervals against random and finetune_only, verdicts), ``runs.csv``, ``summary.csv`` and ``pareto.png`` under
-``--output_dir``. Resumable: rerun the same command to continue; finished runs are skipped. ``--quick`` is a
-2-3 minute profile of the same code path; the default profile fits in an hour on a 2-core CPU
-(:mod:`diffusers_memsep.study`). Any image folder or Hub dataset adds a setting through the data flags.
+95% intervals against random, finetune_only and early_stop, Holm-Bonferroni verdicts), ``runs.csv``,
+``summary.csv`` and ``pareto.png`` under ``--output_dir``. Resumable: rerun the same command to continue; finished runs are skipped. ``--quick`` is a
+minutes-long profile of the same code path; the default profile fits in an hour on a 2-core CPU (budget:
+``docs/study.md``). Any image folder or Hub dataset adds a setting through the data flags.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+
+from diffusers_memsep.commands.arguments import add_data_arguments
+from diffusers_memsep.pruning import METHODS
+from diffusers_memsep.study import BUILTIN_SETTINGS, StudyConfig, StudySetting, full_config, quick_config, run_study
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.pruning import METHODS
-    from diffusers_memsep.study import BUILTIN_SETTINGS, StudyConfig
-
     default = StudyConfig()
     parser.add_argument("--output_dir", default=None, help="Default: outputs/study (--quick: outputs/study-quick).")
-    parser.add_argument("--quick", action="store_true", help="Tiny profile (~2-3 min): the wiring and the run costs.")
+    parser.add_argument("--quick", action="store_true", help="Tiny profile (minutes): the wiring and the run costs.")
     parser.add_argument("--settings", nargs="*", default=None, choices=BUILTIN_SETTINGS,
                         help="Built-in settings (default: both; none with a data flag runs only that data).")
     parser.add_argument("--num_base_models", type=int, default=None)
@@ -38,23 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=None,
                         help="Processes that train and evaluate base models side by side (default: one per core).")
     data = parser.add_argument_group("extra setting (any image folder or Hub dataset)")
-    data.add_argument("--dataset_name", default=None)
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--train_data_dir", default=None)
+    add_data_arguments(data, resolution_help="Side of the images (default: their own size).")
     data.add_argument("--validation_data_dir", default=None,
                       help="Held-out images for memorization_gap (default: the data minus the training subset).")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--label_column", default=None)
-    data.add_argument("--resolution", type=int, default=None)
     data.add_argument("--num_train_samples", type=int, default=16, help="Training images per base model.")
     data.add_argument("--setting_name", default="custom", help="Name of the extra setting in the report.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from diffusers_memsep.study import StudySetting, full_config, quick_config, run_study
-
     config = quick_config() if args.quick else full_config()
     extra = bool(args.dataset_name or args.train_data_dir)
     names = args.settings if args.settings is not None else ([] if extra else [s.name for s in config.settings])

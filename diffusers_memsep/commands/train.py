@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from diffusers_memsep.commands.arguments import add_data_arguments
+
 #: n of the documented default run on the embedded digits
 #: (``docs/results.md``, "How fast the DiT memorizes the digits").
 EMBEDDED_DEFAULT_N = 64
@@ -27,17 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = TrainingConfig()
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None,
-                      help="Hub dataset name (datasets.load_dataset). Default: the embedded digits (offline).")
-    data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
-    data.add_argument("--train_data_dir", default=None,
-                      help="Local folder of images (imagefolder; sub-folders are classes, column 'label').")
+    add_data_arguments(data, resolution_help="Side of the square training images (default: the data's own size, 8 "
+                                             "for digits).")
     data.add_argument("--cache_dir", default=None, help="Where datasets are cached.")
-    data.add_argument("--image_column", default="image", help="Column holding the images.")
-    data.add_argument("--label_column", default=None,
-                      help="Column holding class labels (class-conditional model); unset: unconditional.")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="Side of the square training images (default: the data's own size, 8 for digits).")
     data.add_argument("--center_crop", action="store_true",
                       help="Resize the shorter side and crop the centre (default: resize to a square).")
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips while training.")

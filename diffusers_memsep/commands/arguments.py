@@ -1,0 +1,95 @@
+"""Groups of command-line flags defined once, each turned into the library's dataclass: the data flags
+(:class:`~diffusers_memsep.sources.DataSource`), the quality flags, and the pruning-study flags
+(:class:`~diffusers_memsep.study.PruningStudyConfig`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, replace
+
+from diffusers_memsep.memorization import FEATURE_SPACES
+from diffusers_memsep.pruning import METHODS
+from diffusers_memsep.sources import DataSource
+from diffusers_memsep.study import SAMPLERS, PruningStudyConfig
+
+
+def add_data_arguments(group, resolution_help: str = "Default: the pipeline's output resolution.") -> None:
+    """The data flags every command shares (``memsep train``, ``prune``, ``reference``, ``study``)."""
+    group.add_argument("--dataset_name", default=None,
+                       help="Hub dataset name (datasets.load_dataset). Default: the embedded digits (offline).")
+    group.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
+    group.add_argument("--train_data_dir", default=None,
+                       help="Local folder of images (imagefolder; sub-folders are classes, column 'label').")
+    group.add_argument("--image_column", default="image", help="Column holding the images.")
+    group.add_argument("--label_column", default=None,
+                       help="Column holding class labels (class-conditional model); unset: unconditional.")
+    group.add_argument("--resolution", type=int, default=None, help=resolution_help)
+
+
+def add_saved_model_data_arguments(group) -> None:
+    """The data flags of a saved model's training images (``memsep prune``, ``memsep reference``)."""
+    add_data_arguments(group)
+    group.add_argument("--center_crop", action="store_true")
+    group.add_argument("--max_train_samples", type=int, default=None)
+    group.add_argument("--data_seed", type=int, default=0, help="The --seed the model was trained with.")
+    group.add_argument("--embedded_digits", action="store_true",
+                       help="Reload the embedded digits subset (with --max_train_samples/--data_seed).")
+
+
+def data_source(args: argparse.Namespace) -> DataSource:
+    """The data flags present in ``args`` as a :class:`DataSource`."""
+    return DataSource(**{f.name: getattr(args, f.name) for f in fields(DataSource) if hasattr(args, f.name)})
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    """The quality flags (``memsep prune``, ``memsep demo``)."""
+    group = parser.add_argument_group("quality metrics")
+    group.add_argument("--feature_space", default="auto", choices=FEATURE_SPACES,
+                       help="Space of precision/recall, Frechet distance and KID: auto (digits classifier for the "
+                            "embedded digits, else 'trained'), digits, trained (small CNN trained on the population, "
+                            "cached in <output_dir>/feature_network), inception (FID), pixels.")
+    group.add_argument("--inception_weights", default=None,
+                       help="FID weights file (weights-inception-2015-12-05-6726825d.pth) for --feature_space "
+                            "inception; default: torch's hub cache.")
+    group.add_argument("--num_quality_samples", type=int, default=None,
+                       help="Samples per row and seed for the quality metrics (default: --num_samples).")
+
+
+def check_quality_arguments(args: argparse.Namespace) -> None:
+    if args.inception_weights is not None and args.feature_space != "inception":
+        raise ValueError("--inception_weights is only read with --feature_space inception; add it or drop the path.")
+
+
+def add_pruning_arguments(parser: argparse.ArgumentParser, default: PruningStudyConfig) -> None:
+    """The flags of :class:`PruningStudyConfig` (``memsep prune``, ``memsep demo``), with ``default``'s values."""
+    finetune = default.finetune
+    parser.add_argument("--methods", nargs="+", default=list(default.methods), choices=METHODS,
+                        help="Head scores: small_t (Algorithm 2), uniform_t, ablation, random (baseline), "
+                             "small_t_top, memorization_gap (needs held-out images).")
+    parser.add_argument("--etas", nargs="+", type=float, default=list(default.etas), help="Fractions of heads to prune.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(default.seeds), help="Repetitions.")
+    parser.add_argument("--finetune_steps", type=int, default=finetune.max_train_steps, help="M of Algorithm 1.")
+    parser.add_argument("--finetune_lr", type=float, default=finetune.learning_rate)
+    parser.add_argument("--finetune_batch_size", type=int, default=finetune.train_batch_size)
+    parser.add_argument("--weight_decay", type=float, default=finetune.adam_weight_decay,
+                        help="AdamW weight decay while fine-tuning (a remedy of Section 5).")
+    parser.add_argument("--finetune_ema", action=argparse.BooleanOptionalAction, default=finetune.use_ema)
+    parser.add_argument("--importance_batches", type=int, default=default.importance_batches)
+    parser.add_argument("--importance_batch_size", type=int, default=default.importance_batch_size)
+    parser.add_argument("--num_samples", type=int, default=default.num_samples, help="Samples per row and seed.")
+    parser.add_argument("--num_inference_steps", type=int, default=default.num_inference_steps)
+    parser.add_argument("--sampler", default=default.sampler, choices=SAMPLERS)
+    parser.add_argument("--small_t_switch", type=int, default=default.small_t_switch,
+                        help="Also evaluate time-routed sampling: the pruned model only for timesteps < this.")
+
+
+def pruning_config(args: argparse.Namespace, default: PruningStudyConfig) -> PruningStudyConfig:
+    """The flags of :func:`add_pruning_arguments` (and ``--num_quality_samples``) over ``default``."""
+    finetune = replace(default.finetune, max_train_steps=args.finetune_steps, learning_rate=args.finetune_lr,
+                       train_batch_size=args.finetune_batch_size, adam_weight_decay=args.weight_decay,
+                       use_ema=args.finetune_ema)
+    return replace(default, methods=tuple(args.methods), etas=tuple(args.etas), seeds=tuple(args.seeds),
+                   finetune=finetune, importance_batches=args.importance_batches,
+                   importance_batch_size=args.importance_batch_size, num_samples=args.num_samples,
+                   num_inference_steps=args.num_inference_steps, sampler=args.sampler,
+                   small_t_switch=args.small_t_switch, num_quality_samples=args.num_quality_samples)

@@ -1,0 +1,113 @@
+"""The data sets of ``memsep study``: built-in settings (``digits8``, ``colour16``) or any image folder / Hub
+dataset, their population (the quality reference) and the training subset of each base model."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from ..data import TrainingData, load_training_data
+from ..memorization import resolve_feature_space
+from ..pruning.memorization_gap import held_out_from_population, with_held_out
+
+BUILTIN_SETTINGS = ("digits8", "colour16")
+
+
+@dataclass
+class StudySetting:
+    """One data set of the study: where its images come from, how many train a base model, the DiT to train.
+
+    ``builtin="colour16"`` builds the second offline setting: the embedded digits upsampled to 16x16 RGB, each
+    image tinted with a fixed random colour, written as an image folder under the output folder. Otherwise the
+    data flags of ``memsep train`` (``dataset_name``, ``train_data_dir``, ...) choose the images; with none of them,
+    the embedded 8x8 digits. ``validation_data_dir``: held-out images for ``memorization_gap`` (default: the
+    population minus the training subset).
+    """
+
+    name: str
+    builtin: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_data_dir: str | None = None
+    validation_data_dir: str | None = None
+    image_column: str = "image"
+    label_column: str | None = None
+    resolution: int | None = None
+    num_train_samples: int = 16
+    model: dict = field(default_factory=dict)  # keyword arguments of make_dit
+    base_train: dict = field(default_factory=dict)  # this setting's changes to StudyConfig.base_train (e.g. the lr)
+
+    def data_kwargs(self, output_dir: Path) -> dict:
+        folder = colour_digits_folder(output_dir) if self.builtin == "colour16" else self.train_data_dir
+        return dict(dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name,
+                    train_data_dir=folder, image_column=self.image_column, label_column=self.label_column,
+                    resolution=self.resolution)
+
+
+def builtin_setting(name: str, model: dict | None = None) -> StudySetting:
+    """``digits8`` (16 of the 8x8 digits) or ``colour16`` (4 tinted 16x16 digits at lr 2e-3: the recipe that
+    memorizes within the base training of the full profile; how it was found is in ``docs/study.md``)."""
+    if name == "digits8":
+        return StudySetting("digits8", model=dict(model or {}))
+    if name == "colour16":
+        return StudySetting("colour16", builtin="colour16", model=dict(model or {}, patch_size=4),
+                            num_train_samples=4, base_train={"learning_rate": 2e-3})
+    raise ValueError(f"unknown built-in setting {name!r}; choose from {', '.join(BUILTIN_SETTINGS)}.")
+
+
+def colour_digits_folder(output_dir: Path) -> str:
+    """Write (once) the 1,797 digits as 16x16 RGB PNGs, image ``i`` tinted by colour ``i`` of a seed-0 draw."""
+    folder = Path(output_dir) / "data" / "colour16-digits"
+    pixels = load_digits().images  # [1797, 8, 8], 0..16
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(pixels):
+        return str(folder)
+    colours = 0.25 + 0.75 * torch.rand(len(pixels), 3, generator=torch.Generator().manual_seed(0))
+    temporary = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for index, (grey, colour) in enumerate(zip(pixels, colours)):
+        large = Image.fromarray((grey / 16 * 255).round().astype("uint8"), mode="L").resize(
+            (16, 16), Image.Resampling.BILINEAR)
+        rgb = torch.from_numpy(np.array(large)).float()[..., None] * colour
+        Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB").save(
+            temporary / f"{index:04d}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+    return str(folder)
+
+
+@dataclass
+class SettingData:
+    population: TrainingData  # every image of the setting: the quality reference
+    held_out_dir: TrainingData | None  # the user's held-out folder, if any
+    feature_space: object  # the quality metrics' feature space, resolved once per setting
+
+
+def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
+    kwargs = setting.data_kwargs(output_dir)
+    population = load_training_data(**kwargs)
+    if setting.num_train_samples >= len(population):
+        raise ValueError(f"setting {setting.name!r}: num_train_samples={setting.num_train_samples} leaves no "
+                         f"held-out image of the {len(population)}; train on fewer images.")
+    held_out = None
+    if setting.validation_data_dir:
+        held_out = load_training_data(**{**kwargs, "dataset_name": None,
+                                         "train_data_dir": setting.validation_data_dir})
+    # "auto": the digits classifier for the embedded digits, else a small CNN trained once on the population and
+    # cached under the output folder (reused by every run and every rerun).
+    feature_space = resolve_feature_space("auto", population, output_dir / "feature_networks" / setting.name)
+    return SettingData(population, held_out, feature_space)
+
+
+def base_training_data(setting: StudySetting, output_dir: Path, base: int, setting_data: SettingData):
+    """The training subset of base model ``base`` (subset seed = ``base``), carrying its held-out images."""
+    train = load_training_data(**setting.data_kwargs(output_dir), max_train_samples=setting.num_train_samples,
+                               seed=base)
+    held_out = setting_data.held_out_dir or held_out_from_population(setting_data.population, train)
+    return with_held_out(train, held_out)
