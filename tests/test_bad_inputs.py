@@ -25,7 +25,7 @@ from diffusers_memsep import MemSepPipeline, NearestNeighborIndex, PrunableDiTTr
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
 from diffusers_memsep.memorization import memorization_ratio, memorization_report
-from diffusers_memsep.mitigation import PruningStudyConfig
+from diffusers_memsep.study import PruningStudyConfig
 
 QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
                "--importance_batch_size", "8", "--num_samples", "16", "--num_inference_steps", "2",

@@ -230,17 +230,15 @@ def test_prune_without_a_population_is_refused(tmp_path, capsys):
 
 
 def test_population_is_the_whole_source_or_population_data_dir(digits_folder, tmp_path):
-    from diffusers_memsep.commands.prune import load_population_of
+    from diffusers_memsep.sources import DataSource, population_of
 
     train = load_training_data(train_data_dir=digits_folder, max_train_samples=TRAIN_SIZE, seed=0)
-    flags = dict(image_column="image", resolution=None, center_crop=False, dataset_name=None,
-                 dataset_config_name=None, population_split="train", population_data_dir=None)
-    whole = load_population_of(SimpleNamespace(**flags, train_data_dir=str(digits_folder)), train, load_population)
+    pipe = SimpleNamespace(vae=None)
+    whole = population_of(DataSource(train_data_dir=str(digits_folder)), train, pipe)
     assert len(whole) == FOLDER_SIZE and whole.images.shape[1:] == train.images.shape[1:]
     other = tmp_path / "other"
     other.mkdir()
     for row in range(5):
         Image.fromarray(np.full((16, 16), 40 * row, dtype=np.uint8), mode="L").save(other / f"{row}.png")
-    chosen = load_population_of(SimpleNamespace(**{**flags, "population_data_dir": str(other)}, train_data_dir=None),
-                                train, load_population)
+    chosen = population_of(DataSource(population_data_dir=str(other)), train, pipe)
     assert len(chosen) == 5 and chosen.labels is None

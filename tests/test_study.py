@@ -5,20 +5,14 @@ import math
 
 import pytest
 from scipy.stats import t as student_t
+from scipy.stats import ttest_rel
 
 from diffusers_memsep.cli import main
-from diffusers_memsep.study import (
-    StudyConfig,
-    builtin_setting,
-    colour_digits_folder,
-    compare,
-    early_stop_choice,
-    metric_columns,
-    planned_runs,
-    run_study,
-    t_interval,
-    verdict,
-)
+from diffusers_memsep.study import StudyConfig, builtin_setting, run_study
+from diffusers_memsep.study.bases import early_stop_choice
+from diffusers_memsep.study.plan import planned_runs
+from diffusers_memsep.study.settings import colour_digits_folder
+from diffusers_memsep.study.statistics import compare, holm_bonferroni, metric_columns, t_interval, verdict
 from diffusers_memsep.trainer import TrainingConfig
 
 
@@ -34,11 +28,19 @@ def test_t_interval_by_hand():
 
 
 def test_verdict_directions():
-    assert verdict(-0.3, -0.1, "memorization_ratio") == "better"
-    assert verdict(0.1, 0.3, "kid") == "worse"
-    assert verdict(0.1, 0.3, "recall") == "better"
-    assert verdict(-0.1, 0.3, "frechet_distance") == "not distinguishable"
-    assert verdict(math.nan, math.nan, "frechet_distance") == "not distinguishable"
+    assert verdict(-0.2, 0.01, "memorization_ratio") == "better"
+    assert verdict(0.2, 0.01, "kid") == "worse"
+    assert verdict(0.2, 0.01, "recall") == "better"
+    assert verdict(-0.2, 0.06, "frechet_distance") == "not distinguishable"  # adjusted p above 5%
+    assert verdict(-0.2, math.nan, "frechet_distance") == "not distinguishable"
+
+
+def test_holm_bonferroni_by_hand():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> running max 0.06
+    assert holm_bonferroni([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm_bonferroni([0.2, math.nan, 0.5])  # NaN: no test, not in the family (K = 2)
+    assert adjusted[0] == pytest.approx(0.4) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.5)
+    assert holm_bonferroni([0.6, 0.7]) == [1.0, 1.0]
 
 
 def _row(method, eta, base, seed, memorization, kid, precision=0.5):
@@ -68,13 +70,19 @@ def test_paired_comparison_by_hand():
     assert entry["vs_random_memorization_ratio_low"] == pytest.approx(mean - half)
     assert entry["vs_random_memorization_ratio_high"] == pytest.approx(mean + half)
     assert entry["vs_random_memorization_ratio_pairs"] == 4
-    assert entry["vs_random_memorization_ratio_verdict"] == "better"  # mean - half = -0.15 - 0.111 < +0.039 ...
-    assert mean + half < 0
+    assert mean + half < 0  # the 95% interval alone excludes 0 ...
+    p = ttest_rel(small_t, random).pvalue
+    assert entry["vs_random_memorization_ratio_p"] == pytest.approx(p)
+    # ... but the table vs random holds K = 3 tests (small_t at 0.5: memorization, kid, precision; the two others
+    # have p = 1): Holm multiplies the smallest p by 3, above 5%, so no verdict
+    assert entry["vs_random_memorization_ratio_p_holm"] == pytest.approx(3 * p) and 0.05 < 3 * p
+    assert entry["vs_random_memorization_ratio_verdict"] == "not distinguishable"
     assert entry["vs_random_kid"] == pytest.approx(0) and entry["vs_random_kid_verdict"] == "not distinguishable"
     ft = [a - c for a, c in zip(small_t, finetune)]  # -0.02, 0.02, -0.05, 0.03: straddles 0
     assert entry["vs_finetune_only_memorization_ratio"] == pytest.approx(sum(ft) / 4)
     assert entry["vs_finetune_only_memorization_ratio_verdict"] == "not distinguishable"
-    assert entry["vs_finetune_only_kid_verdict"] == "worse"  # kid 1 + a > 1 on every pair
+    # kid 1 + a > 1 on every pair, p about 0.03, but 6 tests in the finetune_only table: Holm gives no verdict
+    assert entry["vs_finetune_only_kid_p"] < 0.05 and entry["vs_finetune_only_kid_verdict"] == "not distinguishable"
     assert "vs_random_memorization_ratio" not in summary[("finetune_only", 0.0)]
     assert summary[("random", 0.25)]["runs"] == 1
     assert entry["memorization_ratio"] == pytest.approx(0.125)
@@ -83,7 +91,19 @@ def test_paired_comparison_by_hand():
     rows += [_row("early_stop", 0.0, base, seed, e, kid=2.0) for (base, seed), e in zip(pairs, early)]
     entry = {(e["method"], e["eta"]): e for e in compare(rows)}[("small_t", 0.5)]
     assert entry["vs_early_stop_memorization_ratio"] == pytest.approx(sum(a - e for a, e in zip(small_t, early)) / 4)
-    assert entry["vs_early_stop_memorization_ratio_pairs"] == 4 and entry["vs_early_stop_kid_verdict"] == "better"
+    assert entry["vs_early_stop_memorization_ratio_pairs"] == 4
+    assert entry["vs_early_stop_kid_verdict"] == "better"  # kid 1 + a < 2 on every pair: p ~ 0, survives Holm
+
+
+def test_precision_is_not_called_better_where_the_row_copies_more():
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    rows = []
+    for (base, seed), offset in zip(pairs, (0.0, 0.01, 0.02, 0.03)):
+        rows += [_row("small_t", 0.5, base, seed, 0.6 + offset, kid=1.0, precision=0.9 + offset),
+                 _row("random", 0.5, base, seed, 0.2, kid=1.0, precision=0.5)]
+    entry = {(e["method"], e["eta"]): e for e in compare(rows)}[("small_t", 0.5)]
+    assert entry["vs_random_memorization_ratio_verdict"] == "worse"
+    assert entry["vs_random_precision_verdict"] == "higher, with more copies"
 
 
 def test_early_stop_choice():
@@ -106,7 +126,8 @@ def tiny_config(output_dir, **overrides):
 
 def test_study_resumes_only_the_missing_runs(tmp_path):
     config = tiny_config(tmp_path)
-    assert len(planned_runs(config)) == 10  # 1 base x 2 seeds x (original, early_stop, finetune_only, 2 methods)
+    # 1 base x 2 seeds x (original, early_stop, finetune_only, 2 methods)
+    assert len(planned_runs(config, ["digits8"], 1, early_stop=True)) == 10
     first = run_study(StudyConfig(**{**config.__dict__, "max_runs": 3}))
     assert (first.executed_runs, first.skipped_runs, first.missing_runs, first.trained_base_models) == (3, 0, 7, 1)
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 3

@@ -66,7 +66,8 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, default: PruningStudy
     parser.add_argument("--methods", nargs="+", default=list(default.methods), choices=METHODS,
                         help="Head scores: small_t (Algorithm 2), uniform_t, ablation, random (baseline), "
                              "small_t_top, memorization_gap (needs held-out images).")
-    parser.add_argument("--etas", nargs="+", type=float, default=list(default.etas), help="Fractions of heads to prune.")
+    parser.add_argument("--etas", nargs="+", type=float, default=list(default.etas),
+                        help="Fractions of heads to prune.")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(default.seeds), help="Repetitions.")
     parser.add_argument("--finetune_steps", type=int, default=finetune.max_train_steps, help="M of Algorithm 1.")
     parser.add_argument("--finetune_lr", type=float, default=finetune.learning_rate)

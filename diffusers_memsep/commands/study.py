@@ -3,9 +3,9 @@
 Runs ``original``, ``finetune_only`` (the fine-tuning control), ``early_stop`` and every ``--methods`` x ``--etas`` on
 ``--num_base_models`` independently trained base models per setting, and writes ``report.md`` (tables, paired
 95% intervals against random, finetune_only and early_stop, Holm-Bonferroni verdicts), ``runs.csv``,
-``summary.csv`` and ``pareto.png`` under ``--output_dir``. Resumable: rerun the same command to continue; finished runs are skipped. ``--quick`` is a
-minutes-long profile of the same code path; the default profile fits in an hour on a 2-core CPU (budget:
-``docs/study.md``). Any image folder or Hub dataset adds a setting through the data flags.
+``summary.csv`` and ``pareto.png`` under ``--output_dir``. Resumable: rerun the same command to continue; finished
+runs are skipped. ``--quick`` is a minutes-long profile of the same code path; the default profile fits in an hour
+on a 2-core CPU (budget: ``docs/study.md``). Any image folder or Hub dataset adds a setting through the data flags.
 """
 
 from __future__ import annotations

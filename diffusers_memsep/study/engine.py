@@ -25,7 +25,7 @@ from ..evaluate import QualityReference, feature_space_for, plot_samples_with_ne
 from ..latents import latent_training_data
 from ..memorization import FeatureSpace
 from ..pipelines import MemSepPipeline
-from ..utils import CACHE_FOLDERS, check_writable_dir, write_csv, write_text
+from ..utils import CACHE_FOLDERS, check_writable_dir, replace_path, write_csv, write_text
 from .bases import BaseModel, base_dir
 from .config import PruningStudyConfig, StudyConfig
 from .plan import planned_runs
@@ -114,7 +114,6 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
         raise ValueError("the pipeline has no training reference; add one with pipe.attach_reference(train_images) "
                          "(or `memsep reference`) so memorization can be measured.")
     output_dir = check_study_output_dir(output_dir, overwrite_output_dir)
-    shutil.rmtree(output_dir / "runs", ignore_errors=True)  # a pipeline's runs never resume another pipeline's
     train_data = data if pipe.vae is None else latent_training_data(data, pipe.vae, output_dir / "latent_cache")
     quality = real_images if isinstance(real_images, QualityReference) else QualityReference.build(
         feature_space or feature_space_for(real_images), real_images, data.images, population_source)
@@ -128,18 +127,26 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
             if output.pruned is not None:
                 variants[run.variant_name] = output.pruned
 
-    with tqdm(total=len(runs), desc="pruning study runs", disable=not config.show_progress) as progress:
-        run_runs(config, context, runs, output_dir, progress, on_output=keep)
-    rows = [json.loads(run.path(output_dir).read_text()) for run in runs]
-    summary = compare(rows)
+    # The runs are written into a staging folder that replaces runs/ only once the variants are saved: an earlier
+    # study there stays whole until the new one is complete (a pipeline's runs never resume another's).
+    staging = output_dir / ".runs.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with tqdm(total=len(runs), desc="pruning study runs", disable=not config.show_progress) as progress:
+            run_runs(config, context, runs, staging, progress, on_output=keep)
+        rows = [json.loads(run.path(staging).read_text()) for run in runs]
+        summary = compare(rows)
 
-    def card(folder, name, pruned, final_folder):
-        write_variant_card(folder, name, pruned, config, data, summary, base_model_name, quality,
-                           dataset_id=dataset_id, latent=pipe.vae is not None,
-                           hub_model_id=f"{hub_model_id_prefix}-{name}" if hub_model_id_prefix else None,
-                           conditional=pipe.config.get("label_dropout_prob") != 1, final_folder=final_folder)
+        def card(folder, name, pruned, final_folder):
+            write_variant_card(folder, name, pruned, config, data, summary, base_model_name, quality,
+                               dataset_id=dataset_id, latent=pipe.vae is not None,
+                               hub_model_id=f"{hub_model_id_prefix}-{name}" if hub_model_id_prefix else None,
+                               conditional=pipe.config.get("label_dropout_prob") != 1, final_folder=final_folder)
 
-    variant_dirs = save_variants(pipe, variants if config.save_variants else {}, output_dir, card)
+        variant_dirs = save_variants(pipe, variants if config.save_variants else {}, output_dir, card)
+        replace_path(staging / "runs", output_dir / "runs")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     plot_samples_with_nearest(evaluations, data.images, output_dir / "samples_nearest.png")
     space = quality.feature_space
     provenance = ", ".join(f"{k} {v}" for k, v in space.details.items() if v is not None)

@@ -1,4 +1,5 @@
-"""The mitigation study, `memsep demo --quick` and `memsep prune` end to end (tiny settings: wiring, not results)."""
+"""The pruning-study engine on one pipeline: `memsep demo --quick` and `memsep prune` end to end (tiny settings:
+wiring, not results)."""
 
 import csv
 import json
@@ -8,8 +9,7 @@ import torch
 
 from diffusers_memsep import MemSepPipeline, PrunableDiTTransformer2DModel
 from diffusers_memsep.cli import main
-from diffusers_memsep.evaluate import markdown_table, summarize
-from diffusers_memsep.mitigation import PruningStudyConfig
+from diffusers_memsep.study import PruningStudyConfig
 
 QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
                "--importance_batch_size", "8", "--num_samples", "16", "--num_inference_steps", "3"]
@@ -23,7 +23,7 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_report_tables_figures_variants_and_cards(demo_dir):
-    for name in ("report.md", "runs.csv", "summary.csv", "memorization_vs_quality.png", "samples_nearest.png",
+    for name in ("report.md", "runs.csv", "summary.csv", "pareto.png", "samples_nearest.png",
                  "base/model_index.json", "base/README.md"):
         assert (demo_dir / name).is_file(), name
     rows = list(csv.DictReader((demo_dir / "runs.csv").open()))
@@ -36,7 +36,8 @@ def test_demo_writes_report_tables_figures_variants_and_cards(demo_dir):
         assert row["feature_space"] == "digits-classifier feature space"
     report = (demo_dir / "report.md").read_text()
     assert "random" in report and "small_t" in report and "Frechet distance in digits-classifier" in report
-    assert "FID" not in report
+    assert "FID" not in report and "Holm-Bonferroni over the K =" in report
+    assert len(list((demo_dir / "runs" / "pipeline" / "base-0").glob("*.json"))) == len(rows)  # one JSON per run
 
 
 def test_demo_variants_are_pruned_pipelines_that_reload(demo_dir):
@@ -99,20 +100,6 @@ def test_prune_refuses_a_pipeline_without_reference(demo_dir, tmp_path, capsys):
 def test_study_config_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PruningStudyConfig(**kwargs)
-
-
-def test_summarize_means_and_sample_std_per_group():
-    rows = [{"method": "a", "eta": 0.2, "memorization_ratio": r, "precision": 1.0, "recall": 0.5,
-             "frechet_distance": f, "num_parameters": 10, "sampling_seconds": 1.0}
-            for r, f in [(0.2, 1.0), (0.4, 3.0)]]
-    rows.append({**rows[0], "method": "b"})
-    summary = summarize(rows)
-    assert [s["method"] for s in summary] == ["a", "b"] and summary[0]["runs"] == 2
-    assert summary[0]["memorization_ratio"] == pytest.approx(0.3)
-    assert summary[0]["memorization_ratio_std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of 0.2, 0.4
-    assert summary[1]["memorization_ratio_std"] == 0.0
-    table = markdown_table(summary, [("method", "m"), ("memorization_ratio", "mem")])
-    assert "| a | 0.300 +- 0.141 |" in table and "| b | 0.200 |" in table
 
 
 def test_prune_names_a_missing_pipeline_folder(tmp_path, capsys):
