@@ -2,8 +2,8 @@
 
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. With no data flag
 the embedded digits are used (offline); the defaults are the documented memorizing setting (``docs/results.md``,
-"How fast the DiT memorizes the digits"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps
-(~8 min on a 2-core CPU), after which most DDPM-1000 samples copy a training image.
+"How fast the DiT memorizes the digits"): 64 digits, a 4-layer DiT with 4 heads of 32, AdamW 5e-4, 6,000 steps,
+after which most DDPM-1000 samples copy a training image.
 """
 
 from __future__ import annotations

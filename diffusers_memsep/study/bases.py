@@ -1,9 +1,11 @@
 """Base models of a study: train (or reload) one, measure its memorization curve over checkpoints, and keep the
 checkpoint just before memorization starts (the ``early_stop`` baseline).
 
-The curve samples with the evaluation's sampler (:func:`~diffusers_memsep.trainer.sample_and_measure`) from
-:data:`~diffusers_memsep.evaluate.CURVE_SEED`, a seed range no evaluation draws from, so the samples that choose
-the early-stop checkpoint never score it.
+The threshold (``early_stop_threshold``, 0.1 by default) is an absolute memorization ratio, so every base model is
+stopped at the same level of copying, just above the floor the 1/3 rule shows on a model that does not memorize
+yet (the measured curves are in ``docs/study.md``). The curve samples with the evaluation's sampler
+(:func:`~diffusers_memsep.trainer.sample_and_measure`) from :data:`~diffusers_memsep.evaluate.CURVE_SEED`, a seed
+range no evaluation draws from, so the samples that choose the early-stop checkpoint never score it.
 """
 
 from __future__ import annotations

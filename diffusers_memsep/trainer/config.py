@@ -13,10 +13,11 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
 class TrainingConfig:
     """Every setting of :func:`~diffusers_memsep.trainer.train_dit`.
 
-    Defaults are the documented setting for the embedded digits (``docs/results.md``): with the default
-    :func:`~diffusers_memsep.trainer.make_dit` on 64 digits, about 85% of DDPM-1000 samples are memorized after 6,000
-    steps (~8 min on a 2-core CPU). ``train_batch_size`` is per process, as in diffusers' example scripts;
-    ``max_train_steps`` counts optimizer steps (each made of ``gradient_accumulation_steps`` micro-batches).
+    Defaults are the documented setting for the embedded digits: with the default
+    :func:`~diffusers_memsep.trainer.make_dit` on 64 digits, most DDPM-1000 samples are memorized at the last step
+    (measured in ``docs/results.md``, "How fast the DiT memorizes the digits"). ``train_batch_size`` is per process,
+    as in diffusers' example scripts; ``max_train_steps`` counts optimizer steps (each made of
+    ``gradient_accumulation_steps`` micro-batches).
     """
 
     max_train_steps: int = 6000  # optimizer steps of the whole run (a resumed run counts the steps before it)

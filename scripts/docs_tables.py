@@ -1,0 +1,142 @@
+"""Write the run tables of README.md and docs/results.md from the committed reports they come from.
+
+- the demo tables, from ``docs/demo_summary.csv`` (the ``summary.csv`` of the ``memsep demo`` run the docs
+  describe: copy a new run's file there and rerun this script);
+- the study tables, from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run).
+
+Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; run ``python scripts/docs_tables.py``
+after replacing a report. ``tests/test_engine_rules.py`` checks that the committed tables equal what this prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+DEMO_LABELS = {"finetune_only": "finetune_only (control)", "small_t": "small_t (paper)", "random": "random (baseline)"}
+STUDY_COLUMNS = ("memorization_ratio", "precision", "recall", "frechet_distance", "kid")
+STUDY_TITLES = "| {first} | eta | memorized | precision | recall | Frechet distance | KID formula |"
+VERDICTS = {"better": "**better**", "worse": "*worse*", "not distinguishable": "n.d.",
+            "higher, with more copies": "higher, with more copies"}
+
+
+def _mean_std(row: dict, key: str, style: str) -> str:
+    return f"{float(row[key]):{style}} +- {float(row[key + '_std']):{style}}"
+
+
+def _change(row: dict, original: dict, key: str) -> str:
+    return f" ({100 * (float(row[key]) - float(original[key])) / float(original[key]):+.0f}%)"
+
+
+def demo_readme_table(rows: list[dict]) -> str:
+    original = rows[0]
+    lines = ["| method | eta | memorized | precision | recall | Frechet distance | KID formula |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        change = "" if row is original else _change(row, original, "memorization_ratio")
+        lines.append(f"| {DEMO_LABELS.get(row['method'], row['method'])} | {float(row['eta']):g} | "
+                     f"{_mean_std(row, 'memorization_ratio', '.3f')}{change} | {_mean_std(row, 'precision', '.3f')} | "
+                     f"{_mean_std(row, 'recall', '.3f')} | {_mean_std(row, 'frechet_distance', '.0f')} | "
+                     f"{_mean_std(row, 'kid', '.3f')} |")
+    return "\n".join(lines)
+
+
+def demo_results_table(rows: list[dict]) -> str:
+    original = rows[0]
+    lines = ["| method | eta | runs | memorized (pixels) | memorized_features | precision | recall | Frechet distance "
+             "| KID formula | parameters | sampling s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        mem = "" if row is original else _change(row, original, "memorization_ratio")
+        fd = "" if row is original else _change(row, original, "frechet_distance")
+        lines.append(f"| {DEMO_LABELS.get(row['method'], row['method'])} | {float(row['eta']):g} | {row['runs']} | "
+                     f"{_mean_std(row, 'memorization_ratio', '.3f')}{mem} | "
+                     f"{_mean_std(row, 'memorization_ratio_features', '.3f')} | "
+                     f"{_mean_std(row, 'precision', '.3f')} | "
+                     f"{_mean_std(row, 'recall', '.3f')} | {_mean_std(row, 'frechet_distance', '.1f')}{fd} | "
+                     f"{_mean_std(row, 'kid', '.3f')} | {int(float(row['num_parameters'])):,} | "
+                     f"{float(row['sampling_seconds']):.2f} |")
+    return "\n".join(lines)
+
+
+def _report_tables(report: str) -> dict[str, dict]:
+    """Per setting of a study report: the base-model curves, the table of means and the table against random."""
+    settings, current, table = {}, None, None
+    for line in report.splitlines():
+        if line.startswith("## "):
+            current = settings.setdefault(line[3:], {"curves": [], "means": [], "random": []})
+            table = "means"
+        elif current is None:
+            continue
+        elif line.startswith("- base "):
+            current["curves"].append(line)
+        elif line.startswith("Paired difference (method - "):
+            table = "random" if line.startswith("Paired difference (method - random)") else None
+        elif line.startswith("| ") and not line.startswith("| method") and table:
+            current[table].append([cell.strip() for cell in line.strip("|").split("|")])
+        elif line.startswith("Verdicts"):
+            table = None
+    return settings
+
+
+def _short(cell: str, digits: int | None) -> str:
+    """``497.841 [428.426, 567.256] verdict`` -> the same rounded to ``digits`` (None: kept), verdict shortened."""
+    match = re.match(r"([-+]?[\d.]+) \[([-+]?[\d.]+), ([-+]?[\d.]+)\]\s*(.*)", cell)
+    values, verdict = match.groups()[:3], match.group(4)
+    if digits is not None:
+        sign = "+" if values[0][0] in "+-" else ""  # differences are signed, means are not
+        values = [f"{float(v):{sign}.{digits}f}" for v in values]
+    text = f"{values[0]} [{values[1]}, {values[2]}]"
+    return f"{text} {VERDICTS[verdict]}" if verdict else text
+
+
+def study_tables(report: str) -> str:
+    settings = _report_tables(report)
+    finals, firsts, stops = {}, {}, {}
+    for name, tables in settings.items():
+        curves = [re.findall(r"(\d+): ([\d.]+)", line.split(": ", 1)[1].split(";")[0]) for line in tables["curves"]]
+        finals[name] = [float(points[-1][1]) for points in curves]
+        firsts[name] = [int(next(s for s, r in points if float(r) > 0)) for points in curves]
+        stops[name] = [int(re.search(r"early stop at step (\d+)", line).group(1)) for line in tables["curves"]]
+    lines = ["Base models (final checkpoint): " + "; ".join(
+        f"{name} memorize {100 * min(finals[name]):.0f}-{100 * max(finals[name]):.0f}% (first copies at "
+        f"{min(firsts[name]):,}-{max(firsts[name]):,} steps, early stop at {min(stops[name]):,}-{max(stops[name]):,})"
+        for name in settings) + "."]
+    columns = [3, 5, 6, 7, 8]  # of the report's cells: memorization_ratio, precision, recall, frechet_distance, kid
+    for name, tables in settings.items():
+        lines += ["", f"### {name}", "", STUDY_TITLES.format(first="condition"), "|---|---|---|---|---|---|---|"]
+        for cells in tables["means"]:
+            lines.append(f"| {cells[0]} | {cells[1]} | " + " | ".join(
+                _short(cells[c], 0 if c == 7 else None) for c in columns) + " |")
+        lines += ["", "Paired difference, method - random (same eta), mean [95% t-interval] and verdict:", "",
+                  STUDY_TITLES.format(first="method"), "|---|---|---|---|---|---|---|"]
+        for cells in tables["random"]:
+            lines.append(f"| {cells[0]} | {cells[1]} | " + " | ".join(
+                _short(cells[c], 0 if c == 7 else None) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    start, end = f"<!-- generated: {name} -->", f"<!-- end: {name} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"no block {name!r} ({start} ... {end}) to replace.")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
+
+
+def render_all(root: Path) -> dict[Path, str]:
+    """``{file: its text with every generated table rewritten}``."""
+    demo = list(csv.DictReader((root / "docs" / "demo_summary.csv").open()))
+    study = (root / "docs" / "study_report.md").read_text()
+    readme, results = root / "README.md", root / "docs" / "results.md"
+    return {readme: replace_block(readme.read_text(), "demo table", demo_readme_table(demo)),
+            results: replace_block(replace_block(results.read_text(), "demo table", demo_results_table(demo)),
+                                   "study tables", study_tables(study))}
+
+
+if __name__ == "__main__":
+    repository = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
+    for path, text in render_all(repository).items():
+        path.write_text(text)
+        print(f"wrote {path}")
