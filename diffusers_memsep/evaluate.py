@@ -169,7 +169,8 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     if len(batches) > EVALUATION_SEED_STRIDE:
         raise ValueError(f"{num_samples} samples in batches of {batch_size} need more than {EVALUATION_SEED_STRIDE} "
                          "seeds and would reuse another run's noise; raise batch_size.")
-    chunks, start_time, original = [], time.perf_counter(), pipe.scheduler
+    chunks, start_time = [], time.perf_counter()
+    original = pipe.scheduler if scheduler is not None else None
     if scheduler is not None:
         pipe.scheduler = scheduler
     try:
@@ -182,7 +183,8 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
                           check_memorization=False, **call_kwargs)
             chunks.append(output.images.cpu() * 2 - 1)
     finally:
-        pipe.scheduler = original
+        if scheduler is not None:
+            pipe.scheduler = original
     return all_gather_cat(torch.cat(chunks) if chunks else None), time.perf_counter() - start_time
 
 

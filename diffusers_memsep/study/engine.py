@@ -153,7 +153,8 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
     header = settings_lines(config, f"Base model: {base_model_name}. Training set: {data.source} (n = {len(data)}). "
                                     f"Quality: precision/recall (k = 3), {space.frechet_title} and the KID formula "
                                     f"in {space.name}{f' ({provenance})' if provenance else ''}, against "
-                                    f"{quality.source} ({quality.num_real_images} images), never the training set.")
+                                    f"{quality.source} (num_real_images = {quality.num_real_images}), never the "
+                                    "training set.")
     report_path = _write_outputs(output_dir, rows, summary, "frechet_distance", study_report(
         "Memorization mitigation by head pruning", header, rows, summary, {},
         "Figures: `pareto.png`, `samples_nearest.png`. Per-run rows: `runs.csv` (one JSON per run under `runs/`); "
