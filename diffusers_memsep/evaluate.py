@@ -24,9 +24,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import matplotlib
 import torch
 from diffusers.utils import BaseOutput
 
+from .data import TrainingData
 from .distributed import all_gather_cat, split_work
 from .memorization import (
     NearestNeighborIndex,
@@ -37,6 +39,9 @@ from .memorization import (
 )
 from .memorization.features import FeatureSpace, digits_feature_space, resolve_feature_space
 from .utils import save_figure
+
+matplotlib.use("Agg")  # figures are files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
 
 PIXEL_SPACE = "pixel space"
 METRIC_COLUMNS = ("memorization_ratio", "memorization_ratio_features", "precision", "recall", "frechet_distance",
@@ -128,8 +133,6 @@ def feature_space_for(images: torch.Tensor) -> FeatureSpace:
     trained on ``images`` (in memory; commands resolve and cache it with ``--feature_space``)."""
     if tuple(images.shape[1:]) == (1, 8, 8):
         return digits_feature_space()
-    from .data import TrainingData
-
     return resolve_feature_space("trained", TrainingData(images, None, None, "population"))
 
 
@@ -214,8 +217,6 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
     reference = real_images
     if not isinstance(reference, QualityReference):
         if isinstance(feature_space, str):
-            from .data import TrainingData
-
             feature_space = resolve_feature_space(feature_space, TrainingData(real_images, None, None, "population"))
         reference = QualityReference.build(feature_space or feature_space_for(real_images), real_images, train_images)
     samples, seconds = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size,
@@ -258,11 +259,6 @@ def plot_samples_with_nearest(results: Sequence[EvaluationResult], train_images:
                               path: str | os.PathLike, num_columns: int = 12) -> None:
     """The paper's Figure 4 layout: per variant, a row of samples (same noise) and below it their nearest training
     images; memorized samples are framed in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     num_columns = min(num_columns, min(r.samples.shape[0] for r in results))
     figure, axes = plt.subplots(2 * len(results), num_columns, figsize=(0.8 * num_columns, 1.7 * len(results)),
                                 squeeze=False)

@@ -10,8 +10,28 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
 
 from diffusers_memsep.commands.arguments import add_data_arguments
+from diffusers_memsep.data import TrainingData, all_images, load_population, load_training_data
+from diffusers_memsep.evaluate import QualityReference
+from diffusers_memsep.hub import require_templates
+from diffusers_memsep.memorization import resolve_feature_space
+from diffusers_memsep.models import PrunableDiTTransformer2DModel
+from diffusers_memsep.pipelines import MemSepPipeline
+from diffusers_memsep.trainer import (
+    TrainingConfig,
+    check_output_dir,
+    load_dit_config,
+    make_dit,
+    make_noise_scheduler,
+    resolve_checkpoint,
+    train_pipeline,
+)
 
 #: n of the documented default run on the embedded digits
 #: (``docs/results.md``, "How fast the DiT memorizes the digits").
@@ -25,8 +45,6 @@ def _num_train_images(args) -> int | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.trainer import TrainingConfig
-
     d = TrainingConfig()
     data = parser.add_argument_group("data")
     add_data_arguments(data, resolution_help="Side of the square training images (default: the data's own size, 8 "
@@ -122,12 +140,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_pretrained(args: argparse.Namespace):
     """The pipeline of ``--pretrained_model_name_or_path`` (safetensors only) and the VAE to train with, if any."""
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL
-
-    from diffusers_memsep.pipelines import MemSepPipeline
-
     name = args.pretrained_model_name_or_path
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
@@ -151,12 +163,6 @@ def load_pretrained(args: argparse.Namespace):
 
 def validation_quality_reference(args: argparse.Namespace, data):
     """The population (every image of the data source, not the training subset) in ``--feature_space``."""
-    from pathlib import Path
-
-    from diffusers_memsep.data import all_images, load_population
-    from diffusers_memsep.evaluate import QualityReference
-    from diffusers_memsep.memorization import resolve_feature_space
-
     population = load_population(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
                                  resolution=data.resolution, center_crop=args.center_crop, cache_dir=args.cache_dir)
     try:
@@ -172,24 +178,6 @@ def validation_quality_reference(args: argparse.Namespace, data):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    import torch
-    from diffusers import DDPMScheduler
-
-    from diffusers_memsep.data import TrainingData, load_training_data
-    from diffusers_memsep.hub import require_templates
-    from diffusers_memsep.models import PrunableDiTTransformer2DModel
-    from diffusers_memsep.trainer import (
-        TrainingConfig,
-        check_output_dir,
-        load_dit_config,
-        make_dit,
-        make_noise_scheduler,
-        resolve_checkpoint,
-        train_pipeline,
-    )
-
     # Cheap checks first, so bad input fails before data loading and long before any training step.
     require_templates("base_model")
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.logging_dir)

@@ -14,6 +14,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.utils import BaseOutput
 
+from ..latents import latent_training_data
 from ..models import PrunableDiTTransformer2DModel
 from ..trainer import TrainingConfig, TrainResult, train_dit
 from .importance import (
@@ -154,8 +155,6 @@ def one_shot_prune(
     pruned = prunable_copy(model)
     number_of_heads_to_prune(eta, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work
     if vae is not None:
-        from ..latents import latent_training_data
-
         data = latent_training_data(data, vae, latent_cache_dir)
     if importance is None:
         importance = head_importance(method, pruned, data, scheduler, num_batches=num_batches,
