@@ -24,7 +24,8 @@ Choices the paper leaves open (Ye et al. 2025, Section 5, give neither architect
   ``t_max`` to ``t_min`` started at ``N(0, I)``, returning Tweedie's denoised ``D(x, t_min)``, so a memorizing
   network lands on its training points rather than ``sigma_{t_min}`` away from them.
 - Metrics (:func:`evaluate_samples`): the memorization ratio of the ``memorization`` module against the training
-  points, and the mean exact log-density of the samples under the true (clean) mixture.
+  points, and the mean exact log-density of the samples under the true (clean) mixture; a non-finite sample is
+  neither a copy nor a non-copy (left out of both, counted in ``num_nonfinite``), the rule of every ratio.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ SAMPLERS = ("ddpm", "ddim")
 
 @dataclass
 class PruningStudyConfig:
-    """What the runs of one base model are (the flags of ``memsep prune`` have the same names)."""
+    """What the runs of one base model are; its command-line flags are ``commands/arguments.py``'s
+    ``add_pruning_arguments`` (``memsep prune``, ``memsep demo``). Checked on creation."""
 
     methods: tuple = ("small_t", "random")  # head scores of pruning.METHODS, each run at every eta
     etas: tuple = (0.2,)  # fractions of the heads removed, each in (0, 1)
