@@ -66,7 +66,12 @@ def study_report(title: str, header: list[str], rows: list[dict], summary: list[
     """``report.md``: ``header``; per setting its ``setting_lines``, the table of means, one table of paired
     differences per control (with K, the number of its comparisons) and the verdicts."""
     metrics = metric_columns(rows)
-    lines = [f"# {title}", "", *header, ""]
+    means = sum(not math.isnan(entry[f"{m}_low"]) for entry in summary for m in metrics)
+    paired = sum(table_size(summary, setting, control) for setting in dict.fromkeys(r["setting"] for r in summary)
+                 for control in CONTROLS)
+    lines = [f"# {title}", "", *header,
+             f"This report shows {means + paired} intervals: {means} of means (no verdict) and {paired} of paired "
+             "differences (verdicts, Holm-Bonferroni within each table; K per table below).", ""]
     for setting in dict.fromkeys(r["setting"] for r in summary):
         setting_rows = [r for r in summary if r["setting"] == setting]
         lines += [f"## {setting}", "", *setting_lines.get(setting, []), "",
