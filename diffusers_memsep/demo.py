@@ -19,7 +19,7 @@ from .data import load_population, load_training_data
 from .memorization import resolve_feature_space
 from .mitigation import PruningStudyConfig, PruningStudyResult, run_pruning_study
 from .pruning.memorization_gap import held_out_from_population, with_held_out
-from .training import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
+from .trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
 
 
 @dataclass

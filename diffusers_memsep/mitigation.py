@@ -45,7 +45,7 @@ from .memorization import FeatureSpace
 from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
 from .pruning.importance import SMALL_TIME, UNIFORM_TIME
-from .training import TrainingConfig
+from .trainer import TrainingConfig
 from .utils import CACHE_FOLDERS, check_writable_dir, replace_path, write_csv, write_text
 
 METHOD_TITLES = {

@@ -17,7 +17,7 @@ from diffusers_memsep.data import TrainingData
 from diffusers_memsep.distributed import all_gather_cat, gather_on_main, shard_bounds, split_work
 from diffusers_memsep.memorization import NearestNeighborIndex, sharded_search
 from diffusers_memsep.pruning import ablation_head_importance, small_time_head_importance
-from diffusers_memsep.training import make_noise_scheduler
+from diffusers_memsep.trainer import make_noise_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8, patch_size=2,

@@ -20,7 +20,7 @@ from diffusers_memsep.pruning import (
 )
 from diffusers_memsep.pruning.importance import _batches
 from diffusers_memsep.theory import timesteps_from_fraction
-from diffusers_memsep.training import TrainingConfig, dsm_loss, make_noise_scheduler
+from diffusers_memsep.trainer import TrainingConfig, dsm_loss, make_noise_scheduler
 
 CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8, patch_size=2,
               num_embeds_ada_norm=10, norm_num_groups=1)

@@ -171,7 +171,7 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
                                         batch_size=2)
     assert torch.isfinite(scores.scores).all() and (scores.raw_scores > 0).all()
 
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.trainer import TrainingConfig
 
     finetune = TrainingConfig(max_train_steps=1, train_batch_size=2, lr_warmup_steps=0, show_progress=False)
     pruned = one_shot_prune(dit, data, scheduler, eta=0.5, method="small_t", finetune_config=finetune,
@@ -182,7 +182,7 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
 def test_memorization_gap_on_a_latent_dit_scores_held_out_latents(tmp_path):
     """memorization_gap on a latent DiT: the held-out images are encoded with the training images (both cached)."""
     from diffusers_memsep.pruning.memorization_gap import with_held_out
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.trainer import TrainingConfig
 
     vae, dit = tiny_vae(), tiny_dit()
     generator = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ import os
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from diffusers_memsep.mitigation import SAMPLERS, PruningStudyConfig
     from diffusers_memsep.pruning import METHODS
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.trainer import TrainingConfig
 
     study, finetune = PruningStudyConfig(), TrainingConfig()
     parser.add_argument("--pipeline", required=True, help="A MemSepPipeline folder or Hub repo id.")
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusers_memsep.data import TrainingData, load_population
     from diffusers_memsep.hub import push_folder_to_hub, require_templates
     from diffusers_memsep.mitigation import PruningStudyConfig, check_study_output_dir, run_pruning_study
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.trainer import TrainingConfig
 
     require_templates("pruned_variant")  # every variant gets a card: fail now, not after the fine-tuning
     if args.push_to_hub and not args.hub_model_id_prefix:

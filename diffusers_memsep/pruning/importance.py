@@ -3,7 +3,7 @@
 IMPORTANCESCORE, as in Ye et al. 2025, Section 6, Algorithm 2, line by line:
 
 1. attach a mask variable ``xi_h = 1`` to every head's output           -> ``model.set_head_mask(ones)``
-2. for batches ``x ~ D`` with ``t ~ T``, compute the training loss       -> :func:`diffusers_memsep.training.dsm_loss`
+2. for batches ``x ~ D`` with ``t ~ T``, compute the training loss       -> :func:`diffusers_memsep.trainer.dsm_loss`
 3. back-propagate, accumulate ``S(h) += |dL/d xi_h|``                     -> one ``autograd.grad`` per batch
 4. normalise within each layer, ``I(h) = S(h) / sqrt(sum_{h' in layer(h)} S(h')^2)``
 
@@ -42,7 +42,7 @@ from diffusers.utils import BaseOutput
 from ..distributed import all_reduce_sum, rank_and_world_size
 from ..models import PrunableDiTTransformer2DModel
 from ..theory import timesteps_from_fraction
-from ..training import dsm_loss
+from ..trainer import dsm_loss
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One-shot pruning (the paper's Algorithm 1): score heads, remove the floor(eta * H) least important, fine-tune.
 
-Fine-tuning reuses :func:`diffusers_memsep.training.train_dit`, the loop that trains the base model: one loop,
+Fine-tuning reuses :func:`diffusers_memsep.trainer.train_dit`, the loop that trains the base model: one loop,
 not two. The input model is never modified: :func:`one_shot_prune` works on a copy.
 """
 
@@ -15,7 +15,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.utils import BaseOutput
 
 from ..models import PrunableDiTTransformer2DModel
-from ..training import TrainingConfig, TrainResult, train_dit
+from ..trainer import TrainingConfig, TrainResult, train_dit
 from .importance import (
     SMALL_TIME,
     UNIFORM_TIME,
