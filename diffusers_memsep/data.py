@@ -106,6 +106,46 @@ class StreamingTrainingData:
             yield self.load(torch.arange(start, min(start + chunk_size, len(self))))
 
 
+@dataclass
+class TrainingDataWithHeldOut(TrainingData):
+    """Training data that also carries held-out images of the same distribution (for the ``memorization_gap`` score).
+
+    It IS the training set everywhere else (fine-tuning, memorization reference): ``held_out`` is only read by
+    :func:`diffusers_memsep.pruning.memorization_gap.memorization_gap_importance` (and encoded beside the training
+    images by :func:`diffusers_memsep.latents.latent_training_data`).
+    """
+
+    held_out: TrainingData | None = None
+
+
+def held_out_from_population(population: TrainingData, train: TrainingData) -> TrainingData:
+    """The images of ``population`` that are not in ``train`` (by ``train.indices`` into the same full split)."""
+    if train.indices is None:
+        raise ValueError("the training data does not record its subset indices; pass held-out images explicitly "
+                         "(e.g. --validation_data_dir).")
+    if population.indices is not None and len(population) != len(population.indices):
+        raise ValueError("population and indices disagree; load the population with max_train_samples=None.")
+    keep = torch.ones(len(population), dtype=torch.bool)
+    keep[torch.as_tensor(train.indices, dtype=torch.long)] = False
+    if not keep.any():
+        raise ValueError("the training subset is the whole population: no held-out images are left; train on a "
+                         "subset (max_train_samples) or pass --validation_data_dir.")
+    index = keep.nonzero().squeeze(1)
+    # An unconditional model is scored without labels, even when the population carries some.
+    labels = None if population.labels is None or train.labels is None else population.labels[index]
+    return TrainingData(population.images[index], labels, train.num_classes,
+                        f"held out from {population.source}: {len(index)} images", index.tolist())
+
+
+def with_held_out(train: TrainingData, held_out: TrainingData) -> TrainingDataWithHeldOut:
+    """``train`` carrying ``held_out`` (checked to have the same image shape)."""
+    if tuple(held_out.images.shape[1:]) != tuple(train.images.shape[1:]):
+        raise ValueError(f"held-out images are {tuple(held_out.images.shape[1:])} but training images are "
+                         f"{tuple(train.images.shape[1:])}; give held-out images of the training resolution/channels.")
+    return TrainingDataWithHeldOut(train.images, train.labels, train.num_classes, train.source, train.indices,
+                                   held_out=held_out)
+
+
 def all_images(data: TrainingData | StreamingTrainingData) -> torch.Tensor:
     """Every training image as one tensor: the memorization reference (a streamed set is decoded chunk by chunk)."""
     return data.images if isinstance(data, TrainingData) else torch.cat(list(data.iter_chunks()))

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import load_population, load_training_data
+from .data import held_out_from_population, load_population, load_training_data, with_held_out
 from .memorization import resolve_feature_space
 from .mitigation import PruningStudyConfig, PruningStudyResult, run_pruning_study
-from .pruning.memorization_gap import held_out_from_population, with_held_out
 from .trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
 
 

@@ -80,13 +80,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import TrainingData, load_training_data
+from .data import TrainingData, held_out_from_population, load_training_data, with_held_out
 from .evaluate import QualityReference, balanced_labels, evaluate_pipeline
 from .memorization import resolve_feature_space
 from .mitigation import sampling_scheduler, training_scheduler
 from .pipelines import MemSepPipeline
 from .pruning import METHODS, one_shot_prune
-from .pruning.memorization_gap import held_out_from_population, with_held_out
 from .trainer import (
     TrainingConfig,
     build_pipeline,

@@ -71,9 +71,9 @@ def test_small_time_importance_equals_finite_difference_brute_force(model, data,
     # (dsm_loss keeps float64 for a float64 model; step 1e-3, the central difference is O(eps^2) accurate.)
     expected = torch.zeros(3, 4, dtype=torch.float64)
     eps = 1e-3
-    stream = _batches(model, data, scheduler, SMALL_TIME, 2, 4, torch.Generator().manual_seed(7))
+    stream = _batches(model, (data,), scheduler, SMALL_TIME, 2, 4, torch.Generator().manual_seed(7))
     with torch.no_grad():
-        for images, labels, timesteps, noise in stream:
+        for [(images, labels)], timesteps, noise in stream:
             for layer in range(3):
                 for head in range(4):
                     losses = []
@@ -94,7 +94,8 @@ def test_small_time_importance_equals_finite_difference_brute_force(model, data,
 def test_ablation_importance_equals_physical_removal(model, data, scheduler):
     scores = ablation_head_importance(model, data, scheduler, num_batches=2, batch_size=6,
                                       generator=torch.Generator().manual_seed(3))
-    stream = list(_batches(model, data, scheduler, SMALL_TIME, 2, 6, torch.Generator().manual_seed(3)))
+    stream = [(*sets[0], timesteps, noise) for sets, timesteps, noise in
+              _batches(model, (data,), scheduler, SMALL_TIME, 2, 6, torch.Generator().manual_seed(3))]
     with torch.no_grad():
         base = [dsm_loss(model, scheduler, *batch[:3], noise=batch[3]) for batch in stream]
         for layer, head in [(0, 0), (1, 3), (2, 2)]:

@@ -181,7 +181,7 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
 
 def test_memorization_gap_on_a_latent_dit_scores_held_out_latents(tmp_path):
     """memorization_gap on a latent DiT: the held-out images are encoded with the training images (both cached)."""
-    from diffusers_memsep.pruning.memorization_gap import with_held_out
+    from diffusers_memsep.data import with_held_out
     from diffusers_memsep.trainer import TrainingConfig
 
     vae, dit = tiny_vae(), tiny_dit()

@@ -226,8 +226,7 @@ def with_held_out_images(args: argparse.Namespace, data, population, pipe):
     source, so that the subset's indices point into the population)."""
     from dataclasses import replace
 
-    from diffusers_memsep.data import load_training_data
-    from diffusers_memsep.pruning.memorization_gap import held_out_from_population, with_held_out
+    from diffusers_memsep.data import held_out_from_population, load_training_data, with_held_out
 
     if args.validation_data_dir:
         held_out = load_training_data(train_data_dir=args.validation_data_dir, image_column=args.image_column,
