@@ -27,16 +27,15 @@ from diffusers_memsep.data import load_training_data
 from diffusers_memsep.memorization import memorization_ratio, memorization_report
 from diffusers_memsep.mitigation import PruningStudyConfig
 
+from conftest import tiny_dit
+
 QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
                "--importance_batch_size", "8", "--num_samples", "16", "--num_inference_steps", "2",
                "--methods", "random", "--etas", "0.5"]
 
 
-def tiny_transformer(num_layers=2) -> PrunableDiTTransformer2DModel:
-    torch.manual_seed(0)
-    return PrunableDiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                         num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                         norm_num_groups=1)
+def tiny_transformer() -> PrunableDiTTransformer2DModel:
+    return PrunableDiTTransformer2DModel.from_dit(tiny_dit(learned_sigma=False))
 
 
 def tiny_pipeline() -> MemSepPipeline:

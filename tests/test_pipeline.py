@@ -11,26 +11,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from diffusers_memsep import MemSepPipeline, MemSepPipelineOutput, NearestNeighborIndex
 
-NUM_CLASSES = 10
+from conftest import tiny_dit
 
-
-def tiny_dit(in_channels=1, learned_sigma=True, seed=0, sample_size=8):
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=in_channels,
-        out_channels=2 * in_channels if learned_sigma else in_channels,
-        num_layers=2,
-        sample_size=sample_size,
-        patch_size=2,
-        num_embeds_ada_norm=NUM_CLASSES,
-        norm_num_groups=1,
-    ).eval()
+NUM_CLASSES = 10  # of conftest.tiny_dit
 
 
 def train_images(n=32, shape=(1, 8, 8), seed=0):
