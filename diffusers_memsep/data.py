@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 #: Name used in ``TrainingData.source`` for the embedded data set.
 EMBEDDED_DATASET = "sklearn-digits"
@@ -200,7 +201,7 @@ def load_training_data(
     if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}; pass e.g. resolution=32.")
 
-    import datasets
+    import datasets  # here: the embedded digits need no datasets, which takes a second to import
 
     if train_data_dir is not None:
         folder = Path(train_data_dir)
@@ -247,7 +248,7 @@ def load_training_data(
 
 
 def _load_digits(label_column, resolution, center_crop, max_train_samples, seed) -> TrainingData:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import
 
     digits = load_digits()
     if label_column not in (None, "label"):
@@ -261,8 +262,6 @@ def _load_digits(label_column, resolution, center_crop, max_train_samples, seed)
     if resolution is None or resolution == 8:
         images = (pixels / 16.0 * 2.0 - 1.0).unsqueeze(1)  # exact: no 8-bit rounding
     else:
-        from PIL import Image
-
         as_uint8 = (pixels / 16.0 * 255.0).round().to(torch.uint8).numpy()
         images = _to_tensor([Image.fromarray(a, mode="L") for a in as_uint8], resolution, center_crop,
                             EMBEDDED_DATASET)
@@ -297,8 +296,6 @@ def _source(name: str, n: int, total: int, max_train_samples: int | None, seed: 
 
 def _open_image(record, row: int):
     """Decode one ``datasets.Image(decode=False)`` record (``{"path", "bytes"}``) or a PIL image."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(record, Image.Image):
         return record
     path, data = record.get("path"), record.get("bytes")
@@ -313,8 +310,6 @@ def _open_image(record, row: int):
 
 def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str, mode: str | None = None
                ) -> torch.Tensor:
-    from PIL import Image
-
     if mode is None:
         mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
     arrays = []
@@ -347,8 +342,6 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str,
 def _deep_grey_as_float(image, name: str):
     """A grey image of more than 8 bits as a mode ``F`` image on the 8-bit scale 0..255, scaled by its bit depth
     (see "Choices" in :func:`load_training_data`)."""
-    from PIL import Image
-
     values = np.asarray(image).astype(np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if image.mode == "F":
@@ -364,7 +357,7 @@ def _deep_grey_as_float(image, name: str):
 
 
 def _labels(dataset, label_column: str) -> tuple[torch.Tensor, int]:
-    import datasets
+    import datasets  # as in load_training_data
 
     feature = dataset.features[label_column]
     values = dataset[label_column]

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from diffusers_memsep.commands.prune import add_data_arguments, has_data_flags, load_pipeline, load_pipeline_data
+from diffusers_memsep.trainer import save_pipeline_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.commands.prune import add_data_arguments
-
     parser.add_argument("--pipeline", required=True, help="A pipeline folder or Hub repo id (MemSep or DiT).")
     parser.add_argument("--output_dir", required=True, help="Where the pipeline with its reference is saved.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace a pipeline already there.")
@@ -28,11 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from diffusers_memsep.commands.prune import has_data_flags, load_pipeline, load_pipeline_data
-    from diffusers_memsep.trainer import save_pipeline_folder
-
     if not has_data_flags(args):
         raise ValueError("pass the training images with --train_data_dir (a folder of images), --dataset_name or "
                          "--embedded_digits.")

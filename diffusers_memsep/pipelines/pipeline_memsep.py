@@ -26,6 +26,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import constants
 
 from ..memorization import NearestNeighborIndex, memorization_report
 from .remote_code import SHIPPED_COMPONENTS, write_remote_code
@@ -498,8 +499,6 @@ def _first_line(error: BaseException) -> str:
 
 def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
     """One line: what failed to load (with the underlying cause, e.g. a safetensors header error) and the fix."""
-    from huggingface_hub import constants
-
     detail, cause = _first_line(error), error
     while (cause.__cause__ or cause.__context__) is not None:  # the root cause, e.g. the safetensors header error
         cause = cause.__cause__ or cause.__context__
