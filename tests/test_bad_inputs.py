@@ -180,9 +180,9 @@ def _disk_full_while_overwriting(tmp, pipe, mp):
 
 
 def _disk_full_loss_gap(tmp, pipe, mp):
-    import diffusers_memsep.theory
+    import diffusers_memsep.commands.loss_gap
 
-    mp.setattr(diffusers_memsep.theory, "write_loss_gap_csv", disk_full)
+    mp.setattr(diffusers_memsep.commands.loss_gap, "write_loss_gap_csv", disk_full)
     return ["loss-gap", "--output_dir", str(tmp / "out"), "--dim", "2", "--num_components", "2", "--n_values", "10",
             "--num_times", "2", "--num_noise_samples", "8", "--no_fisher"]
 

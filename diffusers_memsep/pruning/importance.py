@@ -16,18 +16,19 @@ Choices the paper leaves open (documented here, tested in ``tests/test_pruning.p
   makes every score reproducible (``torch.distributions.Beta`` takes no generator).
 - Batches. ``num_batches`` batches of ``batch_size`` training images drawn with replacement; the noise and the
   timesteps come from the same generator. Every score reads this one seeded stream (:func:`_batches`): given the
-  same generator, the ablation and memorization-gap baselines see the images, times and noise of Algorithm 2.
+  same generator, the ablation baseline sees the images, times and noise of Algorithm 2 (``memorization_gap``
+  also draws held-out images, before the times).
 - Gradients. Only the mask needs a gradient: the model's parameters are frozen during scoring (and restored
   after), which saves the parameter-gradient work.
 - Pruned heads (a model pruned before) get score NaN and are never selected again.
 - Several processes (``accelerate launch`` / ``torchrun``, a ``torch.distributed`` group initialised): every score
-  is data-parallel. Process ``r`` scores a contiguous share of the batches (:func:`~diffusers_memsep.distributed.
-  split_work`); it draws every batch before its share from its own copy of the generator (same seed on every
-  process), so batch ``b`` has exactly the images, noise and times of a one-process run. The per-batch terms of
-  ``S(h)`` (the loss increases, for the ablation) are gathered in batch order and summed in that order on every
-  process: the additions of a one-process run, so the scores are bit-identical for any number of processes. Every
-  process of the group must then make the call (the gather is a collective operation); to score on one process
-  only, call it where no process group is initialised.
+  is data-parallel. Process ``r`` scores a contiguous share of the batches
+  (:func:`~diffusers_memsep.distributed.split_work`) and draws every batch before its share from its own copy of
+  the generator (same seed on every process), so batch ``b`` has exactly the images, noise and times of a
+  one-process run. The per-batch terms of ``S(h)`` (the loss increases, for the ablation) are gathered and added
+  in batch order on every process, as one process adds them: the scores do not depend on the number of processes
+  (bit for bit on the same hardware). Every process of the group must then make the call (the gather is a
+  collective operation); to score on one process only, call it where no process group is initialised.
 - Ablation baseline (Michel et al. 2019's "drop one head"): the increase of the same loss, on the same batches,
   noise and timesteps, when one head alone is masked. It is already on a common scale across layers (a loss
   difference), so it is not normalised per layer.
