@@ -27,7 +27,7 @@ NUM_SCORING_BATCHES = 5  # odd: the two processes score 2 and 3 batches
 NUM_TRAIN, DIM, NUM_SEEDS = 101, 16, 11
 
 
-def tiny_dit():
+def scored_dit() -> PrunableDiTTransformer2DModel:
     return PrunableDiTTransformer2DModel.from_dit(twelve_head_dit())
 
 
@@ -49,7 +49,7 @@ def scores(method: str) -> torch.Tensor:
     held_out = TrainingData(torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1,
                             torch.arange(16) % 10, 10, "random held out")
     data = with_held_out(random_training_data(), held_out)  # memorization_gap reads the held-out images
-    return head_importance(method, tiny_dit(), data, make_noise_scheduler(), num_batches=NUM_SCORING_BATCHES,
+    return head_importance(method, scored_dit(), data, make_noise_scheduler(), num_batches=NUM_SCORING_BATCHES,
                            batch_size=4).scores
 
 
@@ -60,7 +60,7 @@ def evaluation_samples() -> torch.Tensor:
     from diffusers_memsep import MemSepPipeline
     from diffusers_memsep.evaluate import sample_pipeline
 
-    pipe = MemSepPipeline(transformer=tiny_dit(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipe = MemSepPipeline(transformer=scored_dit(), scheduler=DDPMScheduler(num_train_timesteps=10))
     pipe.set_progress_bar_config(disable=True)
     samples, _ = sample_pipeline(pipe, 5, torch.tensor([0, 1, 2, 3, 4]), num_inference_steps=3, seed=7,
                                  batch_size=2)
@@ -74,8 +74,8 @@ def run_worker(output: str) -> None:
     state = PartialState(cpu=True)
     assert state.num_processes == 2 and torch.distributed.is_initialized()
     results = {method: scores(method) for method in METHODS}
-    stream = _batches(tiny_dit(), [random_training_data()], make_noise_scheduler(), SMALL_TIME, NUM_SCORING_BATCHES, 4,
-                      torch.Generator().manual_seed(0))
+    stream = _batches(scored_dit(), [random_training_data()], make_noise_scheduler(), SMALL_TIME,
+                      NUM_SCORING_BATCHES, 4, torch.Generator().manual_seed(0))
     results["batches_per_process"] = all_gather_cat(torch.tensor([len(list(stream))]))
     train, queries = reference_points()
     start, stop = shard_bounds(NUM_TRAIN)
