@@ -15,6 +15,8 @@ so an installation without templates fails at once instead of after the training
 Save locally first, push as a separate step: diffusers' ``save_pretrained(push_to_hub=True)`` creates the remote
 repository before anything is written, so a failed push there can leave an empty repo and nothing local. Here the
 folder is complete on disk before the network is touched, and a failed push leaves it untouched.
+:func:`push_folder_to_hub` is the one push path: ``MemSepPipeline.push_to_hub`` and
+``MemSepPipeline.save_pretrained(push_to_hub=True)`` refuse and name it.
 
 Offline failures become one :class:`HubPushError` line that names the cause and the fix. huggingface_hub 2.x
 raises ``OfflineModeIsEnabled`` at once with ``HF_HUB_OFFLINE=1``, ``LocalTokenNotFoundError`` without a token, and,

@@ -145,7 +145,7 @@ class MemSepPipeline(DiffusionPipeline):
         step, ``memsep push FOLDER --hub_model_id ID`` or ``diffusers_memsep.hub.push_folder_to_hub(FOLDER, ID)``.
         """
         if push_to_hub:
-            raise ValueError(_push_refused(save_directory))
+            raise ValueError(_push_refused(save_directory, kwargs.get("repo_id") or "ID"))
         super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory)
 
@@ -486,9 +486,9 @@ class MemSepPipeline(DiffusionPipeline):
 
 
 def _push_refused(folder: str | os.PathLike, repo_id: str = "ID") -> str:
-    # One push path: it uploads a folder that is complete on disk (a failed push loses nothing) with its model card.
-    return (f"MemSepPipeline does not push while saving; save it with pipe.save_pretrained({str(folder)!r}), then "
-            f"push the folder with `memsep push {folder} --hub_model_id {repo_id}` or "
+    # One push path, which uploads a folder already complete on disk: a failed push loses nothing.
+    return (f"MemSepPipeline is pushed in a separate step: pipe.save_pretrained({str(folder)!r}), then "
+            f"`memsep push {folder} --hub_model_id {repo_id}` or "
             f"diffusers_memsep.hub.push_folder_to_hub({str(folder)!r}, {repo_id!r}).")
 
 
