@@ -61,7 +61,7 @@ def measure(task: str, batch_size: int, eta: float, device: torch.device) -> dic
     from diffusers_memsep import PrunableDiTTransformer2DModel
     from diffusers_memsep.data import TrainingData
     from diffusers_memsep.pruning import random_head_importance, select_heads_to_prune, small_time_head_importance
-    from diffusers_memsep.training import make_noise_scheduler
+    from diffusers_memsep.trainer import make_noise_scheduler
 
     before_model = _reset_peak(device)
     torch.manual_seed(0)

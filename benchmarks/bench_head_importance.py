@@ -20,7 +20,7 @@ import torch
 from diffusers_memsep import PrunableDiTTransformer2DModel
 from diffusers_memsep.data import TrainingData
 from diffusers_memsep.pruning import ablation_head_importance, small_time_head_importance
-from diffusers_memsep.training import make_noise_scheduler
+from diffusers_memsep.trainer import make_noise_scheduler
 
 CONFIG = dict(sample_size=32, in_channels=3, patch_size=2, num_layers=6, num_attention_heads=6, attention_head_dim=64,
               num_embeds_ada_norm=10, norm_num_groups=32)

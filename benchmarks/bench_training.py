@@ -129,7 +129,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     from diffusers_memsep.data import load_training_data
-    from diffusers_memsep.training import TrainingConfig, make_dit, make_noise_scheduler, train_dit
+    from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler, train_dit
 
     data = load_training_data(max_train_samples=args.n, seed=0)
     scheduler = make_noise_scheduler()

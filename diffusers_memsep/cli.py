@@ -8,8 +8,12 @@ calls the library. The scripts in ``training/`` call :func:`main` with their com
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+
+from .hub import HubPushError
+from .utils import check_writable_dir
 
 # command name -> (module under diffusers_memsep.commands, one-line help)
 COMMANDS = {
@@ -55,9 +59,6 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         # Build only the parser of the requested command, so one command's imports never slow another.
         command, argv = argv[0], argv[1:]
     args = build_parser(command).parse_args(argv)
-    from .hub import HubPushError  # light: the Hub client is imported only when a push happens
-    from .utils import check_writable_dir
-
     try:
         if getattr(args, "output_dir", None):
             check_writable_dir(args.output_dir, "--output_dir")  # before any expensive work
@@ -78,8 +79,6 @@ def _one_line(error: BaseException) -> str:
 
 def _os_error_fix(error: OSError) -> str:
     """The fix for the OS errors a run can meet, appended to the message (our own errors already carry one)."""
-    import errno
-
     fixes = {errno.ENOSPC: "free disk space (or choose --output_dir on another disk) and run again",
              errno.EDQUOT: "free disk space within your quota and run again",
              errno.EACCES: "choose a folder you can write to", errno.EPERM: "choose a folder you can write to",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 #: Name used in ``TrainingData.source`` for the embedded data set.
 EMBEDDED_DATASET = "sklearn-digits"
@@ -106,6 +107,46 @@ class StreamingTrainingData:
             yield self.load(torch.arange(start, min(start + chunk_size, len(self))))
 
 
+@dataclass
+class TrainingDataWithHeldOut(TrainingData):
+    """Training data that also carries held-out images of the same distribution (for the ``memorization_gap`` score).
+
+    It IS the training set everywhere else (fine-tuning, memorization reference): ``held_out`` is only read by
+    :func:`diffusers_memsep.pruning.memorization_gap.memorization_gap_importance` (and encoded beside the training
+    images by :func:`diffusers_memsep.latents.latent_training_data`).
+    """
+
+    held_out: TrainingData | None = None
+
+
+def held_out_from_population(population: TrainingData, train: TrainingData) -> TrainingData:
+    """The images of ``population`` that are not in ``train`` (by ``train.indices`` into the same full split)."""
+    if train.indices is None:
+        raise ValueError("the training data does not record its subset indices; pass held-out images explicitly "
+                         "(e.g. --validation_data_dir).")
+    if population.indices is not None and len(population) != len(population.indices):
+        raise ValueError("population and indices disagree; load the population with max_train_samples=None.")
+    keep = torch.ones(len(population), dtype=torch.bool)
+    keep[torch.as_tensor(train.indices, dtype=torch.long)] = False
+    if not keep.any():
+        raise ValueError("the training subset is the whole population: no held-out images are left; train on a "
+                         "subset (max_train_samples) or pass --validation_data_dir.")
+    index = keep.nonzero().squeeze(1)
+    # An unconditional model is scored without labels, even when the population carries some.
+    labels = None if population.labels is None or train.labels is None else population.labels[index]
+    return TrainingData(population.images[index], labels, train.num_classes,
+                        f"held out from {population.source}: {len(index)} images", index.tolist())
+
+
+def with_held_out(train: TrainingData, held_out: TrainingData) -> TrainingDataWithHeldOut:
+    """``train`` carrying ``held_out`` (checked to have the same image shape)."""
+    if tuple(held_out.images.shape[1:]) != tuple(train.images.shape[1:]):
+        raise ValueError(f"held-out images are {tuple(held_out.images.shape[1:])} but training images are "
+                         f"{tuple(train.images.shape[1:])}; give held-out images of the training resolution/channels.")
+    return TrainingDataWithHeldOut(train.images, train.labels, train.num_classes, train.source, train.indices,
+                                   held_out=held_out)
+
+
 def all_images(data: TrainingData | StreamingTrainingData) -> torch.Tensor:
     """Every training image as one tensor: the memorization reference (a streamed set is decoded chunk by chunk)."""
     return data.images if isinstance(data, TrainingData) else torch.cat(list(data.iter_chunks()))
@@ -160,7 +201,7 @@ def load_training_data(
     if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}; pass e.g. resolution=32.")
 
-    import datasets
+    import datasets  # here: the embedded digits need no datasets, which takes a second to import
 
     if train_data_dir is not None:
         folder = Path(train_data_dir)
@@ -207,7 +248,7 @@ def load_training_data(
 
 
 def _load_digits(label_column, resolution, center_crop, max_train_samples, seed) -> TrainingData:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import
 
     digits = load_digits()
     if label_column not in (None, "label"):
@@ -221,8 +262,6 @@ def _load_digits(label_column, resolution, center_crop, max_train_samples, seed)
     if resolution is None or resolution == 8:
         images = (pixels / 16.0 * 2.0 - 1.0).unsqueeze(1)  # exact: no 8-bit rounding
     else:
-        from PIL import Image
-
         as_uint8 = (pixels / 16.0 * 255.0).round().to(torch.uint8).numpy()
         images = _to_tensor([Image.fromarray(a, mode="L") for a in as_uint8], resolution, center_crop,
                             EMBEDDED_DATASET)
@@ -257,8 +296,6 @@ def _source(name: str, n: int, total: int, max_train_samples: int | None, seed: 
 
 def _open_image(record, row: int):
     """Decode one ``datasets.Image(decode=False)`` record (``{"path", "bytes"}``) or a PIL image."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(record, Image.Image):
         return record
     path, data = record.get("path"), record.get("bytes")
@@ -273,8 +310,6 @@ def _open_image(record, row: int):
 
 def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str, mode: str | None = None
                ) -> torch.Tensor:
-    from PIL import Image
-
     if mode is None:
         mode = "L" if all(image.mode in _GREY_MODES for image in pil_images) else "RGB"
     arrays = []
@@ -307,8 +342,6 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str,
 def _deep_grey_as_float(image, name: str):
     """A grey image of more than 8 bits as a mode ``F`` image on the 8-bit scale 0..255, scaled by its bit depth
     (see "Choices" in :func:`load_training_data`)."""
-    from PIL import Image
-
     values = np.asarray(image).astype(np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if image.mode == "F":
@@ -324,7 +357,7 @@ def _deep_grey_as_float(image, name: str):
 
 
 def _labels(dataset, label_column: str) -> tuple[torch.Tensor, int]:
-    import datasets
+    import datasets  # as in load_training_data
 
     feature = dataset.features[label_column]
     values = dataset[label_column]

@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import load_population, load_training_data
+from .data import held_out_from_population, load_population, load_training_data, with_held_out
 from .memorization import resolve_feature_space
-from .pruning.memorization_gap import held_out_from_population, with_held_out
 from .study import PruningStudyConfig, StudyResult, prune_pipeline
 from .trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
 

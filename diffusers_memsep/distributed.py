@@ -4,13 +4,10 @@ Everything here reads the process group that ``torch.distributed`` already has (
 ``PartialState()`` or ``torch.distributed.init_process_group`` create it); nothing here creates one. Without an
 initialised group every helper is the one-process identity, so library code can call them unconditionally.
 
-Work is split in two ways:
-
-- contiguous shards (:func:`shard_bounds`, :func:`split_work`): process ``r`` of ``N`` takes items
-  ``[r * n // N, (r + 1) * n // N)``, so concatenating the per-process results in rank order restores the original
-  order (:func:`gather_on_main`, :func:`all_gather_cat`);
-- round robin by index (``item % N == rank``), used where each item's randomness is drawn from one shared stream
-  (head scoring: every process draws every batch, then skips those of the others).
+Work is split in contiguous shards (:func:`shard_bounds`, :func:`split_work`): process ``r`` of ``N`` takes items
+``[r * n // N, (r + 1) * n // N)``, so concatenating the per-process results in rank order restores the original
+order (:func:`gather_on_main`, :func:`all_gather_cat`). Where each item's randomness comes from one shared stream
+(head scoring), every process draws the items before its shard and skips them.
 
 Collectives run on the device the backend needs (CUDA for NCCL, CPU otherwise); results come back on the input's
 device.
@@ -23,8 +20,7 @@ from typing import Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world_size", "is_main_process", "all_reduce_sum", "all_gather_cat", "gather_on_main",
-           "shard_bounds", "split_work"]
+__all__ = ["rank_and_world_size", "is_main_process", "all_gather_cat", "gather_on_main", "shard_bounds", "split_work"]
 
 T = TypeVar("T")
 
@@ -47,15 +43,6 @@ def _communication_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of ``tensor`` over all processes (a new tensor, on ``tensor``'s device and dtype)."""
-    if not _distributed():
-        return tensor.clone()
-    buffer = tensor.detach().to(_communication_device(), copy=True)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer.to(tensor.device)
 
 
 def shard_bounds(num_items: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

@@ -15,6 +15,8 @@ so an installation without templates fails at once instead of after the training
 Save locally first, push as a separate step: diffusers' ``save_pretrained(push_to_hub=True)`` creates the remote
 repository before anything is written, so a failed push there can leave an empty repo and nothing local. Here the
 folder is complete on disk before the network is touched, and a failed push leaves it untouched.
+:func:`push_folder_to_hub` is the one push path: ``MemSepPipeline.push_to_hub`` and
+``MemSepPipeline.save_pretrained(push_to_hub=True)`` refuse and name it.
 
 Offline failures become one :class:`HubPushError` line that names the cause and the fix. huggingface_hub 2.x
 raises ``OfflineModeIsEnabled`` at once with ``HF_HUB_OFFLINE=1``, ``LocalTokenNotFoundError`` without a token, and,
@@ -30,6 +32,10 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants, create_repo, get_token, upload_folder
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .data import EMBEDDED_DATASET
 from .utils import write_text
@@ -55,8 +61,6 @@ def hub_repo_id(name: str | os.PathLike | None) -> str | None:
 
     Model cards list only Hub ids in ``base_model`` and ``datasets``: a local path there is a broken link.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if name is None:
         return None
     name = str(name)
@@ -137,8 +141,6 @@ def render_model_card(template_name: str, metadata: dict[str, Any] | None = None
         fields: the template's variables (see the template's header comment for the ones it uses); a truthy
             ``num_classes`` marks a class-conditional model.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     metadata = dict(metadata or {})
     metadata.setdefault("library_name", "diffusers")
     conditional = bool(fields.get("num_classes"))
@@ -190,8 +192,6 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
     Raises :class:`HubPushError` (one line: cause and fix) when offline, without a token, without network, or
     when the Hub refuses; the local folder stays as it was.
     """
-    from huggingface_hub import upload_folder
-
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise ValueError(f"{str(folder)!r} is not a saved pipeline folder; save the pipeline there before pushing.")
@@ -209,14 +209,11 @@ def check_hub_repo(repo_id: str, private: bool = False, token: str | None = None
     Called before training with ``--push_to_hub`` (as diffusers' scripts create the repo before the first step),
     so a missing token, offline mode or a refused repo fail in seconds, not after the run.
     """
-    import huggingface_hub
-    from huggingface_hub import constants, create_repo
-
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError("repo_id must be 'user/name' (e.g. --hub_model_id me/dit-digits).")
     if constants.HF_HUB_OFFLINE or _truthy(os.environ.get("HF_HUB_OFFLINE")):
         raise HubPushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it (and connect) to push. {local}")
-    token = token or huggingface_hub.get_token()
+    token = token or get_token()
     if not token:
         raise HubPushError(f"cannot push to {repo_id}: no Hugging Face token; run `hf auth login`, set HF_TOKEN or "
                            f"pass --hub_token. {local}")
@@ -228,8 +225,6 @@ def check_hub_repo(repo_id: str, private: bool = False, token: str | None = None
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, local: str):
     """Turn the Hub client's expected failures into one :class:`HubPushError` line with the cause and the fix."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
-
     transport_errors = _transport_errors()
     try:
         yield

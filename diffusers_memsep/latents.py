@@ -24,8 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from .data import TrainingData
+from .data import TrainingData, TrainingDataWithHeldOut
 from .utils import atomic_path
 
 __all__ = ["encode_images", "latent_cache_key", "latent_training_data"]
@@ -76,9 +77,7 @@ def latent_training_data(data: TrainingData, vae, cache_dir: str | os.PathLike |
     With ``cache_dir`` the latents are read from / written to ``latents-<key>.safetensors`` there (see the module
     docstring). The result is what the trainer's ``train_dit`` and the head scores take for a latent DiT.
     """
-    from safetensors.torch import load_file, save_file
-
-    if getattr(data, "held_out", None) is not None:  # memorization_gap's held-out images live in the same space
+    if isinstance(data, TrainingDataWithHeldOut) and data.held_out is not None:  # scored in the same space
         data = replace(data, held_out=latent_training_data(data.held_out, vae, cache_dir))
     path = None
     if cache_dir is not None:

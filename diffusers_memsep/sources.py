@@ -12,10 +12,16 @@ from pathlib import Path
 
 import torch
 
-from .data import EMBEDDED_DATASET, TrainingData, load_population, load_training_data
+from .data import (
+    EMBEDDED_DATASET,
+    TrainingData,
+    held_out_from_population,
+    load_population,
+    load_training_data,
+    with_held_out,
+)
 from .memorization import resolve_feature_space
 from .pipelines import MemSepPipeline
-from .pruning.memorization_gap import held_out_from_population, with_held_out
 
 
 @dataclass

@@ -27,16 +27,15 @@ from diffusers_memsep.data import load_training_data
 from diffusers_memsep.memorization import memorization_ratio, memorization_report
 from diffusers_memsep.study import PruningStudyConfig
 
+from conftest import tiny_dit
+
 QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
                "--importance_batch_size", "8", "--num_samples", "16", "--num_inference_steps", "2",
                "--methods", "random", "--etas", "0.5"]
 
 
-def tiny_transformer(num_layers=2) -> PrunableDiTTransformer2DModel:
-    torch.manual_seed(0)
-    return PrunableDiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                         num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                         norm_num_groups=1)
+def tiny_transformer() -> PrunableDiTTransformer2DModel:
+    return PrunableDiTTransformer2DModel.from_dit(tiny_dit(learned_sigma=False))
 
 
 def tiny_pipeline() -> MemSepPipeline:
@@ -181,9 +180,9 @@ def _disk_full_while_overwriting(tmp, pipe, mp):
 
 
 def _disk_full_loss_gap(tmp, pipe, mp):
-    import diffusers_memsep.theory
+    import diffusers_memsep.commands.loss_gap
 
-    mp.setattr(diffusers_memsep.theory, "write_loss_gap_csv", disk_full)
+    mp.setattr(diffusers_memsep.commands.loss_gap, "write_loss_gap_csv", disk_full)
     return ["loss-gap", "--output_dir", str(tmp / "out"), "--dim", "2", "--num_components", "2", "--n_values", "10",
             "--num_times", "2", "--num_noise_samples", "8", "--no_fisher"]
 

@@ -1,4 +1,4 @@
-"""Several processes give the one-process answers: head scoring, sharded nearest neighbours, split sampling work.
+"""Several processes give the one-process answers: every head score, sharded nearest neighbours, split sampling work.
 
 One real 2-process run (``torchrun``, gloo on CPU, the group initialised by accelerate's ``PartialState``) runs
 this file as a script; rank 0 saves what every piece computed and the tests compare it with one process.
@@ -13,32 +13,22 @@ import pytest
 import torch
 
 from diffusers_memsep import PrunableDiTTransformer2DModel
-from diffusers_memsep.data import TrainingData
+from diffusers_memsep.data import TrainingData, with_held_out
 from diffusers_memsep.distributed import all_gather_cat, gather_on_main, shard_bounds, split_work
 from diffusers_memsep.memorization import NearestNeighborIndex, sharded_search
-from diffusers_memsep.pruning import ablation_head_importance, small_time_head_importance
-from diffusers_memsep.training import make_noise_scheduler
+from diffusers_memsep.pruning import METHODS, SMALL_TIME, head_importance
+from diffusers_memsep.pruning.importance import _batches
+from diffusers_memsep.trainer import make_noise_scheduler
+
+from conftest import random_training_data, twelve_head_dit
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8, patch_size=2,
-              num_embeds_ada_norm=10, norm_num_groups=1)
-NUM_SCORING_BATCHES = 5  # odd: the two processes score 3 and 2 batches
+NUM_SCORING_BATCHES = 5  # odd: the two processes score 2 and 3 batches
 NUM_TRAIN, DIM, NUM_SEEDS = 101, 16, 11
 
 
-def tiny_dit():
-    torch.manual_seed(0)
-    model = PrunableDiTTransformer2DModel(**CONFIG)
-    with torch.no_grad():  # DiT zero-initialises its adaLN gates, which would hide every head
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.eval()
-
-
-def training_data():
-    generator = torch.Generator().manual_seed(5)
-    return TrainingData(images=torch.rand(24, 1, 8, 8, generator=generator) * 2 - 1,
-                        labels=torch.randint(0, 10, (24,), generator=generator), num_classes=10, source="random")
+def scored_dit() -> PrunableDiTTransformer2DModel:
+    return PrunableDiTTransformer2DModel.from_dit(twelve_head_dit())
 
 
 def reference_points():
@@ -55,9 +45,12 @@ def sample_for_seed(seed: int) -> torch.Tensor:
     return torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def scores(method):
-    return method(tiny_dit(), training_data(), make_noise_scheduler(), num_batches=NUM_SCORING_BATCHES,
-                  batch_size=4).scores
+def scores(method: str) -> torch.Tensor:
+    held_out = TrainingData(torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1,
+                            torch.arange(16) % 10, 10, "random held out")
+    data = with_held_out(random_training_data(), held_out)  # memorization_gap reads the held-out images
+    return head_importance(method, scored_dit(), data, make_noise_scheduler(), num_batches=NUM_SCORING_BATCHES,
+                           batch_size=4).scores
 
 
 def evaluation_samples() -> torch.Tensor:
@@ -67,7 +60,7 @@ def evaluation_samples() -> torch.Tensor:
     from diffusers_memsep import MemSepPipeline
     from diffusers_memsep.evaluate import sample_pipeline
 
-    pipe = MemSepPipeline(transformer=tiny_dit(), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipe = MemSepPipeline(transformer=scored_dit(), scheduler=DDPMScheduler(num_train_timesteps=10))
     pipe.set_progress_bar_config(disable=True)
     samples, _ = sample_pipeline(pipe, 5, torch.tensor([0, 1, 2, 3, 4]), num_inference_steps=3, seed=7,
                                  batch_size=2)
@@ -80,7 +73,10 @@ def run_worker(output: str) -> None:
 
     state = PartialState(cpu=True)
     assert state.num_processes == 2 and torch.distributed.is_initialized()
-    results = {"small_t": scores(small_time_head_importance), "ablation": scores(ablation_head_importance)}
+    results = {method: scores(method) for method in METHODS}
+    stream = _batches(scored_dit(), [random_training_data()], make_noise_scheduler(), SMALL_TIME,
+                      NUM_SCORING_BATCHES, 4, torch.Generator().manual_seed(0))
+    results["batches_per_process"] = all_gather_cat(torch.tensor([len(list(stream))]))
     train, queries = reference_points()
     start, stop = shard_bounds(NUM_TRAIN)
     results["shard"] = torch.tensor([start, stop])
@@ -110,12 +106,13 @@ def two_process_results(tmp_path_factory):
     return torch.load(output)
 
 
-@pytest.mark.parametrize("method", [small_time_head_importance, ablation_head_importance])
+@pytest.mark.parametrize("method", METHODS)
 def test_two_processes_score_heads_like_one(two_process_results, method):
-    name = "small_t" if method is small_time_head_importance else "ablation"
     one_process = scores(method)
     assert torch.isfinite(one_process).all() and one_process.abs().max() > 0
-    torch.testing.assert_close(two_process_results[name], one_process, rtol=1e-6, atol=1e-12)
+    # The per-batch terms are added in batch order whatever the number of processes: the same bits.
+    assert torch.equal(two_process_results[method], one_process)
+    assert two_process_results["batches_per_process"].tolist() == [2, 3]  # each process scored its share only
 
 
 def test_two_processes_sharded_search_equals_one_index(two_process_results):

@@ -198,9 +198,9 @@ def test_push_without_token_fails_at_once(saved_folder, monkeypatch):
     folder, files = saved_folder
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
     called = []
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(hub, "create_repo", lambda *a, **k: called.append(1))
     with pytest.raises(HubPushError, match="no Hugging Face token.*hf auth login") as error:
         push_folder_to_hub(folder, "me/variant")
     assert not called and "\n" not in str(error.value) and _intact(folder, files)
@@ -224,7 +224,7 @@ def test_push_network_and_refusal_errors_become_one_line(saved_folder, monkeypat
         def fail(*args, _failure=failure, **kwargs):
             raise _failure
 
-        monkeypatch.setattr(huggingface_hub, "create_repo", fail)
+        monkeypatch.setattr(hub, "create_repo", fail)
         with pytest.raises(HubPushError, match=expected) as error:
             push_folder_to_hub(folder, "me/variant", token="hf_fake")
         assert "\n" not in str(error.value) and error.value.__cause__ is None
@@ -236,13 +236,13 @@ def test_push_creates_the_repo_privately_and_uploads_without_checkpoints(saved_f
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     calls = {}
-    monkeypatch.setattr(huggingface_hub, "create_repo",
+    monkeypatch.setattr(hub, "create_repo",
                         lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
 
     class Commit:
         commit_url = "https://huggingface.co/me/variant/commit/abc"
 
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw) and Commit())
+    monkeypatch.setattr(hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw) and Commit())
     assert push_folder_to_hub(folder, "me/variant", private=True, token="hf_x") == Commit.commit_url
     assert calls["create"] == ("me/variant",
                                {"private": True, "exist_ok": True, "token": "hf_x", "repo_type": "model"})

@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from diffusers_memsep.data import TrainingData, load_training_data
-from diffusers_memsep.models import PrunableDiTTransformer2DModel
-from diffusers_memsep.pruning import METHODS, ablation_head_importance, one_shot_prune, select_heads_to_prune
-from diffusers_memsep.pruning.memorization_gap import (
+from diffusers_memsep.data import (
+    TrainingData,
     TrainingDataWithHeldOut,
     held_out_from_population,
-    memorization_gap_importance,
+    load_training_data,
     with_held_out,
 )
+from diffusers_memsep.models import PrunableDiTTransformer2DModel
+from diffusers_memsep.pruning import METHODS, ablation_head_importance, one_shot_prune, select_heads_to_prune
+from diffusers_memsep.pruning.memorization_gap import memorization_gap_importance
 from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler
 
 

@@ -11,26 +11,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from diffusers_memsep import MemSepPipeline, MemSepPipelineOutput, NearestNeighborIndex
 
-NUM_CLASSES = 10
+from conftest import tiny_dit
 
-
-def tiny_dit(in_channels=1, learned_sigma=True, seed=0, sample_size=8):
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=in_channels,
-        out_channels=2 * in_channels if learned_sigma else in_channels,
-        num_layers=2,
-        sample_size=sample_size,
-        patch_size=2,
-        num_embeds_ada_norm=NUM_CLASSES,
-        norm_num_groups=1,
-    ).eval()
+NUM_CLASSES = 10  # of conftest.tiny_dit
 
 
 def train_images(n=32, shape=(1, 8, 8), seed=0):
@@ -286,6 +273,32 @@ def test_prunable_transformer_round_trip(tmp_path):
     )
 
 
+RESAVE_WITH_STOCK_DIFFUSERS = textwrap.dedent(
+    """
+    import sys
+    sys.modules["diffusers_memsep"] = None  # the shipped code alone
+    from diffusers import DiffusionPipeline
+    load = lambda folder: DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_memsep",
+                                                            trust_remote_code=True)
+    load(sys.argv[1]).save_pretrained(sys.argv[2])
+    assert type(load(sys.argv[2]).transformer).__name__ == "PrunableDiTTransformer2DModel"
+    """
+)
+
+
+def test_shipped_code_saves_a_folder_that_loads_again(tmp_path):
+    from diffusers_memsep import PrunableDiTTransformer2DModel
+
+    pipe = MemSepPipeline(PrunableDiTTransformer2DModel.from_dit(tiny_dit()), DDIMScheduler(num_train_timesteps=100))
+    saved, again = tmp_path / "saved", tmp_path / "again"
+    pipe.save_pretrained(saved)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", RESAVE_WITH_STOCK_DIFFUSERS, str(saved), str(again)], env=env, check=True,
+                   timeout=300, cwd=tmp_path)
+    # the shipped bundle re-ships itself, byte for byte
+    assert (again / "pipeline_memsep.py").read_text() == (saved / "pipeline_memsep.py").read_text()
+
+
 LOAD_BY_REPO_ID = textwrap.dedent(
     """
     import sys, torch
@@ -320,27 +333,29 @@ def load_offline_by_repo_id(tmp_path, cache_dir, repo_id):
     return load_file(result_file)
 
 
-def test_push_to_hub_then_load_by_repo_id_offline(tmp_path, monkeypatch):
-    # No network here: the Hub side of push_to_hub (create_repo, model card download, upload) is replaced by a copy
-    # into a local Hub cache, then a fresh process with HF_HUB_OFFLINE=1 loads the pipeline by its repo id.
-    import diffusers.pipelines.pipeline_utils as pipeline_utils
-    import diffusers.utils.hub_utils as hub_utils
-    from huggingface_hub import ModelCard
+def test_saved_folder_pushed_then_loaded_by_repo_id_offline(tmp_path, monkeypatch):
+    # No network here: the Hub side of the one push path (create_repo, upload_folder) is replaced by a copy into a
+    # local Hub cache, then a fresh process with HF_HUB_OFFLINE=1 loads the pipeline by its repo id.
+    import huggingface_hub.constants
 
-    cache_dir, repo_id = tmp_path / "hub", "someone/tiny-memsep"
+    from diffusers_memsep import hub
+
+    cache_dir, repo_id, folder = tmp_path / "hub", "someone/tiny-memsep", tmp_path / "tiny-memsep"
     cache_dir.mkdir()
-    monkeypatch.setattr(pipeline_utils, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": repo_id}))
-    monkeypatch.setattr(pipeline_utils, "load_or_create_model_card", lambda *a, **kw: ModelCard("---\n---\n"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "create_repo", lambda *args, **kwargs: None)
     uploaded = []
-    monkeypatch.setattr(
-        hub_utils,
-        "upload_folder",
-        lambda repo_id, folder_path, **kw: (
-            uploaded.append(repo_id) or fake_hub_upload(cache_dir, repo_id, folder_path)
-        ),
-    )
+    monkeypatch.setattr(hub, "upload_folder", lambda repo_id, folder_path, **kwargs: (
+        uploaded.append(repo_id) or fake_hub_upload(cache_dir, repo_id, folder_path)))
     pipe = make_pipe()
-    pipe.save_pretrained(str(tmp_path / "tiny-memsep"), push_to_hub=True, repo_id=repo_id)
+    for push in (lambda: pipe.save_pretrained(folder, push_to_hub=True, repo_id=repo_id),
+                 lambda: pipe.push_to_hub(repo_id)):
+        with pytest.raises(ValueError, match="memsep push .* --hub_model_id"):
+            push()
+    assert not folder.exists() and not uploaded  # refused before anything is written
+    pipe.save_pretrained(folder)
+    hub.push_folder_to_hub(folder, repo_id, token="hf_fake")
     assert uploaded == [repo_id]
     loaded = load_offline_by_repo_id(tmp_path, cache_dir, repo_id)
     expected = sample(pipe, class_labels=[1, 5])

@@ -9,28 +9,7 @@ from diffusers import DiTTransformer2DModel
 
 from diffusers_memsep import PrunableDiTTransformer2DModel
 
-CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8, patch_size=2,
-              num_embeds_ada_norm=10, norm_num_groups=1)
-
-
-def perturbed(model):
-    """DiT zero-initialises its adaLN gates, which hides the attention branch; perturb every weight."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
-@pytest.fixture
-def stock():
-    torch.manual_seed(0)
-    return perturbed(DiTTransformer2DModel(**CONFIG))
-
-
-@pytest.fixture
-def model(stock):
-    return PrunableDiTTransformer2DModel.from_dit(stock)
+from conftest import TWELVE_HEAD_CONFIG as CONFIG
 
 
 @pytest.fixture
@@ -47,11 +26,11 @@ def run(model, inputs):
         return model(*inputs).sample
 
 
-def test_from_dit_gives_identical_outputs(stock, model, inputs):
-    assert type(model) is PrunableDiTTransformer2DModel
-    assert torch.equal(run(stock, inputs), run(model, inputs))
-    assert model.heads_per_layer() == [4, 4, 4]
-    assert model.config.pruned_heads == {}
+def test_from_dit_gives_identical_outputs(stock_dit, prunable_dit, inputs):
+    assert type(prunable_dit) is PrunableDiTTransformer2DModel
+    assert torch.equal(run(stock_dit, inputs), run(prunable_dit, inputs))
+    assert prunable_dit.heads_per_layer() == [4, 4, 4]
+    assert prunable_dit.config.pruned_heads == {}
 
 
 def test_constructor_equals_stock_constructor(inputs):
@@ -62,46 +41,46 @@ def test_constructor_equals_stock_constructor(inputs):
     assert torch.equal(run(a.eval(), inputs), run(b.eval(), inputs))
 
 
-def test_soft_mask_equals_physical_pruning_over_two_rounds(model, inputs):
-    reference = run(model, inputs)
+def test_soft_mask_equals_physical_pruning_over_two_rounds(prunable_dit, inputs):
+    reference = run(prunable_dit, inputs)
     rounds = [{0: [1], 2: [0, 3]}, {"0": [3], 1: [2], 2: [1, 2]}]  # layer 2 ends with no head at all
     mask = torch.ones(3, 4)
     for heads in rounds:
         for layer, layer_heads in heads.items():
             mask[int(layer), layer_heads] = 0.0
-        model.set_head_mask(mask)
-        soft = run(model, inputs)
-        model.set_head_mask(None)
-        model.prune_heads(heads)
-        hard = run(model, inputs)
+        prunable_dit.set_head_mask(mask)
+        soft = run(prunable_dit, inputs)
+        prunable_dit.set_head_mask(None)
+        prunable_dit.prune_heads(heads)
+        hard = run(prunable_dit, inputs)
         torch.testing.assert_close(hard, soft, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(hard, reference, atol=1e-3), "pruning these heads must change the output"
-    assert model.config.pruned_heads == {"0": [1, 3], "1": [2], "2": [0, 1, 2, 3]}
-    assert model.heads_per_layer() == [2, 3, 0]
-    assert model.kept_heads() == [[0, 2], [0, 1, 3], []]
+    assert prunable_dit.config.pruned_heads == {"0": [1, 3], "1": [2], "2": [0, 1, 2, 3]}
+    assert prunable_dit.heads_per_layer() == [2, 3, 0]
+    assert prunable_dit.kept_heads() == [[0, 2], [0, 1, 3], []]
     # The mask keeps the original numbering after pruning: masking remaining head 2 of layer 0 still works.
     mask = torch.ones(3, 4)
     mask[0, 2] = 0.0
-    model.set_head_mask(mask)
-    soft = run(model, inputs)
-    model.set_head_mask(None)
-    model.prune_heads({0: [2]})
-    torch.testing.assert_close(run(model, inputs), soft, rtol=1e-5, atol=1e-5)
+    prunable_dit.set_head_mask(mask)
+    soft = run(prunable_dit, inputs)
+    prunable_dit.set_head_mask(None)
+    prunable_dit.prune_heads({0: [2]})
+    torch.testing.assert_close(run(prunable_dit, inputs), soft, rtol=1e-5, atol=1e-5)
 
 
-def test_physical_pruning_shrinks_projections(model):
-    attn = model.transformer_blocks[1].attn1
-    model.prune_heads({1: [0, 3]})
+def test_physical_pruning_shrinks_projections(prunable_dit):
+    attn = prunable_dit.transformer_blocks[1].attn1
+    prunable_dit.prune_heads({1: [0, 3]})
     assert (attn.to_q.weight.shape, attn.to_k.bias.shape, attn.to_out[0].weight.shape) == (
         (16, 32), (16,), (32, 16))
     assert attn.heads == 2 and attn.inner_dim == 16
 
 
-def test_save_load_round_trip_of_pruned_model(model, inputs, tmp_path):
-    full_parameters = model.num_parameters()
-    model.prune_heads({0: [0, 1], 2: [0, 1, 2, 3]})
-    expected = run(model, inputs)
-    model.save_pretrained(tmp_path)
+def test_save_load_round_trip_of_pruned_model(prunable_dit, inputs, tmp_path):
+    full_parameters = prunable_dit.num_parameters()
+    prunable_dit.prune_heads({0: [0, 1], 2: [0, 1, 2, 3]})
+    expected = run(prunable_dit, inputs)
+    prunable_dit.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["pruned_heads"] == {"0": [0, 1], "2": [0, 1, 2, 3]}
     assert saved["_class_name"] == "PrunableDiTTransformer2DModel"
@@ -109,56 +88,57 @@ def test_save_load_round_trip_of_pruned_model(model, inputs, tmp_path):
     loaded = PrunableDiTTransformer2DModel.from_pretrained(tmp_path).eval()
     assert torch.equal(run(loaded, inputs), expected)
     assert loaded.heads_per_layer() == [2, 4, 0]
-    assert loaded.num_parameters() == model.num_parameters() < full_parameters
+    assert loaded.num_parameters() == prunable_dit.num_parameters() < full_parameters
     assert loaded.head_mask is None
 
 
-def test_from_config_of_a_pruned_model_rebuilds_the_pruned_shapes(model):
-    model.prune_heads({1: [3]})
-    rebuilt = PrunableDiTTransformer2DModel.from_config(model.config)
-    assert rebuilt.heads_per_layer() == model.heads_per_layer()
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+def test_from_config_of_a_pruned_model_rebuilds_the_pruned_shapes(prunable_dit):
+    prunable_dit.prune_heads({1: [3]})
+    rebuilt = PrunableDiTTransformer2DModel.from_config(prunable_dit.config)
+    assert rebuilt.heads_per_layer() == prunable_dit.heads_per_layer()
+    shapes = {k: v.shape for k, v in prunable_dit.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
 
 
-def test_masks_are_not_saved(model, inputs, tmp_path):
-    expected = run(model, inputs)
-    model.set_head_mask(torch.zeros(3, 4))
-    model.save_pretrained(tmp_path)
+def test_masks_are_not_saved(prunable_dit, inputs, tmp_path):
+    expected = run(prunable_dit, inputs)
+    prunable_dit.set_head_mask(torch.zeros(3, 4))
+    prunable_dit.save_pretrained(tmp_path)
     loaded = PrunableDiTTransformer2DModel.from_pretrained(tmp_path).eval()
     assert torch.equal(run(loaded, inputs), expected)
 
 
-def test_gradients_reach_the_mask_over_several_batches(model, inputs):
+def test_gradients_reach_the_mask_over_several_batches(prunable_dit, inputs):
     mask = torch.ones(3, 4, requires_grad=True)
-    model.set_head_mask(mask)
+    prunable_dit.set_head_mask(mask)
     for _ in range(2):  # accumulate as Algorithm 2 does: the mask must survive repeated backward passes
-        model(*inputs).sample.pow(2).mean().backward()
+        prunable_dit(*inputs).sample.pow(2).mean().backward()
     assert mask.grad is not None and mask.grad.shape == (3, 4)
     assert torch.all(mask.grad.abs() > 0)
     # Pruned heads get no gradient; the others still do.
-    model.set_head_mask(None)
-    model.prune_heads({1: [2]})
+    prunable_dit.set_head_mask(None)
+    prunable_dit.prune_heads({1: [2]})
     mask = torch.ones(3, 4, requires_grad=True)
-    model.set_head_mask(mask)
-    model(*inputs).sample.pow(2).mean().backward()
+    prunable_dit.set_head_mask(mask)
+    prunable_dit(*inputs).sample.pow(2).mean().backward()
     assert mask.grad[1, 2] == 0 and torch.all(mask.grad[1, [0, 1, 3]].abs() > 0)
 
 
-def test_mask_gradient_matches_finite_difference(model, inputs):
-    model.double()
+def test_mask_gradient_matches_finite_difference(prunable_dit, inputs):
+    prunable_dit.double()
     x, t, y = inputs
     inputs = (x.double(), t, y)
     mask = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
-    model.set_head_mask(mask)
-    model(*inputs).sample.sum().backward()
+    prunable_dit.set_head_mask(mask)
+    prunable_dit(*inputs).sample.sum().backward()
     eps = 1e-6
     for layer, head in [(0, 0), (2, 3)]:
         bumped = torch.ones(3, 4, dtype=torch.float64)
         bumped[layer, head] += eps
-        model.set_head_mask(bumped)
-        upper = run(model, inputs).sum()
+        prunable_dit.set_head_mask(bumped)
+        upper = run(prunable_dit, inputs).sum()
         bumped[layer, head] -= 2 * eps
-        lower = run(model, inputs).sum()
+        lower = run(prunable_dit, inputs).sum()
         assert torch.isclose(mask.grad[layer, head], (upper - lower) / (2 * eps), rtol=1e-5)
 
 
@@ -183,23 +163,23 @@ def test_pruned_config_is_rebuilt_by_constructor(inputs):
         ([0, 1], TypeError, "mapping"),
     ],
 )
-def test_bad_prune_requests_leave_model_unchanged(model, inputs, heads, error, message):
-    model.prune_heads({2: [1]})
-    before_state = copy.deepcopy(model.state_dict())
-    before_output = run(model, inputs)
+def test_bad_prune_requests_leave_model_unchanged(prunable_dit, inputs, heads, error, message):
+    prunable_dit.prune_heads({2: [1]})
+    before_state = copy.deepcopy(prunable_dit.state_dict())
+    before_output = run(prunable_dit, inputs)
     with pytest.raises(error, match=message):
-        model.prune_heads({1: [0], **heads} if isinstance(heads, dict) else heads)
-    assert model.config.pruned_heads == {"2": [1]}
-    assert model.heads_per_layer() == [4, 4, 3]
-    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
-    assert torch.equal(run(model, inputs), before_output)
+        prunable_dit.prune_heads({1: [0], **heads} if isinstance(heads, dict) else heads)
+    assert prunable_dit.config.pruned_heads == {"2": [1]}
+    assert prunable_dit.heads_per_layer() == [4, 4, 3]
+    assert all(torch.equal(before_state[k], v) for k, v in prunable_dit.state_dict().items())
+    assert torch.equal(run(prunable_dit, inputs), before_output)
 
 
-def test_pruning_a_pruned_head_is_refused(model):
-    model.prune_heads({0: [2]})
+def test_pruning_a_pruned_head_is_refused(prunable_dit):
+    prunable_dit.prune_heads({0: [2]})
     with pytest.raises(ValueError, match="already pruned"):
-        model.prune_heads({0: [1, 2]})
-    assert model.heads_per_layer() == [3, 4, 4]
+        prunable_dit.prune_heads({0: [1, 2]})
+    assert prunable_dit.heads_per_layer() == [3, 4, 4]
 
 
 @pytest.mark.parametrize(
@@ -211,12 +191,12 @@ def test_pruning_a_pruned_head_is_refused(model):
         ([[1.0] * 4] * 3, TypeError, "torch.Tensor"),
     ],
 )
-def test_bad_masks_are_refused(model, inputs, mask, error, message):
-    before = run(model, inputs)
+def test_bad_masks_are_refused(prunable_dit, inputs, mask, error, message):
+    before = run(prunable_dit, inputs)
     with pytest.raises(error, match=message):
-        model.set_head_mask(mask)
-    assert model.head_mask is None
-    assert torch.equal(run(model, inputs), before)
+        prunable_dit.set_head_mask(mask)
+    assert prunable_dit.head_mask is None
+    assert torch.equal(run(prunable_dit, inputs), before)
 
 
 @pytest.mark.parametrize(

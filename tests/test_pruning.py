@@ -20,27 +20,9 @@ from diffusers_memsep.pruning import (
 )
 from diffusers_memsep.pruning.importance import _batches
 from diffusers_memsep.theory import timesteps_from_fraction
-from diffusers_memsep.training import TrainingConfig, dsm_loss, make_noise_scheduler
+from diffusers_memsep.trainer import TrainingConfig, dsm_loss, make_noise_scheduler
 
-CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8, patch_size=2,
-              num_embeds_ada_norm=10, norm_num_groups=1)
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    model = PrunableDiTTransformer2DModel(**CONFIG)
-    with torch.no_grad():  # DiT zero-initialises its adaLN gates, which would hide every head
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.eval()
-
-
-@pytest.fixture
-def data():
-    generator = torch.Generator().manual_seed(5)
-    return TrainingData(images=torch.rand(24, 1, 8, 8, generator=generator) * 2 - 1,
-                        labels=torch.randint(0, 10, (24,), generator=generator), num_classes=10, source="random")
+from conftest import TWELVE_HEAD_CONFIG as CONFIG
 
 
 @pytest.fixture
@@ -62,60 +44,63 @@ def test_beta_time_matches_scipy_and_maps_to_small_timesteps():
         BetaTime(0.0, 2.0)
 
 
-def test_small_time_importance_equals_finite_difference_brute_force(model, data, scheduler):
-    model.double()
-    data = TrainingData(images=data.images.double(), labels=data.labels, num_classes=10, source="random")
-    scores = small_time_head_importance(model, data, scheduler, num_batches=2, batch_size=4,
+def test_small_time_importance_equals_finite_difference_brute_force(prunable_dit, training_data, scheduler):
+    prunable_dit.double()
+    data = TrainingData(images=training_data.images.double(), labels=training_data.labels, num_classes=10,
+                        source="random")
+    scores = small_time_head_importance(prunable_dit, data, scheduler, num_batches=2, batch_size=4,
                                         generator=torch.Generator().manual_seed(7))
     # Brute force on the same batch stream: S(h) = sum_batches |central difference of the loss in xi_h|.
     # (dsm_loss keeps float64 for a float64 model; step 1e-3, the central difference is O(eps^2) accurate.)
     expected = torch.zeros(3, 4, dtype=torch.float64)
     eps = 1e-3
-    stream = _batches(model, data, scheduler, SMALL_TIME, 2, 4, torch.Generator().manual_seed(7))
+    stream = _batches(prunable_dit, (data,), scheduler, SMALL_TIME, 2, 4, torch.Generator().manual_seed(7))
     with torch.no_grad():
-        for images, labels, timesteps, noise in stream:
+        for [(images, labels)], timesteps, noise in stream:
             for layer in range(3):
                 for head in range(4):
                     losses = []
                     for sign in (1, -1):
                         mask = torch.ones(3, 4, dtype=torch.float64)
                         mask[layer, head] += sign * eps
-                        model.set_head_mask(mask)
-                        losses.append(dsm_loss(model, scheduler, images, labels, timesteps, noise=noise.double()))
+                        prunable_dit.set_head_mask(mask)
+                        losses.append(dsm_loss(prunable_dit, scheduler, images, labels, timesteps,
+                                               noise=noise.double()))
                     expected[layer, head] += ((losses[0] - losses[1]) / (2 * eps)).abs()
-    model.set_head_mask(None)
+    prunable_dit.set_head_mask(None)
     torch.testing.assert_close(scores.raw_scores, expected, rtol=2e-3, atol=1e-6)
     normalised = expected / expected.pow(2).sum(dim=1, keepdim=True).sqrt()
     torch.testing.assert_close(scores.scores, normalised, rtol=2e-3, atol=1e-6)
     assert scores.method == "small_t" and scores.time_distribution == "Beta(0.8, 2)"
-    assert model.head_mask is None and all(p.requires_grad for p in model.parameters())
+    assert prunable_dit.head_mask is None and all(p.requires_grad for p in prunable_dit.parameters())
 
 
-def test_ablation_importance_equals_physical_removal(model, data, scheduler):
-    scores = ablation_head_importance(model, data, scheduler, num_batches=2, batch_size=6,
+def test_ablation_importance_equals_physical_removal(prunable_dit, training_data, scheduler):
+    scores = ablation_head_importance(prunable_dit, training_data, scheduler, num_batches=2, batch_size=6,
                                       generator=torch.Generator().manual_seed(3))
-    stream = list(_batches(model, data, scheduler, SMALL_TIME, 2, 6, torch.Generator().manual_seed(3)))
+    stream = [(*sets[0], timesteps, noise) for sets, timesteps, noise in
+              _batches(prunable_dit, (training_data,), scheduler, SMALL_TIME, 2, 6, torch.Generator().manual_seed(3))]
     with torch.no_grad():
-        base = [dsm_loss(model, scheduler, *batch[:3], noise=batch[3]) for batch in stream]
+        base = [dsm_loss(prunable_dit, scheduler, *batch[:3], noise=batch[3]) for batch in stream]
         for layer, head in [(0, 0), (1, 3), (2, 2)]:
-            ablated = copy.deepcopy(model)
+            ablated = copy.deepcopy(prunable_dit)
             ablated.prune_heads({layer: [head]})
             increase = sum(dsm_loss(ablated, scheduler, *batch[:3], noise=batch[3]) - b
                            for batch, b in zip(stream, base)) / 2
             assert torch.isclose(scores.scores[layer, head], increase.double(), rtol=1e-4, atol=1e-6)
 
 
-def test_scores_of_pruned_heads_are_nan_and_never_selected(model, data, scheduler):
-    model.prune_heads({1: [0, 2]})
-    for scores in (small_time_head_importance(model, data, scheduler, num_batches=1, batch_size=4),
-                   random_head_importance(model)):
+def test_scores_of_pruned_heads_are_nan_and_never_selected(prunable_dit, training_data, scheduler):
+    prunable_dit.prune_heads({1: [0, 2]})
+    for scores in (small_time_head_importance(prunable_dit, training_data, scheduler, num_batches=1, batch_size=4),
+                   random_head_importance(prunable_dit)):
         assert torch.isnan(scores.scores[1, [0, 2]]).all()
         assert torch.isfinite(scores.scores[1, [1, 3]]).all()
         selected = select_heads_to_prune(scores, 0.5)  # 5 of the 10 remaining heads
         assert sum(len(h) for h in selected.values()) == 5
         assert not set(selected.get(1, [])) & {0, 2}
         # per-layer normalisation runs over the remaining heads only
-    alg2 = small_time_head_importance(model, data, scheduler, num_batches=1, batch_size=4)
+    alg2 = small_time_head_importance(prunable_dit, training_data, scheduler, num_batches=1, batch_size=4)
     assert torch.isclose(alg2.scores[1, [1, 3]].pow(2).sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
@@ -142,18 +127,19 @@ def test_eta_never_removes_the_last_head():
         select_heads_to_prune(torch.full((2, 2), float("nan")), 0.5)
 
 
-def test_one_shot_prune_prunes_a_copy_and_fine_tunes(model, data, scheduler):
-    original = copy.deepcopy(model.state_dict())
+def test_one_shot_prune_prunes_a_copy_and_fine_tunes(prunable_dit, training_data, scheduler):
+    original = copy.deepcopy(prunable_dit.state_dict())
     config = TrainingConfig(max_train_steps=3, train_batch_size=8, use_ema=False, show_progress=False,
                             lr_warmup_steps=0)
-    result = one_shot_prune(model, data, scheduler, eta=0.25, method="small_t", finetune_config=config,
+    result = one_shot_prune(prunable_dit, training_data, scheduler, eta=0.25, method="small_t",
+                            finetune_config=config,
                             num_batches=2, batch_size=8)
     assert sum(len(h) for h in result.pruned_heads.values()) == 3  # floor(0.25 * 12)
     assert sum(result.model.heads_per_layer()) == 9
     assert result.model.config.pruned_heads == {str(k): v for k, v in result.pruned_heads.items()}
     assert result.finetune.steps == 3 and len(result.finetune.losses) == 3
-    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items()), "input model was modified"
-    assert model.heads_per_layer() == [4, 4, 4]
+    assert all(torch.equal(original[k], v) for k, v in prunable_dit.state_dict().items()), "input model was modified"
+    assert prunable_dit.heads_per_layer() == [4, 4, 4]
     # The pruned heads were the lowest-scored ones.
     scores = result.importance.scores
     kept = scores[
@@ -163,30 +149,31 @@ def test_one_shot_prune_prunes_a_copy_and_fine_tunes(model, data, scheduler):
     assert removed.max() <= kept.min()
 
 
-def test_one_shot_prune_accepts_a_stock_dit_and_random_method(data, scheduler):
+def test_one_shot_prune_accepts_a_stock_dit_and_random_method(training_data, scheduler):
     torch.manual_seed(0)
     stock = DiTTransformer2DModel(**CONFIG)
-    result = one_shot_prune(stock, data, scheduler, eta=0.5, method="random", finetune_config=None,
+    result = one_shot_prune(stock, training_data, scheduler, eta=0.5, method="random", finetune_config=None,
                             generator=torch.Generator().manual_seed(1))
     assert isinstance(result.model, PrunableDiTTransformer2DModel) and sum(result.model.heads_per_layer()) == 6
     assert result.finetune is None and result.importance.method == "random"
 
 
-def test_one_shot_prune_bad_inputs_fail_before_any_work(model, data, scheduler):
+def test_one_shot_prune_bad_inputs_fail_before_any_work(prunable_dit, training_data, scheduler):
     with pytest.raises(TypeError, match="DiT"):
-        one_shot_prune(torch.nn.Linear(2, 2), data, scheduler)
+        one_shot_prune(torch.nn.Linear(2, 2), training_data, scheduler)
     with pytest.raises(ValueError, match="eta"):
-        one_shot_prune(model, data, scheduler, eta=1.0)
+        one_shot_prune(prunable_dit, training_data, scheduler, eta=1.0)
     with pytest.raises(ValueError, match="unknown pruning method"):
-        one_shot_prune(model, data, scheduler, method="magnitude")
+        one_shot_prune(prunable_dit, training_data, scheduler, method="magnitude")
     with pytest.raises(TypeError, match="from_dit"):
-        small_time_head_importance(DiTTransformer2DModel(**CONFIG), data, scheduler)
+        small_time_head_importance(DiTTransformer2DModel(**CONFIG), training_data, scheduler)
 
 
-def test_small_t_top_removes_the_most_important_heads(model, data, scheduler):
+def test_small_t_top_removes_the_most_important_heads(prunable_dit, training_data, scheduler):
     from diffusers_memsep.pruning import head_importance
 
     kwargs = dict(num_batches=1, batch_size=8)
+    model, data = prunable_dit, training_data
     paper = head_importance("small_t", model, data, scheduler, generator=torch.Generator().manual_seed(2), **kwargs)
     top = head_importance("small_t_top", model, data, scheduler, generator=torch.Generator().manual_seed(2), **kwargs)
     assert top.method == "small_t_top" and torch.equal(top.scores, -paper.scores)
@@ -196,10 +183,11 @@ def test_small_t_top_removes_the_most_important_heads(model, data, scheduler):
     assert removed_scores == sorted(highest)
 
 
-def test_given_scores_are_reused_at_another_eta_exactly_as_if_recomputed(model, data, scheduler):
+def test_given_scores_are_reused_at_another_eta_exactly_as_if_recomputed(prunable_dit, training_data, scheduler):
     config = TrainingConfig(max_train_steps=2, train_batch_size=8, use_ema=False, show_progress=False,
                             lr_warmup_steps=0, seed=3)
     kwargs = dict(method="small_t", finetune_config=config, num_batches=2, batch_size=8)
+    model, data = prunable_dit, training_data
     low = one_shot_prune(model, data, scheduler, eta=0.25, generator=torch.Generator().manual_seed(1), **kwargs)
     fresh = one_shot_prune(model, data, scheduler, eta=0.5, generator=torch.Generator().manual_seed(1), **kwargs)
     reused = one_shot_prune(model, data, scheduler, eta=0.5, importance=low.importance, **kwargs)
@@ -210,4 +198,4 @@ def test_given_scores_are_reused_at_another_eta_exactly_as_if_recomputed(model, 
     assert all(set(heads) <= set(fresh.pruned_heads.get(layer, [])) for layer, heads in low.pruned_heads.items())
     with pytest.raises(ValueError, match="layers of"):
         small = PrunableDiTTransformer2DModel(**{**CONFIG, "num_layers": 2})
-        one_shot_prune(small, data, scheduler, eta=0.5, importance=low.importance)
+        one_shot_prune(small, training_data, scheduler, eta=0.5, importance=low.importance)

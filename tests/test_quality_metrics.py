@@ -191,7 +191,7 @@ def test_copies_of_the_training_set_score_worse_than_held_out_population_images(
 
 
 def test_prune_measures_quality_against_the_whole_folder(digits_folder, tmp_path):
-    from diffusers_memsep.training import build_pipeline, make_dit, make_noise_scheduler
+    from diffusers_memsep.trainer import build_pipeline, make_dit, make_noise_scheduler
 
     train = load_training_data(train_data_dir=digits_folder, max_train_samples=TRAIN_SIZE, seed=0)
     pipe = build_pipeline(make_dit(sample_size=16, num_layers=2, num_attention_heads=4, attention_head_dim=8),
@@ -219,7 +219,7 @@ def test_prune_measures_quality_against_the_whole_folder(digits_folder, tmp_path
 
 def test_prune_without_a_population_is_refused(tmp_path, capsys):
     from diffusers_memsep.data import TrainingData
-    from diffusers_memsep.training import build_pipeline, make_dit, make_noise_scheduler
+    from diffusers_memsep.trainer import build_pipeline, make_dit, make_noise_scheduler
 
     images = torch.rand(6, 3, 16, 16) * 2 - 1
     model = make_dit(sample_size=16, in_channels=3, num_layers=1, num_attention_heads=2, attention_head_dim=8)

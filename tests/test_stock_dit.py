@@ -24,9 +24,16 @@ from diffusers_memsep.hub import render_model_card
 from diffusers_memsep.latents import encode_images, latent_cache_key, latent_training_data
 from diffusers_memsep.pruning import one_shot_prune, small_time_head_importance
 
+from conftest import tiny_dit
+
 ID2LABEL = {0: "cat", 1: "dog, puppy", 2: "bird"}
 QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "1", "--finetune_batch_size", "4", "--importance_batches", "1",
                "--importance_batch_size", "4", "--num_samples", "4", "--num_inference_steps", "2"]
+
+
+def latent_dit() -> DiTTransformer2DModel:
+    """A stock DiT on 4x4x4 latents with learned sigma (out_channels = 2 x in_channels), 3 classes."""
+    return tiny_dit(in_channels=4, sample_size=4, num_classes=len(ID2LABEL), seed=1)
 
 
 def tiny_vae() -> AutoencoderKL:
@@ -37,19 +44,11 @@ def tiny_vae() -> AutoencoderKL:
                          layers_per_block=1, norm_num_groups=4, sample_size=8)
 
 
-def tiny_dit() -> DiTTransformer2DModel:
-    """A stock DiT on 4x4x4 latents with learned sigma (out_channels = 2 x in_channels), 3 classes."""
-    torch.manual_seed(1)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=len(ID2LABEL),
-                                 norm_num_groups=1)
-
-
 @pytest.fixture(scope="module")
 def stock_folder(tmp_path_factory) -> Path:
     """Saved with stock diffusers, then edited to the Hub's legacy layout (id2label, Transformer2DModel)."""
     folder = tmp_path_factory.mktemp("stock") / "dit"
-    DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDIMScheduler(), id2label=ID2LABEL
+    DiTPipeline(transformer=latent_dit(), vae=tiny_vae(), scheduler=DDIMScheduler(), id2label=ID2LABEL
                 ).save_pretrained(folder)
     model_index = json.loads((folder / "model_index.json").read_text())
     model_index["transformer"] = ["diffusers", "Transformer2DModel"]
@@ -160,7 +159,7 @@ def test_latents_are_the_scaled_mean_and_cached_by_content(tmp_path, monkeypatch
 
 
 def test_head_scores_and_pruning_on_latents_with_learned_sigma():
-    vae, dit = tiny_vae(), tiny_dit()
+    vae, dit = tiny_vae(), latent_dit()
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     data = TrainingData(images, torch.tensor([0, 1, 2, 0, 1, 2]), 3, "test images")
     scheduler = DDPMScheduler()
@@ -171,7 +170,7 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
                                         batch_size=2)
     assert torch.isfinite(scores.scores).all() and (scores.raw_scores > 0).all()
 
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.trainer import TrainingConfig
 
     finetune = TrainingConfig(max_train_steps=1, train_batch_size=2, lr_warmup_steps=0, show_progress=False)
     pruned = one_shot_prune(dit, data, scheduler, eta=0.5, method="small_t", finetune_config=finetune,
@@ -181,10 +180,10 @@ def test_head_scores_and_pruning_on_latents_with_learned_sigma():
 
 def test_memorization_gap_on_a_latent_dit_scores_held_out_latents(tmp_path):
     """memorization_gap on a latent DiT: the held-out images are encoded with the training images (both cached)."""
-    from diffusers_memsep.pruning.memorization_gap import with_held_out
-    from diffusers_memsep.training import TrainingConfig
+    from diffusers_memsep.data import with_held_out
+    from diffusers_memsep.trainer import TrainingConfig
 
-    vae, dit = tiny_vae(), tiny_dit()
+    vae, dit = tiny_vae(), latent_dit()
     generator = torch.Generator().manual_seed(0)
     train = TrainingData(torch.rand(6, 3, 8, 8, generator=generator) * 2 - 1, torch.tensor([0, 1, 2] * 2), 3, "t")
     held = TrainingData(torch.rand(5, 3, 8, 8, generator=generator) * 2 - 1, torch.tensor([2, 1, 0, 1, 2]), 3, "h")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusers_memsep.data import TrainingData, load_training_data
-from diffusers_memsep.training import (
+from diffusers_memsep.trainer import (
     TrainingConfig,
     dsm_loss,
     list_checkpoints,

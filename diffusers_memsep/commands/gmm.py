@@ -12,6 +12,15 @@ is a seconds-long smoke run. With ``--sweep NAME=V1,V2,...`` (repeatable) it run
 from __future__ import annotations
 
 import argparse
+import math
+
+from diffusers_memsep.experiments import (
+    GMMRunSpec,
+    parse_sweep_argument,
+    replot_gmm_suite,
+    run_gmm_suite,
+    run_gmm_sweep,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
-
-    from diffusers_memsep.experiments import (
-        GMMRunSpec,
-        parse_sweep_argument,
-        replot_gmm_suite,
-        run_gmm_suite,
-        run_gmm_sweep,
-    )
-
     if not (math.isfinite(args.level) and 0 < args.level < 1):  # before any training, not after the whole suite
         raise ValueError(f"--level must lie in (0, 1) (the memorization ratio that counts as memorizing), got "
                          f"{args.level}.")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
+from diffusers_memsep.theory import GaussianMixture, loss_gap_curve, plot_loss_gap_curve, time_grid, write_loss_gap_csv
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="outputs/loss_gap", help="Folder for loss_gap.csv and loss_gap.png.")
@@ -31,16 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from diffusers_memsep.theory import (
-        GaussianMixture,
-        loss_gap_curve,
-        plot_loss_gap_curve,
-        time_grid,
-        write_loss_gap_csv,
-    )
-
     if args.num_times < 2:
         raise ValueError(f"--num_times must be >= 2 (got {args.num_times}).")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():

@@ -7,6 +7,9 @@ complete on disk (for example after a push that failed offline): checkpoints, lo
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from diffusers_memsep.hub import push_folder_to_hub
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,10 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from diffusers_memsep.hub import push_folder_to_hub
-
     if not (Path(args.folder) / "model_index.json").is_file():
         raise ValueError(f"{args.folder!r} holds no model_index.json; pass a folder written by memsep train or "
                          "memsep prune (a variant under variants/).")

@@ -20,7 +20,10 @@ import math
 import os
 from typing import Any, Sequence
 
+import matplotlib
 import torch
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+from safetensors.torch import load_file, save_file
 
 from ..utils import atomic_path, save_figure, write_csv, write_text
 from .gmm import (
@@ -98,9 +101,7 @@ def _write_json(data: Any, path: str) -> None:
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # file output only; pyplot is imported after the backend is chosen, and only to draw
     import matplotlib.pyplot as plt
 
     return plt
@@ -149,13 +150,9 @@ def _curves(ax, rows, x_key, line_key, log_x=True, x_label=None, line_label=None
                 label=f"{line_label or line_key}={value}")
         twin.plot(xs, [row["mean_log_likelihood"] for row in group], "--", color=colour, lw=1)
     if log_x and x_key in ("width", "dim", "num_train", "depth", "steps"):
-        from matplotlib.ticker import ScalarFormatter
-
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
     elif log_x:
-        from matplotlib.ticker import NullFormatter
-
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of short log ranges overlap
     ax.set_ylim(-0.03, 1.03)
@@ -208,8 +205,6 @@ def plot_capacity_threshold(size_rows, thresholds, fit, path: str, level: float 
         left.plot([row["width"] for row in group], [row["memorization_ratio"] for row in group], "-o", ms=3,
                   label=f"n={n}")
     left.axhline(level, color="0.5", ls=":", lw=1)
-    from matplotlib.ticker import ScalarFormatter
-
     left.set_xscale("log", base=2)
     left.xaxis.set_major_formatter(ScalarFormatter())
     left.set_xlabel("width", fontsize=8)
@@ -288,8 +283,6 @@ FIGURE2_SAMPLES = "gmm_figure2_samples.safetensors"
 
 
 def _save_figure2_samples(results: Sequence[GMMRunResult], path: str) -> None:
-    from safetensors.torch import save_file
-
     tensors = {}
     for i, result in enumerate(results):
         tensors[f"{i}.samples"] = result.samples.contiguous()
@@ -312,8 +305,6 @@ def _parse(value: str) -> Any:
 def replot_gmm_suite(output_dir: str, level: float = 0.5) -> dict[str, Any]:
     """Redraw every figure (and the threshold CSV / summary) from ``gmm_runs.csv`` and the saved Figure 2 samples
     of an earlier :func:`run_gmm_suite` in ``output_dir``, without training anything."""
-    from safetensors.torch import load_file
-
     runs_path, samples_path = os.path.join(output_dir, "gmm_runs.csv"), os.path.join(output_dir, FIGURE2_SAMPLES)
     for path in (runs_path, samples_path):
         if not os.path.exists(path):

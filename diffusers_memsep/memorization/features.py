@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import EMBEDDED_DATASET
 from ..utils import atomic_path, write_text
 
 __all__ = [
@@ -131,8 +132,6 @@ def resolve_feature_space(choice: str, population, cache_dir: str | os.PathLike 
     8x8) and ``"trained"`` for everything else. Raises ValueError / FileNotFoundError / ImportError with a one-line
     message naming the fix, before any expensive work.
     """
-    from ..data import EMBEDDED_DATASET
-
     if choice not in FEATURE_SPACES:
         raise ValueError(f"feature space must be one of {', '.join(FEATURE_SPACES)}, got {choice!r}.")
     if choice == "auto":
@@ -233,7 +232,7 @@ class DigitsFeatureExtractor(ConvFeatureExtractor):
 def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 sklearn digits as ``[-1, 1]`` images ``[n, 1, 8, 8]`` (``x / 16 * 2 - 1``, as ``data.py``) and
     labels."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import
 
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div(16.0).mul(2.0).sub(1.0).unsqueeze(1)
@@ -469,7 +468,7 @@ def inception_feature_space(weights_path: str | os.PathLike | None = None, netwo
 
 def _fidelity_inception(path: Path) -> nn.Module:
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # optional (fid extra)
     except Exception as error:  # ImportError, or RuntimeError from a torchvision built for another torch
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImportError(f"feature space 'inception' (FID) needs torch-fidelity and a torchvision matching torch "

@@ -10,7 +10,6 @@ paper's memorization rule to what it generates.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import math
 import numbers
@@ -27,9 +26,10 @@ from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import constants
 
 from ..memorization import NearestNeighborIndex, memorization_report
-from ..models import PrunableDiTTransformer2DModel  # noqa: F401  (registers the class for from_pretrained)
+from .remote_code import SHIPPED_COMPONENTS, write_remote_code
 
 logger = logging.get_logger(__name__)
 
@@ -40,9 +40,6 @@ class PipelineLoadError(OSError):
     """A pipeline folder or Hub repo could not be loaded (not cached offline, damaged file); the message says the
     fix. An ``OSError``, as diffusers' own load errors are, so ``except OSError`` keeps working."""
 
-#: Component classes of this library; a saved folder ships their code (``<component>/<module>.py``, the file named by
-#: ``model_index.json``'s ``["<module>", "<class>"]``), the layout diffusers documents for custom components.
-SHIPPED_COMPONENTS = {cls.__name__: cls for cls in (PrunableDiTTransformer2DModel, NearestNeighborIndex)}
 #: Keyword arguments of ``from_pretrained`` that also apply to loading one component.
 _COMPONENT_LOAD_KWARGS = ("torch_dtype", "cache_dir", "revision", "token", "local_files_only", "force_download",
                           "proxies", "variant", "use_safetensors")
@@ -136,35 +133,25 @@ class MemSepPipeline(DiffusionPipeline):
         self.check_components()
 
     # -------------------------------------------------------------------------------------- save and load
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs):
         """``DiffusionPipeline.save_pretrained``, plus the code stock diffusers needs to load the folder.
 
         The folder gets ``pipeline_memsep.py`` (this pipeline) and, beside each custom component's weights, the
         file of its class; ``model_index.json`` names those files, so
         ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_memsep", trust_remote_code=True)``
         loads it without diffusers-memsep installed (see :mod:`diffusers_memsep.pipelines.remote_code`).
-        """
-        push_to_hub = kwargs.pop("push_to_hub", False)
-        push_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id")
-                       if k in kwargs}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        try:  # importlib: this file also runs as code shipped in a folder, where the package may be missing
-            remote_code = importlib.import_module("diffusers_memsep.pipelines.remote_code")
-        except ImportError:
-            logger.warning("diffusers-memsep is not installed: the folder is saved without its loading code.")
-        else:
-            remote_code.write_remote_code(save_directory)
-        if push_to_hub:  # what DiffusionPipeline.save_pretrained does, after the code is written
-            from diffusers.pipelines import pipeline_utils
 
-            token = push_kwargs.get("token")
-            repo_id = push_kwargs.get("repo_id") or str(save_directory).split(os.path.sep)[-1]
-            repo_id = pipeline_utils.create_repo(repo_id, exist_ok=True, private=push_kwargs.get("private"),
-                                                 token=token).repo_id
-            card = pipeline_utils.load_or_create_model_card(repo_id, token=token, is_pipeline=True)
-            pipeline_utils.populate_model_card(card).save(os.path.join(save_directory, "README.md"))
-            self._upload_folder(save_directory, repo_id, token=token, commit_message=push_kwargs.get("commit_message"),
-                                create_pr=push_kwargs.get("create_pr", False))
+        ``push_to_hub=True`` is refused (ValueError), as is :meth:`push_to_hub`: the folder is pushed in a separate
+        step, ``memsep push FOLDER --hub_model_id ID`` or ``diffusers_memsep.hub.push_folder_to_hub(FOLDER, ID)``.
+        """
+        if push_to_hub:
+            raise ValueError(_push_refused(save_directory, kwargs.get("repo_id") or "ID"))
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """Refused (ValueError): save the folder, then push it with ``memsep push`` (see :meth:`save_pretrained`)."""
+        raise ValueError(_push_refused("FOLDER", repo_id))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "MemSepPipeline":
@@ -498,6 +485,13 @@ class MemSepPipeline(DiffusionPipeline):
         return self.numpy_to_pil(images) if output_type == "pil" else images
 
 
+def _push_refused(folder: str | os.PathLike, repo_id: str = "ID") -> str:
+    # One push path, which uploads a folder already complete on disk: a failed push loses nothing.
+    return (f"MemSepPipeline is pushed in a separate step: pipe.save_pretrained({str(folder)!r}), then "
+            f"`memsep push {folder} --hub_model_id {repo_id}` or "
+            f"diffusers_memsep.hub.push_folder_to_hub({str(folder)!r}, {repo_id!r}).")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0].strip() if text else type(error).__name__
@@ -505,8 +499,6 @@ def _first_line(error: BaseException) -> str:
 
 def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
     """One line: what failed to load (with the underlying cause, e.g. a safetensors header error) and the fix."""
-    from huggingface_hub import constants
-
     detail, cause = _first_line(error), error
     while (cause.__cause__ or cause.__context__) is not None:  # the root cause, e.g. the safetensors header error
         cause = cause.__cause__ or cause.__context__

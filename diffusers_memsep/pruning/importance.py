@@ -3,7 +3,7 @@
 IMPORTANCESCORE, as in Ye et al. 2025, Section 6, Algorithm 2, line by line:
 
 1. attach a mask variable ``xi_h = 1`` to every head's output           -> ``model.set_head_mask(ones)``
-2. for batches ``x ~ D`` with ``t ~ T``, compute the training loss       -> :func:`diffusers_memsep.training.dsm_loss`
+2. for batches ``x ~ D`` with ``t ~ T``, compute the training loss       -> :func:`diffusers_memsep.trainer.dsm_loss`
 3. back-propagate, accumulate ``S(h) += |dL/d xi_h|``                     -> one ``autograd.grad`` per batch
 4. normalise within each layer, ``I(h) = S(h) / sqrt(sum_{h' in layer(h)} S(h')^2)``
 
@@ -15,17 +15,20 @@ Choices the paper leaves open (documented here, tested in ``tests/test_pruning.p
 - Sampling ``u``. Inverse-CDF sampling (``scipy.special.betaincinv`` of ``torch.rand``), so one ``torch.Generator``
   makes every score reproducible (``torch.distributions.Beta`` takes no generator).
 - Batches. ``num_batches`` batches of ``batch_size`` training images drawn with replacement; the noise and the
-  timesteps come from the same generator.
+  timesteps come from the same generator. Every score reads this one seeded stream (:func:`_batches`): given the
+  same generator, the ablation baseline sees the images, times and noise of Algorithm 2 (``memorization_gap``
+  also draws held-out images, before the times).
 - Gradients. Only the mask needs a gradient: the model's parameters are frozen during scoring (and restored
   after), which saves the parameter-gradient work.
 - Pruned heads (a model pruned before) get score NaN and are never selected again.
-- Several processes (``accelerate launch`` / ``torchrun``, a ``torch.distributed`` group initialised): batch ``b``
-  is scored by process ``b % N``. Every process draws every batch from its own copy of the generator (same seed on
-  every process) and skips the batches of the others, so batch ``b`` has exactly the images, noise and times of a
-  one-process run; the per-head sums ``S(h)`` (the loss increases, for the ablation) are summed over processes
-  before the per-layer normalisation, giving the one-process scores up to the order of floating-point additions.
-  Every process of the group must then make the call (the sums are a collective operation); to score on one
-  process only, call it where no process group is initialised.
+- Several processes (``accelerate launch`` / ``torchrun``, a ``torch.distributed`` group initialised): every score
+  is data-parallel. Process ``r`` scores a contiguous share of the batches
+  (:func:`~diffusers_memsep.distributed.split_work`) and draws every batch before its share from its own copy of
+  the generator (same seed on every process), so batch ``b`` has exactly the images, noise and times of a
+  one-process run. The per-batch terms of ``S(h)`` (the loss increases, for the ablation) are gathered and added
+  in batch order on every process, as one process adds them: the scores do not depend on the number of processes
+  (bit for bit on the same hardware). Every process of the group must then make the call (the gather is a
+  collective operation); to score on one process only, call it where no process group is initialised.
 - Ablation baseline (Michel et al. 2019's "drop one head"): the increase of the same loss, on the same batches,
   noise and timesteps, when one head alone is masked. It is already on a common scale across layers (a loss
   difference), so it is not normalised per layer.
@@ -39,10 +42,10 @@ import scipy.special
 import torch
 from diffusers.utils import BaseOutput
 
-from ..distributed import all_reduce_sum, rank_and_world_size
+from ..distributed import all_gather_cat, split_work
 from ..models import PrunableDiTTransformer2DModel
 from ..theory import timesteps_from_fraction
-from ..training import dsm_loss
+from ..trainer import dsm_loss
 
 
 @dataclass(frozen=True)
@@ -108,37 +111,66 @@ def _check_model(model) -> None:
         )
 
 
-def _batches(model, data, scheduler, time_distribution: BetaTime, num_batches: int, batch_size: int,
+def _batches(model, datasets, scheduler, time_distribution: BetaTime, num_batches: int, batch_size: int,
              generator: torch.Generator):
-    """Yield ``(images, labels, timesteps, noise)``: the same stream for every method given the same generator.
+    """This process's share of the one batch stream every score reads: yields ``(sets, timesteps, noise)``, with
+    ``sets`` one ``(images, labels)`` pair per data set of ``datasets`` (the training set; then the held-out set for
+    ``memorization_gap``), all noised with the same times and noise.
 
-    With several processes, each yields only its own batches (``b % N == rank``) but draws all of them, so the
-    generator is in the same state before batch ``b`` as in a one-process run.
+    Per batch the generator draws, in this order: the image indices of each set, the times, the noise. Batches
+    before this process's share are drawn and skipped, so the generator is in the state of a one-process run.
     """
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}.")
-    images, labels = data.images, data.labels
-    if images.shape[0] == 0:
-        raise ValueError("the data holds no images; head importance needs training images.")
     expected = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    if tuple(images.shape[1:]) != expected:
-        raise ValueError(
-            f"the data hold samples of shape {tuple(images.shape[1:])} but the model takes {expected}; for a latent "
-            "DiT encode the training images with its VAE first: diffusers_memsep.latents.latent_training_data(data, "
-            "vae) (one_shot_prune(..., vae=vae) does it)."
-        )
+    for data in datasets:
+        if data.images.shape[0] == 0:
+            raise ValueError("the data holds no images; head importance needs training images.")
+        if tuple(data.images.shape[1:]) != expected:
+            raise ValueError(
+                f"the data hold samples of shape {tuple(data.images.shape[1:])} but the model takes {expected}; for a "
+                "latent DiT encode the training images with its VAE first: diffusers_memsep.latents."
+                "latent_training_data(data, vae) (one_shot_prune(..., vae=vae) does it)."
+            )
     device = next(model.parameters()).device
     num_train_timesteps = scheduler.config.num_train_timesteps
-    rank, world_size = rank_and_world_size()
-    for batch in range(num_batches):
-        index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        fraction = time_distribution.sample(batch_size, generator)
-        timesteps = timesteps_from_fraction(fraction, num_train_timesteps)
-        noise = torch.randn((batch_size, *images.shape[1:]), generator=generator)
-        if batch % world_size != rank:
-            continue  # another process's batch
-        yield (images[index].to(device), None if labels is None else labels[index].to(device),
-               timesteps.to(device), noise.to(device))
+    share = split_work(range(num_batches))
+    for batch in range(share.stop):
+        indices = [torch.randint(0, len(data.images), (batch_size,), generator=generator) for data in datasets]
+        timesteps = timesteps_from_fraction(time_distribution.sample(batch_size, generator), num_train_timesteps)
+        noise = torch.randn((batch_size, *expected), generator=generator)
+        if batch in share:
+            sets = [(data.images[index].to(device), None if data.labels is None else data.labels[index].to(device))
+                    for data, index in zip(datasets, indices)]
+            yield sets, timesteps.to(device), noise.to(device)
+
+
+def _sum_over_batches(batch_term, model, datasets, scheduler, time_distribution, num_batches, batch_size, generator):
+    """``sum_b batch_term(sets_b, timesteps_b, noise_b)`` over the stream of :func:`_batches`, in batch order.
+
+    Each process computes the float64 ``(layers, heads)`` terms of its share; the terms of every process are
+    gathered in batch order and added one by one from zero on every process, as a one-process run adds them.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    stream = _batches(model, datasets, scheduler, time_distribution, num_batches, batch_size, generator)
+    terms = [batch_term(*batch).double().cpu() for batch in stream]
+    total = torch.zeros(model.config.num_layers, model.config.num_attention_heads, dtype=torch.float64)
+    for term in all_gather_cat(torch.stack(terms) if terms else None):
+        total += term
+    return total
+
+
+def _loss_increases(model, scheduler, heads, images, labels, timesteps, noise) -> torch.Tensor:
+    """Float64 ``(layers, heads)``: the loss with head ``h`` alone masked minus the loss of the full model."""
+    model.set_head_mask(None)
+    base = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item()
+    increase = torch.zeros(model.config.num_layers, model.config.num_attention_heads, dtype=torch.float64)
+    for layer, head in heads:
+        mask = torch.ones(increase.shape, device=noise.device)
+        mask[layer, head] = 0.0
+        model.set_head_mask(mask)
+        increase[layer, head] = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item() - base
+    return increase
 
 
 class _FrozenParameters:
@@ -184,19 +216,20 @@ def small_time_head_importance(
             processes, give every process a generator in the same state (e.g. the same seed).
     """
     _check_model(model)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     present = _present_heads(model)
     device = next(model.parameters()).device
-    accumulated = torch.zeros(present.shape, dtype=torch.float64)  # S(h)
+
+    mask = torch.ones(present.shape, device=device, requires_grad=True)  # xi_h = 1
+
+    def mask_gradient(sets, timesteps, noise):  # |dL/d xi_h| on one batch
+        ((images, labels),) = sets
+        loss = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise)
+        return torch.autograd.grad(loss, mask)[0].abs()
+
     with _FrozenParameters(model):
-        mask = torch.ones(present.shape, device=device, requires_grad=True)  # xi_h = 1
         model.set_head_mask(mask)
-        for images, labels, timesteps, noise in _batches(model, data, scheduler, time_distribution, num_batches,
-                                                         batch_size, generator):
-            loss = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise)
-            (gradient,) = torch.autograd.grad(loss, mask)
-            accumulated += gradient.abs().double().cpu()  # S(h) += |dL/d xi_h|
-    accumulated = all_reduce_sum(accumulated)  # S(h) over every process's batches
+        accumulated = _sum_over_batches(mask_gradient, model, (data,), scheduler, time_distribution, num_batches,
+                                        batch_size, generator)  # S(h)
     layer_norm = accumulated.where(present, 0.0).pow(2).sum(dim=1, keepdim=True).sqrt()
     scores = accumulated / layer_norm.clamp_min(torch.finfo(torch.float64).tiny)  # I(h) = S(h) / ||S(layer)||
     nan = torch.tensor(float("nan"), dtype=torch.float64)
@@ -221,23 +254,16 @@ def ablation_head_importance(
     ``benchmarks/bench_head_importance.py`` measures both and the rank correlation between them.
     """
     _check_model(model)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     present = _present_heads(model)
-    device = next(model.parameters()).device
-    increase = torch.zeros(present.shape, dtype=torch.float64)
     heads = present.nonzero().tolist()
+
+    def loss_increases(sets, timesteps, noise):
+        ((images, labels),) = sets
+        return _loss_increases(model, scheduler, heads, images, labels, timesteps, noise)
+
     with _FrozenParameters(model), torch.no_grad():
-        for images, labels, timesteps, noise in _batches(model, data, scheduler, time_distribution, num_batches,
-                                                         batch_size, generator):
-            model.set_head_mask(None)
-            base = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item()
-            for layer, head in heads:
-                mask = torch.ones(present.shape, device=device)
-                mask[layer, head] = 0.0
-                model.set_head_mask(mask)
-                loss = dsm_loss(model, scheduler, images, labels, timesteps, noise=noise).item()
-                increase[layer, head] += loss - base
-    increase = all_reduce_sum(increase)  # over every process's batches
+        increase = _sum_over_batches(loss_increases, model, (data,), scheduler, time_distribution, num_batches,
+                                     batch_size, generator)
     scores = (increase / num_batches).where(present, torch.tensor(float("nan"), dtype=torch.float64))
     return HeadImportance(scores=scores, raw_scores=scores.clone(), method="ablation",
                           time_distribution=str(time_distribution), num_batches=num_batches, batch_size=batch_size)

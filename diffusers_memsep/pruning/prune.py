@@ -1,6 +1,6 @@
 """One-shot pruning (the paper's Algorithm 1): score heads, remove the floor(eta * H) least important, fine-tune.
 
-Fine-tuning reuses :func:`diffusers_memsep.training.train_dit`, the loop that trains the base model: one loop,
+Fine-tuning reuses :func:`diffusers_memsep.trainer.train_dit`, the loop that trains the base model: one loop,
 not two. The input model is never modified: :func:`one_shot_prune` works on a copy.
 """
 
@@ -81,7 +81,11 @@ def head_importance(method: str, model: PrunableDiTTransformer2DModel, data, sch
       MOST are removed. The small-noise regime is where the empirical (memorizing) score differs from the true one
       (Loss-Gap ~ d / sigma_t^2, Theorem 4.3), so those heads are candidates for carrying the memorization.
     - ``memorization_gap`` (beyond the paper): minus (small-t loss increase on training images - the same on held-out
-      images) when the head is masked; ``data`` must carry ``held_out`` (:mod:`.memorization_gap`).
+      images) when the head is masked; ``data`` must carry held-out images (``diffusers_memsep.data.with_held_out``).
+
+    Every score but ``random`` reads one seeded batch stream, split across processes when a process group is
+    initialised (every process must then call it; see :mod:`.importance`); ``random`` draws the same scores on every
+    process.
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}.")

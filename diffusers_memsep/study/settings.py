@@ -12,9 +12,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from ..data import TrainingData, load_training_data
+from ..data import TrainingData, held_out_from_population, load_training_data, with_held_out
 from ..memorization import resolve_feature_space
-from ..pruning.memorization_gap import held_out_from_population, with_held_out
 
 BUILTIN_SETTINGS = ("digits8", "colour16")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..utils import save_figure, write_csv
 from .empirical import EmpiricalScore
@@ -49,8 +50,6 @@ def loss_gap_curve(
     pool = mixture.sample(n_values[-1], generator=generator)
     jobs = [(n, t) for n in n_values for t in times]
     if progress:
-        from tqdm.auto import tqdm
-
         jobs = tqdm(jobs, desc="Loss-Gap_t")
     rows, empirical = [], {}
     for n, t in jobs:
@@ -80,7 +79,7 @@ def plot_loss_gap_curve(rows: Sequence[dict], path: str, title: str | None = Non
     """Figure 1 as a PNG at ``path`` (atomically). Left: Loss-Gap_t against t (log-log) per n with +-2 standard
     error bars and the shape ``d/sigma_t^2 + tr(Sigma)`` of Theorem 4.3 (dashed; no constants are given, so only
     its slope is comparable). Right: the measured gap divided by that shape."""
-    import matplotlib
+    import matplotlib  # here: pyplot comes after choosing the file-only Agg backend, and only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,6 +20,7 @@ import math
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ._checks import check_points
 from .time import ou_alpha_sigma, time_grid
@@ -43,8 +44,6 @@ def _run(score_fn, x_T, t_max, t_min, num_steps, spacing, return_denoised, step,
     grid = time_grid(t_max, t_min, num_steps, spacing).tolist()
     steps = zip(grid[:-1], grid[1:])
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(list(steps), desc="sampling", leave=False)
     for t, s in steps:
         # detach: a network's graph is never kept across steps (autograd inside score_fn still works)
