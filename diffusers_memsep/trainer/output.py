@@ -228,7 +228,9 @@ def train_pipeline(
     the pipeline, and memorization is judged on decoded samples against the pixel images. ``id2label`` (class
     names) is kept in the pipeline; ``base_model`` and ``dataset_id`` enter the card when they are Hub ids.
     ``quality_reference`` adds the quality metrics of :func:`~diffusers_memsep.evaluate.quality_metrics` to every
-    validation (``memsep train --feature_space``).
+    validation (``memsep train --feature_space``). With ``config.stop_at_memorization`` the folder gets the weights of
+    the last validation at or below it, and ``memorization_curve.json`` / ``.png``
+    (:mod:`~diffusers_memsep.trainer.early_stopping`).
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
