@@ -14,7 +14,7 @@ sampled ``--num_samples`` times from one seed in four ways, each from the same g
 
 Denoising steps are counted by a forward hook on the transformer (rows per call).
 
-    python benchmarks/bench_copy_free_sampling.py [--n 16 --train_steps 3000 --num_samples 128 --threads 2]
+    python benchmarks/bench_copy_free_sampling.py [--n 8 --train_steps 6000 --num_samples 128 --threads 1]
     python benchmarks/bench_copy_free_sampling.py --pipeline outputs/dit-digits
 
 Writes ``--output`` (JSON, default ``outputs/benchmarks/copy_free_sampling.json``) and prints a markdown table.
@@ -40,15 +40,15 @@ from diffusers_memsep.utils import write_text
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=None, help="A saved MemSepPipeline with a reference (else: train).")
-    parser.add_argument("--n", type=int, default=16, help="Training digits of the model trained here.")
-    parser.add_argument("--train_steps", type=int, default=3000)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--n", type=int, default=8, help="Training digits of the model trained here.")
+    parser.add_argument("--train_steps", type=int, default=6000)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--num_samples", type=int, default=128)
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps.")
     parser.add_argument("--max_resamples", type=int, default=8)
     parser.add_argument("--check_at", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="Torch threads (1: fastest on a shared CPU).")
     parser.add_argument("--output", default="outputs/benchmarks/copy_free_sampling.json")
     return parser.parse_args(argv)
 
@@ -68,6 +68,7 @@ def memorizing_pipeline(args) -> tuple[MemSepPipeline, dict]:
                                 learning_rate=args.learning_rate, lr_warmup_steps=20, ema_max_decay=0.99,
                                 seed=args.seed, show_progress=False)
         start = time.perf_counter()
+        print(f"training a DiT on {args.n} digits for {args.train_steps} steps ...", flush=True)
         result = train_dit(model, data, scheduler, config)
         pipe = build_pipeline(result.sampling_model, scheduler, data)
         setting = {"n": args.n, "train_steps": args.train_steps, "learning_rate": args.learning_rate,
@@ -89,6 +90,7 @@ class StepCounter:
 
 
 def run(pipe, counter, args, **kwargs) -> tuple[object, float]:
+    print(f"sampling {args.num_samples} ({kwargs or 'plain'}) ...", flush=True)
     counter.steps = 0
     generator = torch.Generator().manual_seed(1000 * args.seed)
     output = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, generator=generator,
