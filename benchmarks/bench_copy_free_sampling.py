@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=128)
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps.")
     parser.add_argument("--max_resamples", type=int, default=8)
-    parser.add_argument("--check_at", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--check_at", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="Torch threads (1: fastest on a shared CPU).")
     parser.add_argument("--output", default="outputs/benchmarks/copy_free_sampling.json")
