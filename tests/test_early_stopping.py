@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 
 from diffusers_memsep.data import load_training_data
 from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler, train_dit, train_pipeline
-from diffusers_memsep.trainer.early_stopping import CURVE_JSON, CURVE_PNG, VALIDATION_SEED_OFFSET, validation_seed
+from diffusers_memsep.trainer.early_stopping import (
+    CURVE_JSON,
+    CURVE_PNG,
+    VALIDATION_SEED_OFFSET,
+    EarlyStopping,
+    validation_seed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A run built to cross the threshold: 3 digits, a small DiT at a high learning rate; its validation ratio climbs
@@ -188,3 +194,30 @@ def test_two_processes_stop_at_the_step_of_one_process(tmp_path):
     assert curves[0]["stopped_step"] is not None
     for key in ("kept_step", "stopped_step"):
         assert curves[1][key] == curves[0][key], key
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--stop_at_memorization", "1.0"], "stop_at_memorization must be a memorization ratio in [0, 1)"),
+    (["--stop_at_memorization", "0.1", "--validation_steps", "0"], "--validation_steps N"),
+    (["--stop_at_memorization", "0.1", "--validation_num_samples", "0"], "--validation_num_samples > 0"),
+])
+def test_memsep_train_refuses_bad_early_stopping_flags(tmp_path, capsys, argv, phrase):
+    from diffusers_memsep.cli import main
+
+    code = main(["--max_train_samples", "3", "--num_layers", "1", "--max_train_steps", "2", "--report_to", "none",
+                 "--no_progress", "--output_dir", str(tmp_path / "run"), *argv], command="train")
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("memsep: error:") and phrase in error, error
+    assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_curve_files_hold_the_quality_metrics(tmp_path):
+    stop = EarlyStopping(0.25)
+    for step, ratio in ((10, 0.0), (20, 0.2), (30, 0.5)):
+        stop.observe(step, ratio, {"precision": 0.5 + ratio, "recall": 0.4, "frechet_distance": 9.0}, {})
+    json_path, png_path = stop.write_curve(tmp_path, validation_seed=VALIDATION_SEED_OFFSET)
+    record = json.loads(json_path.read_text())
+    assert record["kept_step"] == 20 and record["stopped_step"] == 30 and record["num_validations"] == 3
+    assert record["curve"][1] == {"precision": 0.7, "recall": 0.4, "frechet_distance": 9.0, "step": 20,
+                                  "memorization_ratio": 0.2}
+    assert png_path.stat().st_size > 1000 and not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary left
