@@ -455,15 +455,8 @@ class MemSepPipeline(DiffusionPipeline):
                                     guidance_scale=guidance_scale, switch=switch)
         checking = check_memorization and self.reference is not None
         with _eval_mode(self.transformer, self.small_t_transformer):
-            if not (avoid_copies or copy_check_at is not None):
-                final, _ = denoise(latents, labels, generator)
-                samples = self._decode(final)
-                report = self.detect_copies(samples) if checking else None
-                num_resamples = early_ratio = None
-            else:
-                samples, report, num_resamples, early_ratio = self._sample_avoiding_copies(
-                    denoise, latents, labels, generator, avoid_copies, max_resamples, copy_check_at)
-                num_resamples = num_resamples if avoid_copies else None
+            samples, report, num_resamples, early_ratio = self._sample(
+                denoise, latents, labels, generator, checking, avoid_copies, max_resamples, copy_check_at)
 
         memorized = distance_ratio = nearest_index = finite = None
         if report is not None:
@@ -522,9 +515,7 @@ class MemSepPipeline(DiffusionPipeline):
                     _keep_scheduler_rows(self.scheduler, keep, latents.shape)
                     kept = keep.nonzero().flatten()
                     rows = kept if rows is None else rows[kept]
-                    labels = labels[keep]
-                    if isinstance(generator, list):
-                        generator = [generator[i] for i in kept.tolist()]
+                    labels, generator = labels[keep], _generators_of(generator, kept)
                     latents = step.prev_sample[keep]
                     if not keep.any():
                         break
@@ -567,26 +558,29 @@ class MemSepPipeline(DiffusionPipeline):
             reference = NearestNeighborIndex.from_images(reference.images)
         return memorization_report(images, reference)  # warns when some samples are not finite
 
-    def _sample_avoiding_copies(self, denoise, noise, labels, generator, avoid_copies: bool, max_resamples: int,
-                                copy_check_at: float | None):
-        """Passes of :meth:`_denoise`: the first over every sample, each next one over the samples to draw again
-        (flagged at the early check or at the end, with redraws left), from fresh noise out of ``generator``.
+    def _sample(self, denoise, noise, labels, generator, checking: bool, avoid_copies: bool, max_resamples: int,
+                copy_check_at: float | None):
+        """Passes of :meth:`_denoise`: the first over every sample, each next one (with ``avoid_copies``) over the
+        samples to draw again (flagged at the early check or at the end, with redraws left), from fresh noise out of
+        ``generator``. Plain sampling is the first pass alone.
 
-        Returns the images, the final :class:`MemorizationResult` of every sample, the redraws per sample and the
-        early distance ratio of the returned trajectories (None without ``copy_check_at``).
+        Returns the images in ``[-1, 1]``, the final :class:`MemorizationResult` of every sample (None without
+        ``checking``), the redraws per sample (None without ``avoid_copies``) and the early distance ratio of the
+        returned trajectories (None without ``copy_check_at``).
         """
         num_samples, device = noise.shape[0], noise.device
         images = torch.empty((num_samples, *self.image_shape), device=device)
-        report = MemorizationResult(memorized=torch.zeros(num_samples, dtype=torch.bool),
-                                    distance_ratio=torch.full((num_samples,), math.nan),
-                                    nearest_index=torch.full((num_samples,), -1, dtype=torch.long),
-                                    nearest_distance=torch.full((num_samples,), math.nan),
-                                    finite=torch.ones(num_samples, dtype=torch.bool))
+        report = None
+        if checking:
+            report = MemorizationResult(memorized=torch.zeros(num_samples, dtype=torch.bool),
+                                        distance_ratio=torch.full((num_samples,), math.nan),
+                                        nearest_index=torch.full((num_samples,), -1, dtype=torch.long),
+                                        nearest_distance=torch.full((num_samples,), math.nan),
+                                        finite=torch.ones(num_samples, dtype=torch.bool))
         num_resamples = torch.zeros(num_samples, dtype=torch.long)
         early_ratio = torch.full((num_samples,), math.nan) if copy_check_at is not None else None
         todo, latents = torch.arange(num_samples), noise
         while todo.numel():
-            pass_generator = [generator[i] for i in todo.tolist()] if isinstance(generator, list) else generator
             may_restart = torch.full((todo.numel(),), avoid_copies) & (num_resamples[todo] < max_resamples)
 
             def early_check(predicted, todo=todo, may_restart=may_restart):
@@ -594,24 +588,27 @@ class MemSepPipeline(DiffusionPipeline):
                 early_ratio[todo] = early.distance_ratio.cpu()
                 return ~(early.memorized.cpu() & may_restart)
 
-            final, rows = denoise(latents, labels[todo.to(labels.device)], pass_generator, check_at=copy_check_at,
-                                  on_check=early_check if copy_check_at is not None else None)
-            finished = todo if rows is None else todo[rows.cpu()]
-            restart = todo[~torch.isin(todo, finished)]
+            final, rows = denoise(latents, labels[todo.to(labels.device)], _generators_of(generator, todo),
+                                  check_at=copy_check_at, on_check=early_check if copy_check_at is not None else None)
+            went_on = torch.ones(todo.numel(), dtype=torch.bool)  # rows of this pass that reached the last step
+            if rows is not None:
+                went_on[:] = False
+                went_on[rows.cpu()] = True
+            finished, restart = todo[went_on], todo[~went_on]
             if finished.numel():
                 images[finished.to(device)] = self._decode(final).to(device)
+            if finished.numel() and checking:
                 final_report = self.detect_copies(images[finished.to(device)])
                 for name in ("memorized", "distance_ratio", "nearest_index", "nearest_distance", "finite"):
                     getattr(report, name)[finished] = getattr(final_report, name).cpu()
-                copies = final_report.memorized.cpu() & may_restart[torch.isin(todo, finished)]
+                copies = final_report.memorized.cpu() & may_restart[went_on]
                 restart = torch.cat([restart, finished[copies]]).sort().values
             num_resamples[restart] += 1
             todo = restart
             if todo.numel():
-                restart_generator = [generator[i] for i in todo.tolist()] if isinstance(generator, list) else generator
-                latents = randn_tensor((todo.numel(), *noise.shape[1:]), generator=restart_generator, device=device,
-                                       dtype=noise.dtype)
-        return images, report, num_resamples, early_ratio
+                latents = randn_tensor((todo.numel(), *noise.shape[1:]), generator=_generators_of(generator, todo),
+                                       device=device, dtype=noise.dtype)
+        return images, report, num_resamples if avoid_copies else None, early_ratio
 
     def _check_copy_free_arguments(self, avoid_copies, max_resamples, copy_check_at, check_memorization) -> None:
         if not isinstance(avoid_copies, bool):
@@ -680,6 +677,11 @@ def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
     else:
         fix = "check the repo id (user/name), the connection and your access rights, or pass a local pipeline folder"
     return f"cannot load the pipeline {os.fspath(name)!r}: {detail}; {fix}."
+
+
+def _generators_of(generator, rows: torch.Tensor):
+    """The generators of ``rows``: a list of per-sample generators is cut down to them, a single one is shared."""
+    return [generator[i] for i in rows.tolist()] if isinstance(generator, list) else generator
 
 
 def _keep_scheduler_rows(scheduler, keep: torch.Tensor, batch_shape: torch.Size) -> None:
