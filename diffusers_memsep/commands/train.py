@@ -121,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     run.add_argument("--validation_steps", type=int, default=2000,
                      help="Sample a grid and measure the memorization ratio every N steps (always at the end).")
+    run.add_argument("--stop_at_memorization", type=float, default=None, metavar="R",
+                     help="Stop at the first validation whose memorization ratio exceeds R (0 <= R < 1) and save the "
+                          "weights of the last validation at or below R; writes memorization_curve.json/.png "
+                          "(default: off).")
     run.add_argument("--validation_num_samples", type=int, default=64,
                      help="Samples per validation (0: no validation, no ratio in the card).")
     run.add_argument("--feature_space", default="none", choices=["none", "auto", "digits", "trained", "pixels",
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         ema_min_decay=args.ema_min_decay, ema_inv_gamma=args.ema_inv_gamma, ema_power=args.ema_power,
         seed=args.seed, checkpointing_steps=args.checkpointing_steps or None,
         checkpoints_total_limit=args.checkpoints_total_limit or None,
-        validation_steps=args.validation_steps or None, max_nonfinite_steps=args.max_nonfinite_steps,
+        validation_steps=args.validation_steps or None, stop_at_memorization=args.stop_at_memorization,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         dataloader_num_workers=args.dataloader_num_workers,
         show_progress=not args.no_progress,
     )

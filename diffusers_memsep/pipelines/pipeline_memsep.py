@@ -10,6 +10,7 @@ paper's memorization rule to what it generates.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import numbers
@@ -29,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import constants
 
 from ..memorization import NearestNeighborIndex, memorization_report
+from ..memorization.metrics import MemorizationResult
 from .remote_code import SHIPPED_COMPONENTS, write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -61,6 +63,11 @@ class MemSepPipelineOutput(BaseOutput):
         finite (`torch.BoolTensor` `[B]`, *optional*): False for a sample with NaN or infinite values (the model or
             the sampler diverged). Such a sample is not judged: ``memorized`` False, ``distance_ratio`` NaN,
             ``nearest_index`` -1; count them (``(~finite).sum()``) beside the memorization ratio of the others.
+        num_resamples (`torch.LongTensor` `[B]`, *optional*): with ``avoid_copies=True``, how many times each sample
+            was drawn again from fresh noise (0 = its first trajectory was kept); None otherwise. A sample still
+            flagged after ``max_resamples`` redraws has ``memorized`` True.
+        early_distance_ratio (`torch.Tensor` `[B]`, *optional*): with ``copy_check_at``, the ``distance_ratio`` of the
+            predicted clean image at the early check, for the trajectory that was returned; None otherwise.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -68,6 +75,8 @@ class MemSepPipelineOutput(BaseOutput):
     distance_ratio: torch.Tensor | None = None
     nearest_index: torch.Tensor | None = None
     finite: torch.Tensor | None = None
+    num_resamples: torch.Tensor | None = None
+    early_distance_ratio: torch.Tensor | None = None
 
 
 class MemSepPipeline(DiffusionPipeline):
@@ -351,6 +360,9 @@ class MemSepPipeline(DiffusionPipeline):
         return_dict: bool = True,
         check_memorization: bool = True,
         small_t_switch: int | None = None,
+        avoid_copies: bool = False,
+        max_resamples: int = 8,
+        copy_check_at: float | None = None,
     ) -> MemSepPipelineOutput | tuple:
         r"""
         Generate images and, when the pipeline has a ``reference``, flag those that copy a training image.
@@ -369,6 +381,24 @@ class MemSepPipeline(DiffusionPipeline):
                 with NaN/inf values has ``memorized`` False and ``nearest_index`` -1 there too).
             check_memorization: compare the samples with ``reference`` (ignored when there is none).
             small_t_switch: time routing switch (see the class docstring); defaults to ``config.small_t_switch``.
+            avoid_copies: copy-free sampling. Every sample that :meth:`detect_copies` flags is drawn again from fresh
+                noise (same class label), until it is not a copy or ``max_resamples`` redraws are spent; only the
+                flagged samples are denoised again. A sample still flagged after that keeps ``memorized=True``, so
+                a copy is never returned as novel; ``num_resamples`` counts the redraws. Needs a ``reference``
+                (:meth:`attach_reference`, or ``memsep reference`` for a saved pipeline).
+            max_resamples: redraws allowed per sample with ``avoid_copies`` (an integer >= 0), so each sample costs
+                at most ``max_resamples + 1`` trajectories.
+            copy_check_at: early copy check, a fraction ``f`` in ``(0, 1)`` of the denoising steps. After that many
+                steps the scheduler's prediction of the clean image (``pred_original_sample``, or
+                ``(x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)`` for schedulers that do not return one;
+                decoded by the VAE in latent space) is checked against the reference: with ``avoid_copies`` a
+                trajectory flagged then restarts at once instead of at the end (the final check still applies; the
+                last allowed trajectory always runs to the end). Its ratio is returned as ``early_distance_ratio``.
+
+        Restarts draw their noise from ``generator`` after the pass that flagged them: a single generator continues
+        its stream (redrawn samples in batch order), a list of generators gives each sample its redraws from its own
+        generator, so one seed always gives the same output, and with per-sample generators each sample's output
+        depends on its own generator only.
         """
         self.check_components()
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(
@@ -382,16 +412,15 @@ class MemSepPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: use an integer >= 1 (e.g. 50).")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'pt'.")
+        self._check_copy_free_arguments(avoid_copies, max_resamples, copy_check_at, check_memorization)
         device = self._execution_device
         labels = self._prepare_labels(class_labels, batch_size, device)
-        guided = guidance_scale > 1
-        if guided:
+        if guidance_scale > 1:
             if class_labels is None:
                 raise ValueError(
                     "guidance_scale > 1 needs class_labels: guiding the null class towards itself does nothing."
                 )
             self._check_null_class("Classifier-free guidance (guidance_scale > 1)")
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         switch = small_t_switch if small_t_switch is not None else self.config.get("small_t_switch")
         if switch is not None and self.small_t_transformer is None:
             raise ValueError(
@@ -402,56 +431,24 @@ class MemSepPipeline(DiffusionPipeline):
 
         config = self.transformer.config
         channels, size = config.in_channels, config.sample_size
-        num_samples = labels.shape[0] // (2 if guided else 1)
+        num_samples = labels.shape[0]
         if isinstance(generator, list) and len(generator) != num_samples:
             raise ValueError(f"{len(generator)} generators were given for {num_samples} samples; pass one generator "
                              "per sample, or a single torch.Generator.")
         latents = randn_tensor(
             (num_samples, channels, size, size), generator=generator, device=device, dtype=self.transformer.dtype
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
-        full_output = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
-
+        denoise = functools.partial(self._denoise, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, switch=switch)
+        checking = check_memorization and self.reference is not None
         with _eval_mode(self.transformer, self.small_t_transformer):
-            for t in self.progress_bar(self.scheduler.timesteps):
-                model = self.transformer
-                if switch is not None and int(t) < switch:
-                    model = self.small_t_transformer
-                model_input = torch.cat([latents, latents]) if guided else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
-                noise_pred = model(model_input, timestep=timesteps, class_labels=labels).sample
-                # Learned-sigma DiTs output [eps, variance]; only eps is guided, the variance follows the class branch.
-                eps, rest = noise_pred[:, :channels], noise_pred[:, channels:]
-                if guided:
-                    eps_class, eps_null = eps.chunk(2)
-                    eps, rest = eps_null + guidance_scale * (eps_class - eps_null), rest.chunk(2)[0]
-                model_output = torch.cat([eps, rest], 1) if full_output and rest.shape[1] else eps
-                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
-
-        if self.vae is not None:
-            latents = latents / self.vae.config.scaling_factor
-            if getattr(self.vae.config, "shift_factor", None):
-                latents = latents + self.vae.config.shift_factor
-            samples = self.vae.decode(latents.to(self.vae.dtype)).sample
-        else:
-            samples = latents
-        samples = samples.float().clamp(-1, 1)  # the model's data range; the reference holds [-1, 1] images
+            samples, report, num_resamples, early_ratio = self._sample(
+                denoise, latents, labels, generator, checking, avoid_copies, max_resamples, copy_check_at)
 
         memorized = distance_ratio = nearest_index = finite = None
-        if check_memorization and self.reference is not None:
-            reference = self.reference
-            if not isinstance(reference, NearestNeighborIndex):
-                # Only under stock diffusers loading the shipped code: the reference's class comes from its own copy
-                # of this file, a different module; rebuild it with this module's class.
-                reference = NearestNeighborIndex.from_images(reference.images)
-            result = memorization_report(samples, reference)  # warns when some samples are not finite
-            memorized, distance_ratio = result.memorized.cpu(), result.distance_ratio.cpu()
-            nearest_index, finite = result.nearest_index.cpu(), result.finite.cpu()
+        if report is not None:
+            memorized, distance_ratio = report.memorized.cpu(), report.distance_ratio.cpu()
+            nearest_index, finite = report.nearest_index.cpu(), report.finite.cpu()
 
         images = self._to_output(samples, output_type)
         self.maybe_free_model_hooks()
@@ -459,8 +456,168 @@ class MemSepPipeline(DiffusionPipeline):
             return (images, memorized, distance_ratio, nearest_index)
         return MemSepPipelineOutput(
             images=images, memorized=memorized, distance_ratio=distance_ratio, nearest_index=nearest_index,
-            finite=finite,
+            finite=finite, num_resamples=num_resamples, early_distance_ratio=early_ratio,
         )
+
+    # --------------------------------------------------------------------------------- denoising and checks
+    def _denoise(self, latents, labels, generator, num_inference_steps: int, guidance_scale: float, switch,
+                 check_at: float | None = None, on_check=None):
+        """THE denoising loop: the scheduler's steps from the noise ``latents`` with class ``labels`` (null class for
+        unconditional rows), classifier-free guidance when ``guidance_scale > 1``, time routing below ``switch``.
+
+        With ``on_check``, once a fraction ``check_at`` of the steps is done, ``on_check(pred_x0)`` gets the predicted
+        clean latents of every row and returns which rows go on (a bool tensor); the others stop there, and the
+        scheduler's per-sample state and the per-sample generators are cut down with them. Returns the final
+        latents of the rows that went on and their positions in the input batch (None when all did).
+        """
+        device, channels = latents.device, self.transformer.config.in_channels
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        check_index = max(0, math.ceil(check_at * len(timesteps)) - 1) if on_check is not None else None
+        latents = latents * self.scheduler.init_noise_sigma
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        full_output = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        guided = guidance_scale > 1
+        rows = None
+        for index, t in enumerate(self.progress_bar(timesteps)):
+            model = self.transformer
+            if switch is not None and int(t) < switch:
+                model = self.small_t_transformer
+            model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
+            noise_pred = model(model_input, timestep=model_timesteps, class_labels=model_labels).sample
+            # Learned-sigma DiTs output [eps, variance]; only eps is guided, the variance follows the class branch.
+            eps, rest = noise_pred[:, :channels], noise_pred[:, channels:]
+            if guided:
+                eps_class, eps_null = eps.chunk(2)
+                eps, rest = eps_null + guidance_scale * (eps_class - eps_null), rest.chunk(2)[0]
+            model_output = torch.cat([eps, rest], 1) if full_output and rest.shape[1] else eps
+            step_kwargs = {"generator": generator} if takes_generator else {}
+            step = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            if index == check_index:
+                keep = on_check(self._predicted_clean(step, eps, t, latents)).to(latents.device)
+                if not keep.all():
+                    _keep_scheduler_rows(self.scheduler, keep, latents.shape)
+                    kept = keep.nonzero().flatten()
+                    rows = kept if rows is None else rows[kept]
+                    labels, generator = labels[keep], _generators_of(generator, kept)
+                    latents = step.prev_sample[keep]
+                    if not keep.any():
+                        break
+                    continue
+            latents = step.prev_sample
+        return latents, rows
+
+    def _predicted_clean(self, step_output, eps: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
+        """The scheduler's x0 prediction at ``t``, or, when its step output has none, the epsilon formula."""
+        predicted = getattr(step_output, "pred_original_sample", None)
+        if predicted is not None:
+            return predicted
+        alpha_bar = self.scheduler.alphas_cumprod.to(latents.device)[int(t)].to(latents.dtype)
+        return (latents - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixel samples) -> images in the model's data range ``[-1, 1]``, float32."""
+        if self.vae is not None and latents.shape[0]:
+            latents = latents / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None):
+                latents = latents + self.vae.config.shift_factor
+            latents = self.vae.decode(latents.to(self.vae.dtype)).sample
+        return latents.float().clamp(-1, 1)  # the model's data range; the reference holds [-1, 1] images
+
+    def detect_copies(self, images: torch.Tensor) -> MemorizationResult:
+        """The copy detector behind the output flags and copy-free sampling: the paper's 1/3 rule of ``images``
+        (``[B, C, H, W]`` in ``[-1, 1]``, pixel space) against ``reference``.
+
+        This is the one place copies are decided: a detector that needs no reference can replace it here.
+        """
+        if self.reference is None:
+            raise ValueError(
+                "copy detection needs the training images: attach them with pipe.attach_reference(train_images), "
+                "or `memsep reference --pipeline <folder> --train_data_dir <images>` for a saved pipeline."
+            )
+        reference = self.reference
+        if not isinstance(reference, NearestNeighborIndex):
+            # Only under stock diffusers loading the shipped code: the reference's class comes from its own copy
+            # of this file, a different module; rebuild it with this module's class.
+            reference = NearestNeighborIndex.from_images(reference.images)
+        return memorization_report(images, reference)  # warns when some samples are not finite
+
+    def _sample(self, denoise, noise, labels, generator, checking: bool, avoid_copies: bool, max_resamples: int,
+                copy_check_at: float | None):
+        """Passes of :meth:`_denoise`: the first over every sample, each next one (with ``avoid_copies``) over the
+        samples to draw again (flagged at the early check or at the end, with redraws left), from fresh noise out of
+        ``generator``. Plain sampling is the first pass alone.
+
+        Returns the images in ``[-1, 1]``, the final :class:`MemorizationResult` of every sample (None without
+        ``checking``), the redraws per sample (None without ``avoid_copies``) and the early distance ratio of the
+        returned trajectories (None without ``copy_check_at``).
+        """
+        num_samples, device = noise.shape[0], noise.device
+        images = torch.empty((num_samples, *self.image_shape), device=device)
+        report = None
+        if checking:
+            report = MemorizationResult(memorized=torch.zeros(num_samples, dtype=torch.bool),
+                                        distance_ratio=torch.full((num_samples,), math.nan),
+                                        nearest_index=torch.full((num_samples,), -1, dtype=torch.long),
+                                        nearest_distance=torch.full((num_samples,), math.nan),
+                                        finite=torch.ones(num_samples, dtype=torch.bool))
+        num_resamples = torch.zeros(num_samples, dtype=torch.long)
+        early_ratio = torch.full((num_samples,), math.nan) if copy_check_at is not None else None
+        todo, latents = torch.arange(num_samples), noise
+        while todo.numel():
+            may_restart = torch.full((todo.numel(),), avoid_copies) & (num_resamples[todo] < max_resamples)
+
+            def early_check(predicted, todo=todo, may_restart=may_restart):
+                early = self.detect_copies(self._decode(predicted))
+                early_ratio[todo] = early.distance_ratio.cpu()
+                return ~(early.memorized.cpu() & may_restart)
+
+            final, rows = denoise(latents, labels[todo.to(labels.device)], _generators_of(generator, todo),
+                                  check_at=copy_check_at, on_check=early_check if copy_check_at is not None else None)
+            went_on = torch.ones(todo.numel(), dtype=torch.bool)  # rows of this pass that reached the last step
+            if rows is not None:
+                went_on[:] = False
+                went_on[rows.cpu()] = True
+            finished, restart = todo[went_on], todo[~went_on]
+            if finished.numel():
+                images[finished.to(device)] = self._decode(final).to(device)
+            if finished.numel() and checking:
+                final_report = self.detect_copies(images[finished.to(device)])
+                for name in ("memorized", "distance_ratio", "nearest_index", "nearest_distance", "finite"):
+                    getattr(report, name)[finished] = getattr(final_report, name).cpu()
+                copies = final_report.memorized.cpu() & may_restart[went_on]
+                restart = torch.cat([restart, finished[copies]]).sort().values
+            num_resamples[restart] += 1
+            todo = restart
+            if todo.numel():
+                latents = randn_tensor((todo.numel(), *noise.shape[1:]), generator=_generators_of(generator, todo),
+                                       device=device, dtype=noise.dtype)
+        return images, report, num_resamples if avoid_copies else None, early_ratio
+
+    def _check_copy_free_arguments(self, avoid_copies, max_resamples, copy_check_at, check_memorization) -> None:
+        if not isinstance(avoid_copies, bool):
+            raise ValueError(f"avoid_copies={avoid_copies!r}: pass True or False.")
+        if isinstance(max_resamples, bool) or not isinstance(max_resamples, int) or max_resamples < 0:
+            raise ValueError(f"max_resamples={max_resamples!r}: pass an integer >= 0 (redraws allowed per sample).")
+        if copy_check_at is not None and (
+            isinstance(copy_check_at, bool) or not isinstance(copy_check_at, numbers.Real)
+            or not 0 < copy_check_at < 1
+        ):
+            raise ValueError(f"copy_check_at={copy_check_at!r}: pass a fraction of the denoising steps in (0, 1), "
+                             "e.g. 0.5, or None (no early check).")
+        if avoid_copies or copy_check_at is not None:
+            what = "avoid_copies" if avoid_copies else "copy_check_at"
+            if not check_memorization:
+                raise ValueError(f"{what} checks samples for copies; it cannot run with check_memorization=False.")
+            if self.reference is None:
+                raise ValueError(
+                    f"{what} needs the training images to recognise copies: attach them with "
+                    "pipe.attach_reference(train_images), or `memsep reference --pipeline <folder> "
+                    "--train_data_dir <images>` for a saved pipeline."
+                )
 
     def training_images(self, indices: torch.Tensor | Sequence[int], output_type: str = "pil"):
         """The reference's training images at ``indices`` (e.g. ``output.nearest_index``), in the same format as the
@@ -512,6 +669,25 @@ def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
     else:
         fix = "check the repo id (user/name), the connection and your access rights, or pass a local pipeline folder"
     return f"cannot load the pipeline {os.fspath(name)!r}: {detail}; {fix}."
+
+
+def _generators_of(generator, rows: torch.Tensor):
+    """The generators of ``rows``: a list of per-sample generators is cut down to them, a single one is shared."""
+    return [generator[i] for i in rows.tolist()] if isinstance(generator, list) else generator
+
+
+def _keep_scheduler_rows(scheduler, keep: torch.Tensor, batch_shape: torch.Size) -> None:
+    """Cut the scheduler's per-sample state down to the ``keep`` rows: every tensor shaped like the batch of
+    latents, alone or in a list (multistep solvers keep past model outputs, e.g. DPM-Solver's ``model_outputs``)."""
+
+    def cut(value):
+        return value[keep] if isinstance(value, torch.Tensor) and value.shape == batch_shape else value
+
+    for name, value in list(vars(scheduler).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(scheduler, name, cut(value))
+        elif isinstance(value, list) and any(isinstance(item, torch.Tensor) for item in value):
+            setattr(scheduler, name, [cut(item) for item in value])
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@
 - :mod:`.config`: :class:`TrainingConfig`, every setting with its meaning;
 - :mod:`.loop`: THE training loop, :func:`train_dit` (Accelerate, EMA, deterministic batches, divergence check);
 - :mod:`.checkpoints`: atomic ``checkpoint-<step>/`` folders, resume checks;
+- :mod:`.early_stopping`: :class:`EarlyStopping`, stop at the first validation above a memorization ratio;
 - :mod:`.output`: from a run to a ``MemSepPipeline`` folder, validation, model card and Hub (:func:`train_pipeline`);
 - :mod:`.factories`: :func:`make_dit`, :func:`make_noise_scheduler`, :func:`load_dit_config`.
 
@@ -12,6 +13,7 @@ One loop serves ``memsep train`` and the fine-tuning after head pruning (Ye et a
 
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import LR_SCHEDULES, TrainingConfig
+from .early_stopping import EarlyStopping
 from .factories import BETA_SCHEDULES, load_dit_config, make_dit, make_noise_scheduler
 from .loop import NonFiniteLossError, TrainResult, check_model_and_data, train_dit
 from .loss import dsm_loss, null_class_labels
@@ -28,9 +30,9 @@ from .output import (
     train_pipeline,
 )
 
-__all__ = ["BETA_SCHEDULES", "CHECKPOINT_PREFIX", "DIT_LABEL_DROPOUT", "LR_SCHEDULES", "NonFiniteLossError",
-           "TrainResult", "TrainedPipeline", "TrainingConfig", "base_model_card_fields", "build_pipeline",
-           "check_model_and_data", "check_output_dir", "check_process_setup", "dsm_loss", "list_checkpoints",
-           "load_dit_config", "make_dit", "make_noise_scheduler", "make_validation_fn", "null_class_labels",
-           "resolve_checkpoint", "sample_and_measure", "save_checkpoint", "save_pipeline_folder", "train_dit",
-           "train_pipeline"]
+__all__ = ["BETA_SCHEDULES", "CHECKPOINT_PREFIX", "DIT_LABEL_DROPOUT", "EarlyStopping", "LR_SCHEDULES",
+           "NonFiniteLossError", "TrainResult", "TrainedPipeline", "TrainingConfig", "base_model_card_fields",
+           "build_pipeline", "check_model_and_data", "check_output_dir", "check_process_setup", "dsm_loss",
+           "list_checkpoints", "load_dit_config", "make_dit", "make_noise_scheduler", "make_validation_fn",
+           "null_class_labels", "resolve_checkpoint", "sample_and_measure", "save_checkpoint", "save_pipeline_folder",
+           "train_dit", "train_pipeline"]

@@ -43,6 +43,7 @@ class TrainingConfig:
     checkpointing_steps: int | None = None  # save checkpoint-<step>/ every this many steps; None: never
     checkpoints_total_limit: int | None = None  # keep at most this many checkpoints; None: all
     validation_steps: int | None = None  # call the validation function every this many steps; None: never
+    stop_at_memorization: float | None = None  # stop at the first validation whose memorization ratio exceeds it
     logging_steps: int = 10  # log loss and learning rate to the trackers every this many steps
     dataloader_num_workers: int = 0  # processes decoding streamed images ahead of the loop (streaming data only)
     max_nonfinite_steps: int = 0  # optimizer steps with a NaN/Inf loss tolerated (skipped) before stopping
@@ -82,5 +83,13 @@ class TrainingConfig:
             raise ValueError("EMA decays must satisfy 0 <= ema_min_decay <= ema_max_decay < 1.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        if self.stop_at_memorization is not None:
+            value = self.stop_at_memorization
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"stop_at_memorization must be a memorization ratio in [0, 1), got {value!r}; "
+                                 "pass e.g. --stop_at_memorization 0.1, or leave it unset (off).")
+            if not self.validation_steps:
+                raise ValueError("stop_at_memorization needs validation to measure the ratio: set validation_steps "
+                                 "(--validation_steps N, N > 0).")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError("max_grad_norm must be a finite number > 0, or None for no clipping.")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -46,6 +47,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainingConfig
+from .early_stopping import EarlyStopping
 from .loss import dsm_loss, model_config
 
 
@@ -60,6 +62,10 @@ class TrainResult:
         steps: the global optimizer step reached (counting steps before a resume).
         train_seconds: wall time of the optimizer steps of this call (without checkpoints and validation).
         images_per_second: training images processed per second in those steps (all processes).
+        early_stopping: with ``config.stop_at_memorization``, the curve of validations and the decision
+            (:class:`~diffusers_memsep.trainer.early_stopping.EarlyStopping`); else None.
+        kept_model: with ``config.stop_at_memorization``, a copy holding the weights (EMA weights when on) of the
+            last validation at or below the threshold; else None.
     """
 
     model: torch.nn.Module
@@ -68,6 +74,16 @@ class TrainResult:
     steps: int = 0
     train_seconds: float = 0.0
     images_per_second: float = 0.0
+    early_stopping: EarlyStopping | None = None
+    kept_model: torch.nn.Module | None = None
+
+    @property
+    def sampling_model(self) -> torch.nn.Module:
+        """The model to save and sample: the early-stopped weights, else the EMA weights, else the trained ones."""
+        for model in (self.kept_model, self.ema_model):
+            if model is not None:
+                return model
+        return self.model
 
 
 ValidationFn = Callable[[torch.nn.Module, int], "dict[str, float] | None"]
@@ -98,8 +114,12 @@ def train_dit(
             with ``config.mixed_precision``.
         resume_from_checkpoint: a ``checkpoint-<step>`` folder, or ``"latest"`` (the newest under
             ``output_dir``; starts fresh if there is none).
-        validation_fn: called on the main process every ``config.validation_steps`` as ``fn(model, step)``, with
-            the EMA weights loaded in ``model`` when ``use_ema``; the dict it returns is logged.
+        validation_fn: called on the main process every ``config.validation_steps`` (and at the last step) as
+            ``fn(model, step)``, with the EMA weights loaded in ``model`` when ``use_ema``; the dict it returns is
+            logged. With ``config.stop_at_memorization`` it must return ``"memorization_ratio"``: training stops at
+            the first validation whose ratio exceeds the threshold, every process at the same step, and
+            ``TrainResult.kept_model`` holds the weights of the last validation at or below it (see
+            :mod:`~diffusers_memsep.trainer.early_stopping`; the state rides in the checkpoints).
 
     Raises ValueError before any step for data the model cannot take (size, channels, labels out of range), for
     a ``resume_from_checkpoint`` that is not a checkpoint, is damaged, or was written by a run with other data,
@@ -113,6 +133,9 @@ def train_dit(
     checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
     if config.checkpointing_steps and output_dir is None:
         raise ValueError("checkpointing_steps is set but output_dir is None; pass output_dir to save checkpoints.")
+    if config.stop_at_memorization is not None and validation_fn is None:
+        raise ValueError("stop_at_memorization needs a validation_fn returning 'memorization_ratio' (memsep train "
+                         "builds one; pass --validation_num_samples > 0).")
 
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -141,17 +164,20 @@ def train_dit(
                        model_cls=type(bare_model), model_config=bare_model.config)
         ema.to(device)
 
+    early_stopping = EarlyStopping(config.stop_at_memorization) if config.stop_at_memorization is not None else None
     hooks = register_checkpoint_hooks(accelerator, ema) if output_dir is not None else []
+    if early_stopping is not None and output_dir is not None:
+        hooks += early_stopping.register_checkpoint_hooks(accelerator)  # its state rides in every checkpoint
     try:
         return _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noise_scheduler, config,
-                    checkpoint, output_dir, run_config, validation_fn)
+                    checkpoint, output_dir, run_config, validation_fn, early_stopping)
     finally:
         for handle in hooks:
             handle.remove()
 
 
 def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noise_scheduler, config, checkpoint,
-         output_dir, run_config, validation_fn) -> TrainResult:
+         output_dir, run_config, validation_fn, early_stopping) -> TrainResult:
     """The steps of :func:`train_dit` once everything is built and checked."""
     device = accelerator.device
     global_step = 0
@@ -169,7 +195,7 @@ def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noi
     model.train()
     train_seconds = 0.0
     nonfinite_steps = 0
-    while global_step < config.max_train_steps:
+    while global_step < config.max_train_steps and not (early_stopping is not None and early_stopping.stopped):
         step_start = time.perf_counter()
         # 1. Accumulate: gradients of the micro-batches of this optimizer step.
         step_loss = 0.0
@@ -213,17 +239,25 @@ def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noi
         if global_step % config.logging_steps == 0 or global_step == config.max_train_steps:
             accelerator.log(logs, step=global_step)
 
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, ema, config, run_config)
+        # Validation comes before the checkpoint of the same step, so the checkpoint holds its early-stopping state.
         if validation_fn is not None and config.validation_steps and (
                 global_step % config.validation_steps == 0 or global_step == config.max_train_steps):
+            metrics = None
             if accelerator.is_main_process:
                 metrics = _validate(bare_model, ema, validation_fn, global_step)
                 if metrics:
                     accelerator.log(metrics, step=global_step)
                     progress.write(f"step {global_step}: " + ", ".join(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            if early_stopping is not None:
+                ratio = _shared_memorization_ratio(accelerator, metrics)
+                if early_stopping.observe(global_step, ratio, metrics or {}, _sampling_state(bare_model, ema)):
+                    progress.write(f"step {global_step}: memorization ratio {ratio:.4g} > stop_at_memorization "
+                                   f"{early_stopping.threshold:g}; stopping, keeping the weights of step "
+                                   f"{early_stopping.kept_step}.")
             model.train()
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, global_step, ema, config, run_config)
     progress.close()
     accelerator.wait_for_everyone()
 
@@ -233,9 +267,11 @@ def _run(accelerator, model, bare_model, optimizer, lr_scheduler, ema, data, noi
         ema_model = copy.deepcopy(bare_model)
         ema.copy_to(ema_model.parameters())
         ema_model.eval()
+    kept_model = early_stopping.kept_model(bare_model) if early_stopping is not None else None
     images = len(losses) * config.train_batch_size * accumulation * accelerator.num_processes
     return TrainResult(model=bare_model, ema_model=ema_model, losses=losses, steps=global_step,
-                       train_seconds=train_seconds, images_per_second=images / train_seconds if train_seconds else 0.0)
+                       train_seconds=train_seconds, images_per_second=images / train_seconds if train_seconds else 0.0,
+                       early_stopping=early_stopping, kept_model=kept_model)
 
 
 class NonFiniteLossError(ValueError):
@@ -402,7 +438,9 @@ class _PositionBatches(torch.utils.data.Sampler):
             micro_step += 1
 
 
-def _validate(bare_model, ema, validation_fn: ValidationFn, step: int):
+@contextmanager
+def _sampling_weights(bare_model, ema):
+    """Inside: ``bare_model`` in eval mode with the weights that get sampled (the EMA's when on); restored after."""
     was_training = bare_model.training
     bare_model.eval()
     if ema is not None:  # sample with the EMA weights, then put the training weights back
@@ -410,9 +448,39 @@ def _validate(bare_model, ema, validation_fn: ValidationFn, step: int):
         ema.copy_to(bare_model.parameters())
     try:
         with torch.no_grad():
-            return validation_fn(bare_model, step)
+            yield bare_model
     finally:
         if ema is not None:
             ema.restore(bare_model.parameters())
         bare_model.train(was_training)
+
+
+def _validate(bare_model, ema, validation_fn: ValidationFn, step: int):
+    with _sampling_weights(bare_model, ema) as model:
+        return validation_fn(model, step)
+
+
+def _sampling_state(bare_model, ema) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights that get sampled (what early stopping keeps)."""
+    with _sampling_weights(bare_model, ema) as model:
+        return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
+#: Broadcast in place of a ratio when the validation function returned none (every process then raises).
+_MISSING_RATIO = -1.0
+
+
+def _shared_memorization_ratio(accelerator, metrics: dict | None) -> float:
+    """The main process's validation ratio, on every process (validation runs on the main process only)."""
+    value = _MISSING_RATIO
+    if metrics is not None:
+        value = float(metrics.get("memorization_ratio", _MISSING_RATIO))
+    shared = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        shared = broadcast(shared, from_process=0)
+    value = float(shared[0])
+    if value == _MISSING_RATIO:
+        raise ValueError("stop_at_memorization needs a validation_fn whose dict holds 'memorization_ratio'; the "
+                         "validation returned none (memsep train's validation needs at least 2 training images).")
+    return value
 

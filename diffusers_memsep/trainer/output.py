@@ -29,6 +29,7 @@ from ..pipelines import MemSepPipeline
 from ..utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
 from .checkpoints import list_checkpoints, resolve_checkpoint
 from .config import TrainingConfig
+from .early_stopping import CURVE_JSON, CURVE_PNG, validation_seed
 from .loop import TrainResult, check_model_and_data, train_dit
 from .loss import model_config
 
@@ -213,7 +214,9 @@ def train_pipeline(
     the pipeline, and memorization is judged on decoded samples against the pixel images. ``id2label`` (class
     names) is kept in the pipeline; ``base_model`` and ``dataset_id`` enter the card when they are Hub ids.
     ``quality_reference`` adds the quality metrics of :func:`~diffusers_memsep.evaluate.quality_metrics` to every
-    validation (``memsep train --feature_space``).
+    validation (``memsep train --feature_space``). With ``config.stop_at_memorization`` the folder gets the weights of
+    the last validation at or below it, and ``memorization_curve.json`` / ``.png``
+    (:mod:`~diffusers_memsep.trainer.early_stopping`).
     """
     config = config or TrainingConfig()
     output_dir = Path(output_dir)
@@ -230,6 +233,9 @@ def train_pipeline(
         raise ValueError("validation_num_samples must be >= 0 and validation_inference_steps >= 1.")
     if quality_reference is not None and 0 < validation_num_samples < 4:
         raise ValueError("quality metrics at validation need --validation_num_samples >= 4 (k = 3 neighbours).")
+    if config.stop_at_memorization is not None and (validation_num_samples == 0 or len(data) < 2):
+        raise ValueError("--stop_at_memorization measures the memorization ratio of validation samples: pass "
+                         "--validation_num_samples > 0 and at least 2 training images.")
     if validation_num_samples and validation_inference_steps > num_train_timesteps:
         raise ValueError(f"validation_inference_steps {validation_inference_steps} exceeds the {num_train_timesteps} "
                          f"training timesteps; pass --validation_inference_steps <= {num_train_timesteps}.")
@@ -250,6 +256,8 @@ def train_pipeline(
                 shutil.rmtree(old)
             for old in (output_dir / "samples", output_dir / logging_dir):  # nor its grids and curves shown as ours
                 shutil.rmtree(old, ignore_errors=True)
+            for old in (output_dir / CURVE_JSON, output_dir / CURVE_PNG):
+                old.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     train_data = data
     if vae is not None:  # encode once (cached); the frozen VAE is never prepared, trained or checkpointed
@@ -264,7 +272,7 @@ def train_pipeline(
     reference = NearestNeighborIndex.from_images(all_images(data)) if len(data) >= 2 else None
     if validation_num_samples > 0:
         measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
-                                     validation_inference_steps, seed=config.seed, accelerator=accelerator,
+                                     validation_inference_steps, seed=validation_seed(config), accelerator=accelerator,
                                      reference=reference, vae=vae, quality_reference=quality_reference)
 
         def validation_fn(model_with_ema, step):
@@ -278,7 +286,11 @@ def train_pipeline(
                        resume_from_checkpoint=checkpoint, validation_fn=validation_fn)
     train_seconds, images_per_second = result.train_seconds, result.images_per_second
 
-    final_model = result.ema_model if result.ema_model is not None else result.model
+    final_model = result.sampling_model  # the early-stopped weights, else the EMA's, else the trained ones
+    early_stopping = result.early_stopping
+    if early_stopping is not None and early_stopping.kept_step is not None:
+        metrics.clear()
+        metrics.update(early_stopping.kept_metrics)  # the card reports the weights it ships
     if validation_fn is not None and not metrics and accelerator.is_main_process:
         # A resume that starts at the last step runs no step, hence no validation: measure the final model here.
         with torch.no_grad():
@@ -287,10 +299,13 @@ def train_pipeline(
     hub_url = None
     if accelerator.is_main_process:
         save_pipeline_folder(pipeline, output_dir)
+        if early_stopping is not None:
+            early_stopping.write_curve(output_dir, validation_seed(config))
         fields = base_model_card_fields(final_model, noise_scheduler, data, config, metrics, train_seconds,
                                         images_per_second, validation_num_samples, validation_inference_steps,
                                         hub_model_id, latent=vae is not None, base_model=base_model,
-                                        dataset_id=dataset_id, local_folder=str(output_dir.resolve()))
+                                        dataset_id=dataset_id, local_folder=str(output_dir.resolve()),
+                                        early_stopping=early_stopping.summary() if early_stopping else None)
         fields.update(card_fields or {})
         metadata, eval_results = fields.pop("metadata"), fields.pop("eval_results")
         save_model_card(output_dir, "base_model", metadata=metadata, eval_results=eval_results, **fields)
@@ -338,8 +353,12 @@ def check_process_setup(accelerator) -> None:
 def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: TrainingConfig, metrics: dict,
                            train_seconds: float, images_per_second: float, num_samples: int, inference_steps: int,
                            hub_model_id: str | None = None, latent: bool = False, base_model: str | None = None,
-                           dataset_id: str | None = None, local_folder: str | None = None) -> dict:
+                           dataset_id: str | None = None, local_folder: str | None = None,
+                           early_stopping: dict | None = None) -> dict:
     """The variables of ``model_cards/base_model.md`` (plus ``metadata`` and ``eval_results`` for the header).
+
+    ``early_stopping`` is :meth:`~diffusers_memsep.trainer.early_stopping.EarlyStopping.summary` of a run with
+    ``stop_at_memorization`` (``metrics`` are then those of the kept step).
 
     Only Hub ids enter the metadata (``datasets``, ``base_model``): a local path there would be a broken link.
     """
@@ -377,6 +396,8 @@ def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: T
         "memorization": memorization,
         "train_minutes": train_seconds / 60 if train_seconds else None,
         "images_per_second": images_per_second or None,
+        "early_stopping": early_stopping,
+        "curve_files": [CURVE_JSON, CURVE_PNG] if early_stopping else None,
         "command": " ".join(["memsep train"] + [a for a in _command_line()]) if _command_line() else None,
     }
 
