@@ -24,21 +24,59 @@ COMMANDS = {
 }
 
 
+#: Commands that write a run into --output_dir: one process at a time (a lock beside the folder).
+LOCKED_COMMANDS = {"train", "prune", "study", "demo", "reference"}
+
+#: Flags naming input folders an --output_dir must not be (or lie inside): flag attribute -> what it holds.
+INPUT_FOLDERS = {"train_data_dir": "training images folder", "validation_data_dir": "validation images folder",
+                 "population_data_dir": "population images folder", "pipeline": "input pipeline folder",
+                 "pretrained_model_name_or_path": "input pipeline folder",
+                 "pretrained_vae_model_name_or_path": "input VAE folder"}
+
+#: Largest --resolution accepted: beyond it a DiT's tokens (and the memory of one step) grow past what any
+#: supported setting uses (DiT-XL/2-512 works at 512); refused before any image is loaded.
+MAX_RESOLUTION = 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one fix to its messages: ``--learning_rate -1e-3`` is read as a missing value (argparse takes
+    ``-1e-3`` for an option), so the error says to write ``--learning_rate=-1e-3``."""
+
+    def error(self, message):
+        import re
+
+        found = re.match(r"argument (--[\w-]+)(?:/[^:]*)?: expected (?:one|at least one) argument", message)
+        if found:
+            flag = found.group(1)
+            message += (f" (a negative value such as -1e-3 reads as an option: write {flag}=-1e-3, or for a list "
+                        f"{flag}=-1 as the first value)")
+        super().error(message)
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    if not any("--num_threads" in action.option_strings for action in parser._actions):
+        parser.add_argument("--num_threads", type=int, default=None,
+                            help="torch intra-op threads (default: 1 unless OMP_NUM_THREADS is set; see "
+                                 "docs/benchmarks.md, 'Threads under load').")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of all commands, or of one ``command`` alone (used by the ``training/`` scripts)."""
     if command is not None:
         module = _command_module(command)
-        parser = argparse.ArgumentParser(prog=command, description=COMMANDS[command][1])
+        parser = _Parser(prog=command, description=COMMANDS[command][1])
         module.add_arguments(parser)
-        parser.set_defaults(_run=module.run)
+        _add_common_arguments(parser)
+        parser.set_defaults(_run=module.run, _command=command)
         return parser
-    parser = argparse.ArgumentParser(prog="memsep", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="memsep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (_, help_text) in COMMANDS.items():
         module = _command_module(name)
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run)
+        _add_common_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run, _command=name)
     return parser
 
 
@@ -56,11 +94,18 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         command, argv = argv[0], argv[1:]
     args = build_parser(command).parse_args(argv)
     from .hub import HubPushError  # light: the Hub client is imported only when a push happens
-    from .utils import check_writable_dir
+    from .utils import OutputLock, as_write_error, check_output_outside_inputs, check_writable_dir, is_write_error
 
+    lock = None
     try:
+        check_flags(args)
+        set_num_threads(args.num_threads)
         if getattr(args, "output_dir", None):
             check_writable_dir(args.output_dir, "--output_dir")  # before any expensive work
+            check_output_outside_inputs(args.output_dir, {
+                f"--{name}": (what, getattr(args, name, None)) for name, what in INPUT_FOLDERS.items()})
+            if args._command in LOCKED_COMMANDS and _is_main_rank():
+                lock = OutputLock(args.output_dir, f"memsep {args._command}").acquire()
         return int(args._run(args) or 0)
     except (ValueError, HubPushError) as error:
         # Bad input: one clear line, no traceback. Programming errors (TypeError, KeyError...) still raise.
@@ -70,6 +115,73 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         # The file system or the network refused (missing file, full disk, no permission, not cached offline).
         print(f"memsep: error: {_one_line(error)}{_os_error_fix(error)}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not is_write_error(error):
+            raise
+        error = as_write_error(error, getattr(args, "output_dir", None) or ".")  # e.g. SafetensorError: disk full
+        print(f"memsep: error: {_one_line(error)}{_os_error_fix(error)}", file=sys.stderr)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun / accelerate every process runs this command line; only rank 0 takes the output lock."""
+    import os
+
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "LOCAL_RANK"))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Checks of flags shared by several commands, before any expensive work (the commands check their own)."""
+    import math
+
+    from .utils import check_plain_name, check_positive_limit, check_seed, check_unique
+
+    for name in ("seed", "data_seed"):
+        check_seed(getattr(args, name, None), f"--{name}")
+    for name in ("seeds", "etas", "methods", "settings"):
+        check_unique(getattr(args, name, None), f"--{name}")
+    for seed in getattr(args, "seeds", None) or []:
+        check_seed(seed, "--seeds")
+    for eta in getattr(args, "etas", None) or []:
+        if not (isinstance(eta, float) and math.isfinite(eta) and 0 < eta < 1):
+            raise ValueError(f"--etas: eta must lie in (0, 1) (a fraction of the heads of a layer), got {eta}.")
+    if getattr(args, "setting_name", None) is not None:
+        check_plain_name(args.setting_name, "--setting_name")
+    resolution = getattr(args, "resolution", None)
+    if resolution is not None and not 1 <= resolution <= MAX_RESOLUTION:
+        raise ValueError(f"--resolution {resolution} is outside [1, {MAX_RESOLUTION}]; pass the side of the square "
+                         f"training images, at most {MAX_RESOLUTION} (e.g. --resolution 256).")
+    samples = getattr(args, "num_train_samples", None)
+    if samples is not None and 0 < samples < 2:
+        raise ValueError(f"--num_train_samples {samples}: memorization is judged against at least 2 training images "
+                         "(the 1/3 rule compares the nearest and the second-nearest); pass --num_train_samples >= 2.")
+    check_positive_limit(getattr(args, "max_runs", None), "--max_runs")
+    threads = getattr(args, "num_threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--num_threads must be >= 1, got {threads}.")
+
+
+def set_num_threads(num_threads: int | None) -> int | None:
+    """Choose torch's intra-op threads for this process. An explicit ``--num_threads`` wins; then a user's
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (left to torch); otherwise 1 thread.
+
+    Why 1: the models of this project are small (a few million parameters at most on CPU), and torch's default
+    (one thread per core) collapses beside any other busy process: OpenMP threads wait for each other at every
+    operation, so 2 threads on 2 cores with one other busy process ran ~50x slower, while 1 thread keeps most of
+    its idle speed (``benchmarks/bench_threads.py``, docs/benchmarks.md). Returns the number set, or None.
+    """
+    import os
+
+    if num_threads is None and any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return None  # the user's setting; torch read it at import
+    import torch
+
+    threads = num_threads or 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _one_line(error: BaseException) -> str:

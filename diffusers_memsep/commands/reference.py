@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffusers_memsep.commands.prune import has_data_flags, load_pipeline, load_pipeline_data
-    from diffusers_memsep.training import save_pipeline_folder
+    from diffusers_memsep.trainer import save_pipeline_folder
 
     if not has_data_flags(args):
         raise ValueError("pass the training images with --train_data_dir (a folder of images), --dataset_name or "
