@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # command name -> (module under diffusers_memsep.commands, one-line help)
 COMMANDS = {
@@ -94,7 +95,14 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         command, argv = argv[0], argv[1:]
     args = build_parser(command).parse_args(argv)
     from .hub import HubPushError  # light: the Hub client is imported only when a push happens
-    from .utils import OutputLock, as_write_error, check_output_outside_inputs, check_writable_dir, is_write_error
+    from .utils import (
+        OutputLock,
+        as_write_error,
+        check_output_outside_inputs,
+        check_pipeline_json,
+        check_writable_dir,
+        is_write_error,
+    )
 
     lock = None
     try:
@@ -104,6 +112,9 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             check_writable_dir(args.output_dir, "--output_dir")  # before any expensive work
             check_output_outside_inputs(args.output_dir, {
                 f"--{name}": (what, getattr(args, name, None)) for name, what in INPUT_FOLDERS.items()})
+            for name in ("pipeline", "pretrained_model_name_or_path"):
+                if getattr(args, name, None) and Path(getattr(args, name)).expanduser().is_dir():
+                    check_pipeline_json(Path(getattr(args, name)).expanduser())
             if args._command in LOCKED_COMMANDS and _is_main_rank():
                 lock = OutputLock(args.output_dir, f"memsep {args._command}").acquire()
         return int(args._run(args) or 0)

@@ -384,14 +384,28 @@ def read_json_object(path: str | os.PathLike, what: str | None = None) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}, column "
-                         f"{error.colno}); restore the file or save it again.") from None
+        raise ValueError(f"{what} {str(path)!r} is not a valid JSON file ({error.msg} at line {error.lineno}, "
+                         f"column {error.colno}); restore the file or save it again.") from None
     except UnicodeDecodeError:
         raise ValueError(f"{what} {str(path)!r} is not a text file; restore the file or save it again.") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what} {str(path)!r} holds a JSON {type(value).__name__}, not an object ({{...}}); restore "
                          "the file or save it again.")
     return value
+
+
+def check_pipeline_json(folder: str | os.PathLike) -> None:
+    """Read every JSON file of a local pipeline folder (``model_index.json``, each component's ``config.json`` /
+    ``scheduler_config.json``) before loading it: a damaged file or one that is not a JSON object raises a
+    ValueError naming it (diffusers would fail later with a traceback, or without naming the file)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        return
+    read_json_object(folder / "model_index.json")
+    for path in sorted(folder.glob("*/*.json")):
+        if path.parent.name.startswith("."):
+            continue
+        read_json_object(path)
 
 
 def check_config_types(config: dict, defaults: dict, path: str | os.PathLike) -> None:

@@ -24,7 +24,7 @@ import diffusers_memsep.utils
 from diffusers_memsep import MemSepPipeline, NearestNeighborIndex, PrunableDiTTransformer2DModel
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
-from diffusers_memsep.memorization import memorization_ratio, memorization_report
+from diffusers_memsep.memorization import memorization_ratio, memorization_report, precision_recall
 from diffusers_memsep.mitigation import PruningStudyConfig
 
 QUICK_PRUNE = ["--seeds", "0", "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
@@ -188,6 +188,54 @@ def _disk_full_loss_gap(tmp, pipe, mp):
             "--num_times", "2", "--num_noise_samples", "8", "--no_fisher"]
 
 
+# --------------------------------------------------------------- issue 22: general rules, configs, no-op flags
+def _config_set(**values):
+    """Edit transformer/config.json of the pipeline (hand-edited configs that contradict the weights)."""
+    def setup(tmp, pipe, mp):
+        config_path = pipe / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(values)
+        config_path.write_text(json.dumps(config))
+        return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+    return setup
+
+
+def _model_index_not_an_object(tmp, pipe, mp):
+    (pipe / "model_index.json").write_text("[1, 2]")
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+
+
+def _scheduler_config_corrupt(tmp, pipe, mp):
+    (pipe / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 100,')
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+
+
+def _output_inside_images(command, equal=False):
+    def setup(tmp, pipe, mp):
+        folder = digit_images(tmp / "images")
+        out = folder if equal else folder / "run"
+        extra = ["--pipeline", str(pipe)] if command in ("prune", "reference") else []
+        return [command, *extra, "--output_dir", str(out), "--train_data_dir", str(folder)]
+    return setup
+
+
+def _locked(command):
+    """Another live process (here: this one, as far as the lock can tell) is writing the output folder."""
+    def setup(tmp, pipe, mp):
+        import os
+        import socket
+
+        (tmp / ".out.memsep.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                          "command": "memsep train"}))
+        extra = ["--pipeline", str(pipe), "--embedded_digits"] if command in ("prune", "reference") else []
+        return [command, *extra, "--output_dir", str(tmp / "out")]
+    return setup
+
+
+def _study(*flags):
+    return lambda tmp, pipe, mp: ["study", "--output_dir", str(tmp / "out"), "--quick", *flags]
+
+
 def _prune(*flags, out="out"):
     return lambda tmp, pipe, mp: ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / out), *flags]
 
@@ -251,6 +299,47 @@ COMMAND_CASES = {
     "gmm-level-nan": (_plain("gmm", "--scale", "tiny", "--level", "nan"), "--level must lie in (0, 1)"),
     "gmm-unknown-sweep-parameter": (_plain("gmm", "--sweep", "heads=1,2"), "heads"),
     "gmm-replot-nothing": (_plain("gmm", "--replot"), "gmm_runs.csv"),
+    # issue 22: the general rule (outputs inside --output_dir, never among the inputs, one writer at a time)
+    "study-setting-name-is-a-path": (_study("--train_data_dir", "imgs", "--setting_name", "../../my_project"),
+                                     "is not a plain name"),
+    "study-setting-name-dot-dot": (_study("--train_data_dir", "imgs", "--setting_name", ".."),
+                                   "is not a plain name"),
+    "prune-output-inside-training-images": (_output_inside_images("prune"), "lies inside the training images folder"),
+    "prune-output-is-training-images": (_output_inside_images("prune", equal=True), "is the training images folder"),
+    "reference-output-inside-training-images": (_output_inside_images("reference"),
+                                                "lies inside the training images folder"),
+    "reference-output-is-the-pipeline": (lambda tmp, pipe, mp: ["reference", "--pipeline", str(pipe),
+                                                                "--output_dir", str(pipe), "--embedded_digits"],
+                                         "is the input pipeline folder"),
+    "prune-second-writer-locked-out": (_locked("prune"), "is being written by process"),
+    "demo-second-writer-locked-out": (_locked("demo"), "is being written by process"),
+    "study-second-writer-locked-out": (_locked("study"), "is being written by process"),
+    "reference-second-writer-locked-out": (_locked("reference"), "is being written by process"),
+    # issue 22: configs that contradict their weights, JSON that is not an object
+    "prune-config-heads-relaid-1x16": (_config_set(num_attention_heads=1, attention_head_dim=16),
+                                       "were saved with 2 heads x 8"),
+    "prune-config-head-dim-doubled": (_config_set(attention_head_dim=16), "do not match the config.json"),
+    "prune-config-string-in-int-field": (_config_set(num_layers="2"), "num_layers is '2' (str) but must be a int"),
+    "prune-model-index-not-an-object": (_model_index_not_an_object, "holds a JSON list, not an object"),
+    "prune-corrupt-scheduler-config-named": (_scheduler_config_corrupt, "scheduler_config.json' is not a valid JSON"),
+    # issue 22: values that make a method a no-op or out of range, checked before any work
+    "prune-duplicate-etas": (_prune("--etas", "0.5", "0.5"), "--etas lists 0.5 more than once"),
+    "prune-duplicate-seeds": (_prune("--seeds", "0", "0"), "--seeds lists 0 more than once"),
+    "prune-negative-data-seed": (_prune("--data_seed=-1"), "--data_seed must be an integer in [0"),
+    "prune-resolution-2048": (_prune("--resolution", "2048"), "outside [1, 1024]"),
+    "prune-negative-value-as-a-token": (_prune("--finetune_lr", "-1e-3"), "write --finetune_lr=-1e-3"),
+    "demo-one-train-sample": (_plain("demo", "--num_train_samples", "1"), "--num_train_samples 1"),
+    "demo-duplicate-seeds": (_plain("demo", "--seeds", "1", "1"), "--seeds lists 1 more than once"),
+    "study-one-train-sample": (_study("--train_data_dir", "imgs", "--num_train_samples", "1"),
+                               "--num_train_samples 1"),
+    "study-duplicate-etas": (_study("--etas", "0.25", "0.25"), "--etas lists 0.25 more than once"),
+    "study-negative-seed": (_study("--seeds=-3"), "--seeds must be an integer in [0"),
+    "study-zero-max-runs": (_study("--max_runs", "0"), "--max_runs must be a positive integer"),
+    "gmm-cuda-without-gpu": (_plain("gmm", "--scale", "tiny", "--device", "cuda"),
+                             "CUDA is not available; use --device cpu"),
+    "gmm-negative-seed": (_plain("gmm", "--scale", "tiny", "--seed=-1"), "--seed must be an integer in [0"),
+    "train-zero-threads": (lambda tmp, pipe, mp: ["train", "--output_dir", str(tmp / "out"), "--num_threads", "0"],
+                           "--num_threads must be >= 1"),
     # the file system refuses mid-run
     "loss-gap-disk-full": (_disk_full_loss_gap,
                            "No space left on device: 'diffusion_pytorch_model.safetensors'; free disk space"),
@@ -276,7 +365,8 @@ def test_command_bad_input_fails_in_one_line_and_changes_no_file(case, saved_pip
     assert code == 2, stderr[-2000:]
     assert len(errors) == 1 and phrase in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert snapshot(tmp_path) == before  # same files, same bytes, nothing added (not even a probe file)
+    assert "ignore_mismatched_sizes" not in stderr  # diffusers' advice would replace the weights with random ones
+    assert snapshot(tmp_path) == before  # same files, same bytes, nothing added (not even a probe file or lock)
 
 
 def test_prune_overwrite_replaces_only_the_study_outputs(saved_pipeline, tmp_path, capsys):
@@ -319,6 +409,55 @@ def _load_from(make, **kwargs):
         folder = make(tmp / "images")
         return lambda: load_training_data(train_data_dir=folder, **kwargs)
     return setup
+
+
+def _reference_and_copies(scale):
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    copies = images[:3].clone()
+    return NearestNeighborIndex.from_images(images), (copies + 1) / 2 if scale == "0-1" else (copies + 1) * 127.5
+
+
+def _copies_first(scale):
+    index, copies = _reference_and_copies(scale)
+    return copies, index
+
+
+def _edited_config(tmp, **values):
+    folder = tmp / "transformer"
+    tiny_transformer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(values)
+    (folder / "config.json").write_text(json.dumps(config))
+    return lambda: PrunableDiTTransformer2DModel.from_pretrained(folder)
+
+
+def _config_replaced(tmp, text):
+    call = _edited_config(tmp)
+    (tmp / "transformer" / "config.json").write_text(text)
+    return call
+
+
+def _non_square(folder):
+    for i in range(3):
+        write_png(folder / f"{i}.png", np.full((8, 12), 40 * i, dtype=np.uint8))
+    return folder
+
+
+def _corrupt_trainer_state(tmp):
+    from diffusers_memsep.trainer.checkpoints import read_trainer_state
+
+    folder = tmp / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text('{"global_step": 2,')
+    return lambda: read_trainer_state(folder)
+
+
+def _held_lock(tmp):
+    import os
+    import socket
+
+    (tmp / ".out.memsep.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return lambda: diffusers_memsep.utils.OutputLock(tmp / "out").acquire()
 
 
 API_CASES = {
@@ -369,6 +508,46 @@ API_CASES = {
     "data-32-bit-values-beyond-16-bits": (_load_from(lambda folder: _deep_tiff(folder, 70000)), ValueError,
                                           "outside the 65535 range"),
     "study-eta-nan": (_api(lambda: PruningStudyConfig(etas=(float("nan"),))), ValueError, "eta must lie in"),
+    # issue 22: scales, configs, JSON, general rules, no-op values
+    "index-copies-on-the-0-1-scale": (lambda tmp: lambda: memorization_report(*_copies_first("0-1")), ValueError,
+                                      "look like [0, 1] images"),
+    "index-copies-on-the-0-255-scale": (lambda tmp: lambda: _reference_and_copies("0-255")[0].search(
+        _reference_and_copies("0-255")[1]), ValueError, "x / 127.5 - 1 for 0..255"),
+    "ratio-copies-on-the-0-1-scale": (lambda tmp: lambda: memorization_ratio(*_copies_first("0-1")), ValueError,
+                                      "put them on the reference's scale"),
+    "precision-recall-all-fakes-nan": (_api(lambda: precision_recall(torch.randn(10, 4),
+                                                                     torch.full((10, 4), float("nan")))),
+                                       ValueError, "the model or its sampler diverged"),
+    "transformer-config-heads-relaid-1x16": (lambda tmp: _edited_config(tmp, num_attention_heads=1,
+                                                                        attention_head_dim=16),
+                                             ValueError, "were saved with 2 heads x 8"),
+    "transformer-config-head-dim-doubled": (lambda tmp: _edited_config(tmp, attention_head_dim=16), ValueError,
+                                            "do not match the config.json"),
+    "transformer-config-string-in-int-field": (lambda tmp: _edited_config(tmp, num_layers="2"), ValueError,
+                                               "num_layers is '2' (str)"),
+    "transformer-config-not-an-object": (lambda tmp: _config_replaced(tmp, "[]"), ValueError,
+                                         "holds a JSON list, not an object"),
+    "trainer-state-corrupt-names-the-file": (_corrupt_trainer_state, ValueError,
+                                             "trainer_state.json' is not a valid JSON file"),
+    "data-non-square-images": (_load_from(_non_square), ValueError, "not square; pass --resolution N"),
+    "data-mixed-sizes-name-a-file": (_load_from(_mixed_sizes), ValueError, "'big.png'"),
+    "write-outside-output-dir": (lambda tmp: lambda: diffusers_memsep.utils.inside_output_dir(
+        tmp / "out" / ".." / ".." / "my_project" / "runs.csv", tmp / "out"), ValueError, "lies outside --output_dir"),
+    "setting-name-with-a-separator": (_api(lambda: diffusers_memsep.utils.check_plain_name("a/b", "--setting_name")),
+                                      ValueError, "is not a plain name"),
+    "output-lock-held-by-a-live-process": (_held_lock, ValueError, "is being written by process"),
+    "eta-that-removes-no-head": (_api(lambda: diffusers_memsep.utils.check_etas_remove_heads([0.1], 4)),
+                                 ValueError, "removes no head of a layer with 4 heads"),
+    "time-switch-outside-the-schedule": (_api(lambda: diffusers_memsep.utils.check_time_switch(1000, 1000)),
+                                         ValueError, "lies outside the schedule"),
+    "time-switch-zero": (_api(lambda: diffusers_memsep.utils.check_time_switch(0, 1000)), ValueError,
+                         "lies outside the schedule"),
+    "limit-zero": (_api(lambda: diffusers_memsep.utils.check_positive_limit(0, "--max_runs")), ValueError,
+                   "must be a positive integer"),
+    "duplicate-seeds": (_api(lambda: diffusers_memsep.utils.check_unique([0, 1, 0], "--seeds")), ValueError,
+                        "--seeds lists 0 more than once"),
+    "nan-scores": (_api(lambda: diffusers_memsep.utils.check_finite_scores(torch.tensor([1.0, float("nan")]))),
+                   ValueError, "1 of 2 head importance scores are NaN"),
 }
 
 

@@ -104,7 +104,109 @@ CASES = {
     "output_dir_is_a_file": (lambda tmp, runs: ["--output_dir", _file(tmp / "run")], "is a file"),
     "occupied_output_dir": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run")],
                             "already holds another run"),
+    # issue 22, data loss: a checkpoint of ANOTHER folder never licenses writing over the run in --output_dir
+    "resume_foreign_checkpoint_over_finished_run": (
+        lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run"), "--max_train_steps", "3",
+                           "--resume_from_checkpoint", runs / "with_checkpoints" / "checkpoint-2", "--seed", "1"],
+        "lies outside it, so its run would be written over this one"),
+    "output_inside_training_images": (lambda tmp, runs: ["--output_dir", _images(tmp / "images") / "run",
+                                                         "--train_data_dir", tmp / "images"],
+                                      "lies inside the training images folder --train_data_dir"),
+    "output_is_training_images": (lambda tmp, runs: ["--output_dir", _images(tmp / "images"),
+                                                     "--train_data_dir", tmp / "images"],
+                                  "is the training images folder"),
+    "output_is_pretrained_pipeline": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints",
+                                                                               tmp / "run"),
+                                                         "--pretrained_model_name_or_path", tmp / "run",
+                                                         "--overwrite_output_dir"],
+                                      "is the input pipeline folder"),
+    "second_writer_locked_out": (lambda tmp, runs: ["--output_dir", _locked(tmp / "run")],
+                                 "is being written by process"),
+    # issue 22: a resume refuses every setting it cannot apply, naming it
+    "resume_other_learning_rate": (lambda tmp, runs: [*_resume(tmp, runs), "--learning_rate", "1e-3"],
+                                   "optimizer.learning_rate (checkpoint 0.0005, now 0.001)"),
+    "resume_other_lr_scheduler": (lambda tmp, runs: [*_resume(tmp, runs), "--lr_scheduler", "cosine"],
+                                  "optimizer.lr_scheduler (checkpoint 'constant_with_warmup', now 'cosine')"),
+    "resume_other_warmup": (lambda tmp, runs: [*_resume(tmp, runs), "--lr_warmup_steps", "7"],
+                            "optimizer.lr_warmup_steps (checkpoint 100, now 7)"),
+    "resume_other_weight_decay": (lambda tmp, runs: [*_resume(tmp, runs), "--weight_decay", "0.1"],
+                                  "optimizer.adam_weight_decay (checkpoint 0.0, now 0.1)"),
+    "resume_other_ema_decay": (lambda tmp, runs: [*_resume(tmp, runs), "--ema_max_decay", "0.99"],
+                               "optimizer.ema_max_decay (checkpoint 0.999, now 0.99)"),
+    "resume_other_batch": (lambda tmp, runs: [*_resume(tmp, runs), "--train_batch_size", "4"],
+                           "train_batch_size (checkpoint 8, now 4)"),
+    # issue 22: inputs checked before any work
+    "one_training_image": (lambda tmp, runs: ["--output_dir", tmp / "run", "--max_train_samples", "1"],
+                           "needs at least 2"),
+    "one_image_in_the_folder": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
+                                                   _images(tmp / "images", count=1), "--max_train_samples", "0"],
+                                "holds 1 image"),
+    "negative_seed": (lambda tmp, runs: ["--output_dir", tmp / "run", "--seed=-1"],
+                      "--seed must be an integer in [0, 4294967295], got -1"),
+    "resolution_2048": (lambda tmp, runs: ["--output_dir", tmp / "run", "--resolution", "2048"],
+                        "--resolution 2048 is outside [1, 1024]"),
+    "non_square_images": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
+                                             _images(tmp / "images", size=(8, 12))],
+                          "not square; pass --resolution N"),
+    "mixed_image_sizes": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
+                                             _mixed(tmp / "images")],
+                          "pass --resolution N"),
+    "corrupt_trainer_state": (lambda tmp, runs: ["--output_dir", _bad_state(_copy(runs / "with_checkpoints",
+                                                                                  tmp / "run")),
+                                                 "--max_train_steps", "3", "--resume_from_checkpoint", "latest"],
+                              "trainer_state.json' is not a valid JSON file"),
+    "pretrained_config_string_in_int_field": (lambda tmp, runs: ["--output_dir", tmp / "out",
+                                                                 "--pretrained_model_name_or_path",
+                                                                 _string_field(_copy(runs / "without_checkpoints",
+                                                                                     tmp / "run"))],
+                                              "num_layers is '1' (str) but must be a int"),
 }
+
+
+def _resume(tmp, runs):
+    return ["--output_dir", _copy(runs / "with_checkpoints", tmp / "run"), "--max_train_steps", "3",
+            "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+
+
+def _images(folder: Path, count=3, size=(8, 8)) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.full(size, 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _mixed(folder: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    _images(folder)
+    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(folder / "big.png")
+    return folder
+
+
+def _locked(folder: Path) -> Path:
+    import socket
+
+    (folder.parent / f".{folder.name}.memsep.lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "memsep train"}))
+    return folder
+
+
+def _bad_state(run: Path) -> Path:
+    latest = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    (latest / "trainer_state.json").write_text('{"global_step": 2,')
+    return run
+
+
+def _string_field(run: Path) -> Path:
+    config_path = run / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_layers"] = str(config["num_layers"])
+    config_path.write_text(json.dumps(config))
+    return run
 
 
 def _corrupt(run: Path) -> Path:

@@ -41,6 +41,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
 
+from ..utils import check_config_types, read_json_object
+
 # ``ModelMixin`` must be importable from this module: ``DiffusionPipeline.from_pretrained`` records a component of a
 # non-diffusers library as (module path, class) in ``model_index.json`` and looks the loading base class up by name
 # in that module (``pipeline_loading_utils.get_class_obj_and_candidates``).
@@ -187,8 +189,6 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         config_file = os.path.join(folder, "config.json")
         if os.path.isfile(config_file):  # local: check the config before diffusers builds anything from it
-            from ..utils import check_config_types, read_json_object
-
             config = read_json_object(config_file, "config")
             defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                         if p.default is not inspect.Parameter.empty}
