@@ -647,3 +647,94 @@ def test_precision_recall_count_nonfinite_fakes_as_off_the_real_manifold():
     assert recall_nan == pytest.approx(precision_recall(real, fake[5:], k=3)[1])
     with pytest.raises(ValueError, match="real_features hold NaN"):
         precision_recall(fake, real, k=3)
+
+
+# ------------------------------------------------------------------------------- issue 22: private by default
+def _fake_hub(monkeypatch):
+    """upload_folder replaced by a recorder of the files it would upload (same pattern filter as the Hub client)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    import diffusers_memsep.hub as hub
+
+    uploads = []
+
+    def upload_folder(repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        uploads.append(sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(hub, "check_hub_repo", lambda *args, **kwargs: "token")
+    return uploads
+
+
+@pytest.mark.parametrize("flag", [[], ["--push_reference"]])
+def test_push_leaves_the_training_images_out_unless_asked(flag, saved_pipeline, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    assert (folder / "reference").is_dir()
+    uploads = _fake_hub(monkeypatch)
+    before = snapshot(folder)
+    assert main(["push", str(folder), "--hub_model_id", "me/dit", *flag]) == 0
+    uploaded = uploads[0]
+    assert "model_index.json" in uploaded and any(name.startswith("transformer/") for name in uploaded)
+    has_reference = any(name.startswith("reference/") for name in uploaded)
+    assert has_reference == bool(flag), uploaded
+    out = capsys.readouterr().out
+    assert ("the training images are now published" in out) if flag else ("pass --push_reference" in out)
+    assert snapshot(folder) == before  # the local folder keeps its reference
+
+
+def test_push_api_leaves_the_reference_out_by_default(saved_pipeline, monkeypatch):
+    from diffusers_memsep.hub import push_folder_to_hub
+
+    uploads = _fake_hub(monkeypatch)
+    push_folder_to_hub(saved_pipeline, "me/dit")  # the path memsep train --push_to_hub takes
+    push_folder_to_hub(saved_pipeline, "me/dit", push_reference=True)
+    assert not any(n.startswith("reference/") for n in uploads[0])
+    assert any(n.startswith("reference/") for n in uploads[1])
+
+
+# ------------------------------------------------------------------------------------------ issue 22: threads
+def test_thread_default_is_one_and_the_user_setting_wins(monkeypatch):
+    from diffusers_memsep.cli import set_num_threads
+
+    original = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        assert set_num_threads(None) == 1 and torch.get_num_threads() == 1
+        assert set_num_threads(2) == 2 and torch.get_num_threads() == 2  # --num_threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert set_num_threads(None) is None and torch.get_num_threads() == 2  # OMP_NUM_THREADS left to torch
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_every_command_takes_num_threads():
+    from diffusers_memsep.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        flags = {flag for action in build_parser(name)._actions for flag in action.option_strings}
+        assert "--num_threads" in flags, name
+
+
+# ------------------------------------------------------------------- issue 22: the scale check lets good data pass
+def test_copies_on_the_reference_scale_are_found_and_features_are_not_scale_checked():
+    index, _ = _reference_and_copies("0-1")
+    assert memorization_ratio(index.images[:3].clone(), index) == 1.0
+    vectors = NearestNeighborIndex.from_images(torch.randn(8, 5))
+    vectors.search(torch.rand(2, 5) * 1000)  # feature vectors: no image scale to check
+
+
+def test_saved_transformer_records_its_head_layout(tmp_path):
+    from safetensors import safe_open
+
+    from diffusers_memsep.models.prunable_dit import HEAD_LAYOUT_KEY
+
+    tiny_transformer().save_pretrained(tmp_path / "t")
+    with safe_open(str(tmp_path / "t" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()[HEAD_LAYOUT_KEY]) == {"num_attention_heads": 2, "attention_head_dim": 8}
+    PrunableDiTTransformer2DModel.from_pretrained(tmp_path / "t")  # the untouched folder loads

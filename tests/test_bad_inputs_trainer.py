@@ -146,10 +146,10 @@ CASES = {
     "resolution_2048": (lambda tmp, runs: ["--output_dir", tmp / "run", "--resolution", "2048"],
                         "--resolution 2048 is outside [1, 1024]"),
     "non_square_images": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
-                                             _images(tmp / "images", size=(8, 12))],
+                                             _images(tmp / "images", size=(8, 12)), "--max_train_samples", "0"],
                           "not square; pass --resolution N"),
     "mixed_image_sizes": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
-                                             _mixed(tmp / "images")],
+                                             _mixed(tmp / "images"), "--max_train_samples", "0"],
                           "pass --resolution N"),
     "corrupt_trainer_state": (lambda tmp, runs: ["--output_dir", _bad_state(_copy(runs / "with_checkpoints",
                                                                                   tmp / "run")),
@@ -316,3 +316,86 @@ def test_two_process_data_parallel_training_equals_one_process_on_the_same_globa
         moved += int(not torch.equal(weights[0][name], initial[name]))
     assert moved > 0  # training changed the weights, so the comparison is not between two untouched copies
     assert json.loads((tmp_path / "two" / "model_index.json").read_text())["_class_name"] == "MemSepPipeline"
+
+
+# ---------------------------------------------------------------------------------------------- issue 22 extras
+def _full_disk_safetensors(monkeypatch):
+    """A full disk as safetensors reports it: SafetensorError (not an OSError) from save_file."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("checkpointing_steps", ["0", "1"])  # the pipeline save / the checkpoint save fails
+def test_full_disk_during_train_ends_in_one_line_and_leaves_no_hidden_folder(checkpointing_steps, tmp_path,
+                                                                             monkeypatch, capsys):
+    _full_disk_safetensors(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--output_dir", out, "--max_train_steps", "1", "--checkpointing_steps", checkpointing_steps) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "free disk space" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no .pipeline.tmp / .checkpoint-1.tmp
+    assert not (out / "model_index.json").exists() and not list(out.glob("checkpoint-*"))
+    assert not list(tmp_path.glob(".*.memsep.lock"))  # the lock is released on errors too
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path, capsys):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".run.memsep.lock"
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "command": "memsep train"}))
+    assert train("--output_dir", tmp_path / "run", "--max_train_steps", "1", "--checkpointing_steps", "0",
+                 "--validation_num_samples", "0") == 0
+    stderr = capsys.readouterr().err
+    assert "memsep: note: taking over the lock" in stderr and f"process {int(dead.stdout)}" in stderr
+    assert not lock.exists()  # released at the end
+    assert (tmp_path / "run" / "model_index.json").is_file()
+
+
+def test_lock_of_another_host_is_refused_and_kept(tmp_path, capsys):
+    lock = tmp_path / ".run.memsep.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "another-machine", "command": "memsep train"}))
+    assert train("--output_dir", tmp_path / "run", "--max_train_steps", "1") == 2
+    assert "is being written by process 1 on 'another-machine'" in capsys.readouterr().err
+    assert lock.exists() and not (tmp_path / "run").exists()  # nothing created, nothing removed
+
+
+def test_card_says_how_to_rebuild_the_reference(finished_run):
+    card = (finished_run / "without_checkpoints" / "README.md").read_text()
+    assert "## Training-set reference (private by default)" in card and "--push_reference" in card
+    assert "memsep reference --pipeline" in card and "--embedded_digits --max_train_samples 8 --data_seed 0" in card
+    assert "Subset: the 8 images at positions" in card
+
+
+def test_resume_of_a_checkpoint_without_the_optimizer_record_compares_its_config(tmp_path, finished_run, capsys):
+    """Checkpoints written before the optimizer settings entered the run record: their saved config is used."""
+    run = _copy(finished_run / "with_checkpoints", tmp_path / "run")
+    for state_file in run.glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        state["run"].pop("optimizer", None)
+        state_file.write_text(json.dumps(state))
+    assert train("--output_dir", run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                 "--learning_rate", "1e-3") == 2
+    assert "optimizer.learning_rate (checkpoint 0.0005, now 0.001)" in capsys.readouterr().err
+
+
+def test_data_fingerprint_is_the_content_not_the_path(tmp_path):
+    from diffusers_memsep.data import load_training_data
+    from diffusers_memsep.utils import data_fingerprint
+
+    folder = tmp_path / "images"
+    first = data_fingerprint(load_training_data(train_data_dir=_images(folder)))
+    assert data_fingerprint(load_training_data(train_data_dir=folder)) == first  # same images: same fingerprint
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(folder / "1.png")  # same names, same count
+    assert data_fingerprint(load_training_data(train_data_dir=folder)) != first
