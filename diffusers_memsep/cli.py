@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             for name in ("pipeline", "pretrained_model_name_or_path"):
                 if getattr(args, name, None) and Path(getattr(args, name)).expanduser().is_dir():
                     check_pipeline_json(Path(getattr(args, name)).expanduser())
+            check_flags_against_pipeline(args, explicit=_given_flags(argv))
             if args._command in LOCKED_COMMANDS and _is_main_rank():
                 lock = OutputLock(args.output_dir, f"memsep {args._command}").acquire()
         return int(args._run(args) or 0)
@@ -173,6 +174,39 @@ def check_flags(args: argparse.Namespace) -> None:
     threads = getattr(args, "num_threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--num_threads must be >= 1, got {threads}.")
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    return {str(token).split("=", 1)[0] for token in argv if str(token).startswith("--")}
+
+
+def check_flags_against_pipeline(args: argparse.Namespace, explicit: set[str] | None = None) -> None:
+    """Flags that would make a method a no-op on the given local pipeline folder, checked before loading it:
+    an eta that removes no head (``floor(eta * H) == 0``, H the heads still in the model, ranked over the whole
+    model as :func:`~diffusers_memsep.pruning.select_heads_to_prune` does) and a ``--small_t_switch`` outside the
+    schedule (the routed sampler would never switch). Hub ids are checked by the library once loaded. Only etas
+    given on the command line (``explicit``) are checked: the default list is meant for the documented models (16
+    heads and more); on a smaller model a default eta that prunes nothing must be refused by the study itself
+    (``utils.check_etas_remove_heads`` once the model is loaded)."""
+    from .utils import check_etas_remove_heads, check_time_switch, read_json_object
+
+    folder = Path(getattr(args, "pipeline", None) or "").expanduser()
+    if not getattr(args, "pipeline", None) or not folder.is_dir():
+        return
+    config_file = folder / "transformer" / "config.json"
+    if getattr(args, "etas", None) and config_file.is_file() and (explicit is None or "--etas" in explicit):
+        config = read_json_object(config_file)
+        layers, heads = config.get("num_layers"), config.get("num_attention_heads")
+        if isinstance(layers, int) and isinstance(heads, int):
+            pruned = config.get("pruned_heads") or {}
+            present = layers * heads - sum(len(v) for v in pruned.values() if isinstance(v, list))
+            if present > 0:
+                check_etas_remove_heads(args.etas, present, "--etas")
+    schedule_file = folder / "scheduler" / "scheduler_config.json"
+    if getattr(args, "small_t_switch", None) is not None and schedule_file.is_file():
+        steps = read_json_object(schedule_file).get("num_train_timesteps")
+        if isinstance(steps, int):
+            check_time_switch(args.small_t_switch, steps, "--small_t_switch")
 
 
 def set_num_threads(num_threads: int | None) -> int | None:

@@ -333,14 +333,16 @@ def check_seed(value, flag: str = "--seed") -> None:
 
 
 def check_etas_remove_heads(etas, num_heads: int, flag: str = "--etas") -> None:
-    """Refuse a pruning fraction that removes no head of a layer of ``num_heads`` heads (``floor(eta * H) == 0``):
-    the method would run as a no-op and be reported as if it had pruned."""
+    """Refuse a pruning fraction that removes no head of the ``num_heads`` heads it ranks (``floor(eta * H) == 0``;
+    H: the heads still present, over the whole model as ``select_heads_to_prune`` ranks them): the method would run
+    as a no-op and be reported as if it had pruned."""
     import math
 
     for eta in etas:
         if math.floor(float(eta) * num_heads) == 0:
-            raise ValueError(f"{flag} {eta} removes no head of a layer with {num_heads} heads (floor({eta} x "
-                             f"{num_heads}) = 0); pass an eta >= {1 / num_heads:.4g}.")
+            raise ValueError(f"{flag} {eta} removes no head of the {num_heads} heads it ranks (floor({eta} x "
+                             f"{num_heads}) = 0): the method would run as a no-op; pass an eta >= "
+                             f"{1 / num_heads:.4g}.")
 
 
 def check_time_switch(value, num_train_timesteps: int, flag: str = "--small_t_switch") -> None:
