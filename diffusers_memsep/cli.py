@@ -193,6 +193,19 @@ def check_flags_against_pipeline(args: argparse.Namespace, explicit: set[str] | 
     folder = Path(getattr(args, "pipeline", None) or "").expanduser()
     if not getattr(args, "pipeline", None) or not folder.is_dir():
         return
+    schedule_file = folder / "scheduler" / "scheduler_config.json"
+    if schedule_file.is_file():  # a string in an integer field fails late, deep inside diffusers
+        import inspect
+
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        from .utils import check_config_types
+
+        schedule = read_json_object(schedule_file)
+        scheduler_class = DDIMScheduler if schedule.get("_class_name") == "DDIMScheduler" else DDPMScheduler
+        defaults = {name: p.default for name, p in inspect.signature(scheduler_class.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        check_config_types(schedule, defaults, schedule_file)
     config_file = folder / "transformer" / "config.json"
     if getattr(args, "etas", None) and config_file.is_file() and (explicit is None or "--etas" in explicit):
         config = read_json_object(config_file)
@@ -202,7 +215,6 @@ def check_flags_against_pipeline(args: argparse.Namespace, explicit: set[str] | 
             present = layers * heads - sum(len(v) for v in pruned.values() if isinstance(v, list))
             if present > 0:
                 check_etas_remove_heads(args.etas, present, "--etas")
-    schedule_file = folder / "scheduler" / "scheduler_config.json"
     if getattr(args, "small_t_switch", None) is not None and schedule_file.is_file():
         steps = read_json_object(schedule_file).get("num_train_timesteps")
         if isinstance(steps, int):

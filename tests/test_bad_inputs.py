@@ -200,6 +200,11 @@ def _config_set(**values):
     return setup
 
 
+def _scheduler_set(pipe, **values):
+    path = pipe / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
 def _model_index_not_an_object(tmp, pipe, mp):
     (pipe / "model_index.json").write_text("[1, 2]")
     return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
@@ -320,6 +325,8 @@ COMMAND_CASES = {
                                        "were saved with 2 heads x 8"),
     "prune-config-head-dim-doubled": (_config_set(attention_head_dim=16), "do not match the config.json"),
     "prune-config-string-in-int-field": (_config_set(num_layers="2"), "num_layers is '2' (str) but must be a int"),
+    "prune-scheduler-string-in-int-field": (lambda tmp, pipe, mp: _scheduler_set(pipe, num_train_timesteps="100") or
+                                            _prune()(tmp, pipe, mp), "num_train_timesteps is '100' (str)"),
     "prune-model-index-not-an-object": (_model_index_not_an_object, "holds a JSON list, not an object"),
     "prune-corrupt-scheduler-config-named": (_scheduler_config_corrupt, "scheduler_config.json' is not a valid JSON"),
     # issue 22: values that make a method a no-op or out of range, checked before any work
