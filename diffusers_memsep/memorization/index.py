@@ -229,7 +229,8 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
 
         The distances of the memorization rule are only meaningful in the reference's space: exact copies on the
         ``[0, 1]`` or ``0..255`` scale searched against ``[-1, 1]`` training images are never found (0% memorized,
-        silently). Two signs are refused: values far beyond the reference's range (``0..255`` against ``[-1, 1]``),
+        silently). Two signs are refused: values more than 10 ranges beyond the reference's range (``0..255`` against
+        ``[-1, 1]``; an unclamped sample a little outside the range passes),
         and no negative value at all when at least a quarter of the reference's values are negative (``[0, 1]``
         against ``[-1, 1]``: a model of ``[-1, 1]`` images draws negative values).
         """
@@ -243,11 +244,11 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         q_low, q_high = float(finite.min()), float(finite.max())
         expected = f"[{low:.3g}, {high:.3g}]"
         hint = " (x * 2 - 1 for [0, 1] images, x / 127.5 - 1 for 0..255)" if low < -0.5 and high <= 1.01 else ""
-        if q_high > high + span or q_low < low - span:
+        if q_high > high + 10 * span or q_low < low - 10 * span:  # far beyond any sample of a diverging model
             raise ValueError(f"the samples' values span [{q_low:.3g}, {q_high:.3g}] but the reference's training "
                              f"images lie in {expected}; put the samples on the reference's scale{hint} before "
                              "checking them for copies.")
-        if negative >= 0.25 and q_low >= 0 and low < -0.5:
+        if negative >= 0.25 and q_low >= 0 and low < -0.5 and q_high <= max(high, 1.0) + 1e-3:
             raise ValueError(f"the samples have no negative value ([{q_low:.3g}, {q_high:.3g}]) but the reference's "
                              f"training images lie in {expected}: they look like [0, 1] images; put them on the "
                              f"reference's scale{hint} before checking them for copies.")
