@@ -49,8 +49,8 @@ class _Parser(argparse.ArgumentParser):
         found = re.match(r"argument (--[\w-]+)(?:/[^:]*)?: expected (?:one|at least one) argument", message)
         if found:
             flag = found.group(1)
-            message += (f" (a negative value such as -1e-3 reads as an option: write {flag}=-1e-3, or for a list "
-                        f"{flag}=-1 as the first value)")
+            message += (f" (a negative value such as -1e-3 or -inf reads as an option: write {flag}=-1e-3, with "
+                        "'=')")
         super().error(message)
 
 

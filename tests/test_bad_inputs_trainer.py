@@ -399,3 +399,12 @@ def test_data_fingerprint_is_the_content_not_the_path(tmp_path):
 
     Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(folder / "1.png")  # same names, same count
     assert data_fingerprint(load_training_data(train_data_dir=folder)) != first
+
+
+def test_negative_value_as_a_separate_token_says_to_use_equals(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train("--output_dir", tmp_path / "run", "--learning_rate", "-1e-3")
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "write --learning_rate=-1e-3" in errors[0]
+    assert not (tmp_path / "run").exists()
