@@ -170,7 +170,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if samples is not None and 0 < samples < 2:
         raise ValueError(f"--num_train_samples {samples}: memorization is judged against at least 2 training images "
                          "(the 1/3 rule compares the nearest and the second-nearest); pass --num_train_samples >= 2.")
-    check_positive_limit(getattr(args, "max_runs", None), "--max_runs")
+    for name in ("max_runs", "num_base_models"):  # a limit of 0 would run nothing and report an empty study
+        check_positive_limit(getattr(args, name, None), f"--{name}")
     threads = getattr(args, "num_threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--num_threads must be >= 1, got {threads}.")

@@ -345,6 +345,7 @@ COMMAND_CASES = {
     "study-duplicate-etas": (_study("--etas", "0.25", "0.25"), "--etas lists 0.25 more than once"),
     "study-negative-seed": (_study("--seeds=-3"), "--seeds must be an integer in [0"),
     "study-zero-max-runs": (_study("--max_runs", "0"), "--max_runs must be a positive integer"),
+    "study-zero-base-models": (_study("--num_base_models", "0"), "--num_base_models must be a positive integer"),
     "gmm-cuda-without-gpu": (_plain("gmm", "--scale", "tiny", "--device", "cuda"),
                              "CUDA is not available; use --device cpu"),
     "gmm-negative-seed": (_plain("gmm", "--scale", "tiny", "--seed=-1"), "--seed must be an integer in [0"),
