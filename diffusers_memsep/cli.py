@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                 if getattr(args, name, None) and Path(getattr(args, name)).expanduser().is_dir():
                     check_pipeline_json(Path(getattr(args, name)).expanduser())
             check_flags_against_pipeline(args, explicit=_given_flags(argv))
+            if args._command == "demo":
+                check_demo_output_dir(args.output_dir, getattr(args, "overwrite_output_dir", False))
             if args._command in LOCKED_COMMANDS and _is_main_rank():
                 lock = OutputLock(args.output_dir, f"memsep {args._command}").acquire()
         return int(args._run(args) or 0)
@@ -175,6 +177,22 @@ def check_flags(args: argparse.Namespace) -> None:
     threads = getattr(args, "num_threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--num_threads must be >= 1, got {threads}.")
+
+
+def check_demo_output_dir(output_dir, overwrite_output_dir: bool = False) -> None:
+    """``memsep demo`` replaces its own earlier results (a folder with ``base/model_index.json``), never another run:
+    a non-empty folder without them is refused unless ``--overwrite_output_dir`` (when the demo has that flag)."""
+    from .utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX
+
+    folder = Path(output_dir).expanduser()
+    if overwrite_output_dir or not folder.is_dir() or (folder / "base" / "model_index.json").is_file():
+        return
+    contents = sorted(p.name for p in folder.iterdir()
+                      if not p.name.startswith(WRITE_CHECK_PREFIX) and p.name not in CACHE_FOLDERS)
+    if contents:
+        shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+        raise ValueError(f"--output_dir {str(output_dir)!r} already holds another run ({shown}), not an earlier demo "
+                         "(no base/model_index.json); choose another --output_dir.")
 
 
 def _given_flags(argv: list[str]) -> set[str]:
