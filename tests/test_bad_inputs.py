@@ -180,6 +180,21 @@ def _disk_full_while_overwriting(tmp, pipe, mp):
             *QUICK_PRUNE]
 
 
+def _safetensors_disk_full(tmp, pipe, mp):
+    """A full disk as safetensors reports it (SafetensorError, not an OSError) while the variants are saved."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    _earlier_study(tmp / "out")
+    mp.setattr(safetensors.torch, "save_file", save_file)
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out"), "--overwrite_output_dir",
+            *QUICK_PRUNE]
+
+
 def _disk_full_loss_gap(tmp, pipe, mp):
     import diffusers_memsep.theory
 
@@ -358,6 +373,7 @@ COMMAND_CASES = {
     "loss-gap-disk-full": (_disk_full_loss_gap,
                            "No space left on device: 'diffusion_pytorch_model.safetensors'; free disk space"),
     "prune-disk-full-while-overwriting": (_disk_full_while_overwriting, "No space left on device"),
+    "prune-disk-full-safetensors-error": (_safetensors_disk_full, "No space left on device"),
 }
 
 
