@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     except Exception as error:
         if not is_write_error(error):
             raise
+        if "deserializ" in str(error).lower():  # safetensors could not READ a file: it is damaged
+            print(f"memsep: error: a safetensors file cannot be read ({_one_line(error)}); it is damaged or "
+                  "truncated: restore it or save the model again.", file=sys.stderr)
+            return 2
         error = as_write_error(error, getattr(args, "output_dir", None) or ".")  # e.g. SafetensorError: disk full
         print(f"memsep: error: {_one_line(error)}{_os_error_fix(error)}", file=sys.stderr)
         return 2

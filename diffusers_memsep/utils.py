@@ -141,7 +141,8 @@ def as_write_error(error: BaseException, path: str | os.PathLike) -> OSError:
 
 
 def is_write_error(error: BaseException) -> bool:
-    """True for the errors a writer meets when the file system refuses (OSError, safetensors' SafetensorError)."""
+    """True for the errors a writer meets when the file system refuses (OSError, safetensors' SafetensorError;
+    the command line tells a safetensors READ error, "Error while deserializing", apart)."""
     return isinstance(error, OSError) or type(error).__name__ == "SafetensorError"
 
 
