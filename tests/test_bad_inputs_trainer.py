@@ -408,3 +408,18 @@ def test_negative_value_as_a_separate_token_says_to_use_equals(tmp_path, capsys)
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "write --learning_rate=-1e-3" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_foreign_checkpoint_with_overwrite_replaces_the_run_and_its_checkpoints(tmp_path, finished_run):
+    """Data loss, the allowed way: --overwrite_output_dir replaces B's run, and B's old checkpoints (another run's)
+    are removed, so a later 'latest' can never resume them as this run's."""
+    target = _copy(finished_run / "with_checkpoints", tmp_path / "B")
+    old = {p.name: p.joinpath("trainer_state.json").read_bytes() for p in target.glob("checkpoint-*")}
+    assert old
+    source = finished_run / "with_checkpoints" / "checkpoint-1"
+    before = snapshot(finished_run / "with_checkpoints")
+    assert train("--output_dir", target, "--max_train_steps", "2", "--checkpointing_steps", "0",
+                 "--resume_from_checkpoint", source, "--overwrite_output_dir") == 0
+    assert not list(target.glob("checkpoint-*"))  # the run that was there is gone with its checkpoints
+    assert (target / "model_index.json").is_file()
+    assert snapshot(finished_run / "with_checkpoints") == before  # the source run is only read

@@ -261,7 +261,7 @@ def train_pipeline(
     check_process_setup(accelerator)
     if accelerator.is_main_process:
         check_writable_dir(output_dir)
-        if overwrite_output_dir and checkpoint is None:
+        if overwrite_output_dir and (checkpoint is None or not resumes_own_checkpoint(checkpoint, output_dir)):
             for old in list_checkpoints(output_dir):  # another run's checkpoints must never be resumed as ours
                 shutil.rmtree(old)
             for old in (output_dir / "samples", output_dir / logging_dir):  # nor its grids and curves shown as ours
