@@ -423,3 +423,33 @@ def test_foreign_checkpoint_with_overwrite_replaces_the_run_and_its_checkpoints(
     assert not list(target.glob("checkpoint-*"))  # the run that was there is gone with its checkpoints
     assert (target / "model_index.json").is_file()
     assert snapshot(finished_run / "with_checkpoints") == before  # the source run is only read
+
+
+def test_two_train_runs_into_one_empty_folder_second_is_refused(tmp_path, capsys):
+    """The issue's repro: two `memsep train` into one empty folder both reported success. Now the second is refused
+    while the first runs; after the first is killed its lock is stale and is taken over."""
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen([sys.executable, "-m", "diffusers_memsep.cli", "train", *TINY, "--output_dir", str(out),
+                              "--max_train_steps", "100000", "--checkpointing_steps", "0",
+                              "--validation_num_samples", "0"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / ".run.memsep.lock"
+    try:
+        deadline = time.time() + 300
+        while not lock.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert lock.exists(), "the first run never took the lock"
+        assert train("--output_dir", out, "--max_train_steps", "1") == 2
+        assert f"is being written by process {first.pid}" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.exists()  # killed: the lock stays, stale
+    assert train("--output_dir", out, "--max_train_steps", "1", "--checkpointing_steps", "0",
+                 "--validation_num_samples", "0") == 0
+    assert "taking over the lock" in capsys.readouterr().err and not lock.exists()
