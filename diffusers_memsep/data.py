@@ -330,13 +330,28 @@ def _to_tensor(pil_images, resolution: int | None, center_crop: bool, name: str,
         arrays.append(np.asarray(image, dtype=np.float32))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
+        first = arrays[0].shape
+        odd = [_file_name(image, i) for i, (image, a) in enumerate(zip(pil_images, arrays)) if a.shape != first][:2]
         raise ValueError(
-            f"images of {name} have different sizes {sorted(shapes)[:4]}; pass resolution=... to resize them."
+            f"images of {name} have different sizes {sorted(shapes)[:4]} (e.g. {', '.join(odd)} differ from "
+            f"{_file_name(pil_images[0], 0)}); pass --resolution N (resolution=N) to resize them all to N x N."
+        )
+    if arrays and arrays[0].shape[0] != arrays[0].shape[1]:
+        height, width = arrays[0].shape[:2]
+        raise ValueError(
+            f"images of {name} are {width}x{height} (e.g. {_file_name(pil_images[0], 0)}), not square; pass "
+            f"--resolution N (resolution=N) to resize them to N x N, with --center_crop to crop instead of stretch."
         )
     stacked = torch.from_numpy(np.stack(arrays)).float()
     if stacked.ndim == 3:
         stacked = stacked.unsqueeze(-1)
     return (stacked.permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0).contiguous()
+
+
+def _file_name(image, position: int) -> str:
+    """The file an image was read from, for messages (else its position in the set)."""
+    filename = getattr(image, "filename", "") or ""
+    return repr(os.path.basename(filename)) if filename else f"image #{position}"
 
 
 def _deep_grey_as_float(image, name: str):

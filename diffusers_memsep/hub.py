@@ -47,6 +47,10 @@ CHECKOUT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 #: Never uploaded: training checkpoints (optimizer state, hundreds of MB), temporary folders, local logs.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**", "*.tmp"]
 
+#: The training-set reference (``reference/``: the exact training images). Private by default: a push leaves it out
+#: unless asked (``push_reference=True``, ``memsep push --push_reference``); the card says how to rebuild it.
+REFERENCE_PATTERNS = ["reference", "reference/**", "**/reference/**"]
+
 DEFAULT_TAGS = ["diffusers", "diffusers-memsep", "dit", "memorization"]
 
 #: The Hub has no task for class-conditional image generation (``facebook/DiT-XL-2-256`` carries no pipeline tag),
@@ -185,8 +189,12 @@ def save_model_card(folder: str | os.PathLike, template_name: str, metadata: dic
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
                        commit_message: str = "Upload MemSepPipeline (diffusers-memsep)",
-                       ignore_patterns: list[str] | None = None) -> str:
+                       ignore_patterns: list[str] | None = None, push_reference: bool = False) -> str:
     """Create ``repo_id`` (private when asked, no error if it exists) and upload ``folder`` to it.
+
+    The training-set reference (``reference/``, the exact training images) is left out unless ``push_reference``
+    (:data:`REFERENCE_PATTERNS`): publishing a model must not publish its training data by accident. The local
+    folder keeps it; the card says how to rebuild it (``memsep reference``).
 
     The folder must already hold the saved pipeline; it is only read. Returns the URL of the commit.
     Raises :class:`HubPushError` (one line: cause and fix) when offline, without a token, without network, or
@@ -199,8 +207,16 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
     with _hub_errors(repo_id, local):
         token = check_hub_repo(repo_id, private=private, token=token, local=local)
         commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token,
-                               ignore_patterns=ignore_patterns or PUSH_IGNORE_PATTERNS, repo_type="model")
+                               ignore_patterns=push_ignore_patterns(ignore_patterns, push_reference),
+                               repo_type="model")
     return str(getattr(commit, "commit_url", commit))
+
+
+def push_ignore_patterns(ignore_patterns: list[str] | None = None, push_reference: bool = False) -> list[str]:
+    """The patterns a push leaves out: ``ignore_patterns`` (default :data:`PUSH_IGNORE_PATTERNS`), plus the
+    training-set reference unless ``push_reference``."""
+    patterns = list(ignore_patterns or PUSH_IGNORE_PATTERNS)
+    return patterns if push_reference else patterns + [p for p in REFERENCE_PATTERNS if p not in patterns]
 
 
 def check_hub_repo(repo_id: str, private: bool = False, token: str | None = None, local: str = "") -> str:

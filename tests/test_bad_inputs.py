@@ -24,7 +24,7 @@ import diffusers_memsep.utils
 from diffusers_memsep import MemSepPipeline, NearestNeighborIndex, PrunableDiTTransformer2DModel
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
-from diffusers_memsep.memorization import memorization_ratio, memorization_report
+from diffusers_memsep.memorization import memorization_ratio, memorization_report, precision_recall
 from diffusers_memsep.study import PruningStudyConfig
 
 from conftest import tiny_dit
@@ -179,12 +179,80 @@ def _disk_full_while_overwriting(tmp, pipe, mp):
             *QUICK_PRUNE]
 
 
+def _safetensors_disk_full(tmp, pipe, mp):
+    """A full disk as safetensors reports it (SafetensorError, not an OSError) while the variants are saved."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    _earlier_study(tmp / "out")
+    mp.setattr(safetensors.torch, "save_file", save_file)
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out"), "--overwrite_output_dir",
+            *QUICK_PRUNE]
+
+
 def _disk_full_loss_gap(tmp, pipe, mp):
     import diffusers_memsep.commands.loss_gap
 
     mp.setattr(diffusers_memsep.commands.loss_gap, "write_loss_gap_csv", disk_full)
     return ["loss-gap", "--output_dir", str(tmp / "out"), "--dim", "2", "--num_components", "2", "--n_values", "10",
             "--num_times", "2", "--num_noise_samples", "8", "--no_fisher"]
+
+
+# --------------------------------------------------------------- issue 22: general rules, configs, no-op flags
+def _config_set(**values):
+    """Edit transformer/config.json of the pipeline (hand-edited configs that contradict the weights)."""
+    def setup(tmp, pipe, mp):
+        config_path = pipe / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(values)
+        config_path.write_text(json.dumps(config))
+        return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+    return setup
+
+
+def _scheduler_set(pipe, **values):
+    path = pipe / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def _model_index_not_an_object(tmp, pipe, mp):
+    (pipe / "model_index.json").write_text("[1, 2]")
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+
+
+def _scheduler_config_corrupt(tmp, pipe, mp):
+    (pipe / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 100,')
+    return ["prune", "--pipeline", str(pipe), "--output_dir", str(tmp / "out")]
+
+
+def _output_inside_images(command, equal=False):
+    def setup(tmp, pipe, mp):
+        folder = digit_images(tmp / "images")
+        out = folder if equal else folder / "run"
+        extra = ["--pipeline", str(pipe)] if command in ("prune", "reference") else []
+        return [command, *extra, "--output_dir", str(out), "--train_data_dir", str(folder)]
+    return setup
+
+
+def _locked(command):
+    """Another live process (here: this one, as far as the lock can tell) is writing the output folder."""
+    def setup(tmp, pipe, mp):
+        import os
+        import socket
+
+        (tmp / ".out.memsep.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                          "command": "memsep train"}))
+        extra = ["--pipeline", str(pipe), "--embedded_digits"] if command in ("prune", "reference") else []
+        return [command, *extra, "--output_dir", str(tmp / "out")]
+    return setup
+
+
+def _study(*flags):
+    return lambda tmp, pipe, mp: ["study", "--output_dir", str(tmp / "out"), "--quick", *flags]
 
 
 def _prune(*flags, out="out"):
@@ -250,10 +318,61 @@ COMMAND_CASES = {
     "gmm-level-nan": (_plain("gmm", "--scale", "tiny", "--level", "nan"), "--level must lie in (0, 1)"),
     "gmm-unknown-sweep-parameter": (_plain("gmm", "--sweep", "heads=1,2"), "heads"),
     "gmm-replot-nothing": (_plain("gmm", "--replot"), "gmm_runs.csv"),
+    # issue 22: the general rule (outputs inside --output_dir, never among the inputs, one writer at a time)
+    "study-setting-name-is-a-path": (_study("--train_data_dir", "imgs", "--setting_name", "../../my_project"),
+                                     "is not a plain name"),
+    "study-setting-name-dot-dot": (_study("--train_data_dir", "imgs", "--setting_name", ".."),
+                                   "is not a plain name"),
+    "prune-output-inside-training-images": (_output_inside_images("prune"), "lies inside the training images folder"),
+    "prune-output-is-training-images": (_output_inside_images("prune", equal=True), "is the training images folder"),
+    "reference-output-inside-training-images": (_output_inside_images("reference"),
+                                                "lies inside the training images folder"),
+    "reference-output-is-the-pipeline": (lambda tmp, pipe, mp: ["reference", "--pipeline", str(pipe),
+                                                                "--output_dir", str(pipe), "--embedded_digits"],
+                                         "is the input pipeline folder"),
+    "prune-second-writer-locked-out": (_locked("prune"), "is being written by process"),
+    "demo-output-holds-another-run": (lambda tmp, pipe, mp: (_earlier_study(tmp / "out"), ["demo", "--output_dir",
+                                                                                          str(tmp / "out")])[1],
+                                      "already holds another run"),
+    "demo-second-writer-locked-out": (_locked("demo"), "is being written by process"),
+    "study-second-writer-locked-out": (_locked("study"), "is being written by process"),
+    "reference-second-writer-locked-out": (_locked("reference"), "is being written by process"),
+    # issue 22: configs that contradict their weights, JSON that is not an object
+    "prune-config-heads-relaid-1x16": (_config_set(num_attention_heads=1, attention_head_dim=16),
+                                       "were saved with 2 heads x 8"),
+    "prune-config-head-dim-doubled": (_config_set(attention_head_dim=16), "do not match the config.json"),
+    "prune-config-string-in-int-field": (_config_set(num_layers="2"), "num_layers is '2' (str) but must be a int"),
+    "prune-scheduler-string-in-int-field": (lambda tmp, pipe, mp: _scheduler_set(pipe, num_train_timesteps="100") or
+                                            _prune()(tmp, pipe, mp), "num_train_timesteps is '100' (str)"),
+    "prune-model-index-not-an-object": (_model_index_not_an_object, "holds a JSON list, not an object"),
+    "prune-corrupt-scheduler-config-named": (_scheduler_config_corrupt, "scheduler_config.json' is not a valid JSON"),
+    # issue 22: values that make a method a no-op or out of range, checked before any work
+    "prune-duplicate-etas": (_prune("--etas", "0.5", "0.5"), "--etas lists 0.5 more than once"),
+    "prune-duplicate-seeds": (_prune("--seeds", "0", "0"), "--seeds lists 0 more than once"),
+    "prune-negative-data-seed": (_prune("--data_seed=-1"), "--data_seed must be an integer in [0"),
+    "prune-resolution-2048": (_prune("--resolution", "2048"), "outside [1, 1024]"),
+    "prune-eta-removes-no-head": (_prune("--etas", "0.2"), "--etas 0.2 removes no head of the 4 heads it ranks"),
+    "prune-time-switch-beyond-the-schedule": (_prune("--small_t_switch", "100"), "--small_t_switch 100 lies outside"),
+    "prune-time-switch-zero": (_prune("--small_t_switch", "0"), "--small_t_switch 0 lies outside the schedule"),
+    "prune-negative-value-as-a-token": (_prune("--finetune_lr", "-1e-3"), "write --finetune_lr=-1e-3"),
+    "demo-one-train-sample": (_plain("demo", "--num_train_samples", "1"), "--num_train_samples 1"),
+    "demo-duplicate-seeds": (_plain("demo", "--seeds", "1", "1"), "--seeds lists 1 more than once"),
+    "study-one-train-sample": (_study("--train_data_dir", "imgs", "--num_train_samples", "1"),
+                               "--num_train_samples 1"),
+    "study-duplicate-etas": (_study("--etas", "0.25", "0.25"), "--etas lists 0.25 more than once"),
+    "study-negative-seed": (_study("--seeds=-3"), "--seeds must be an integer in [0"),
+    "study-zero-max-runs": (_study("--max_runs", "0"), "--max_runs must be a positive integer"),
+    "study-zero-base-models": (_study("--num_base_models", "0"), "--num_base_models must be a positive integer"),
+    "gmm-cuda-without-gpu": (_plain("gmm", "--scale", "tiny", "--device", "cuda"),
+                             "CUDA is not available; use --device cpu"),
+    "gmm-negative-seed": (_plain("gmm", "--scale", "tiny", "--seed=-1"), "--seed must be an integer in [0"),
+    "train-zero-threads": (lambda tmp, pipe, mp: ["train", "--output_dir", str(tmp / "out"), "--num_threads", "0"],
+                           "--num_threads must be >= 1"),
     # the file system refuses mid-run
     "loss-gap-disk-full": (_disk_full_loss_gap,
                            "No space left on device: 'diffusion_pytorch_model.safetensors'; free disk space"),
     "prune-disk-full-while-overwriting": (_disk_full_while_overwriting, "No space left on device"),
+    "prune-disk-full-safetensors-error": (_safetensors_disk_full, "No space left on device"),
 }
 
 
@@ -275,7 +394,8 @@ def test_command_bad_input_fails_in_one_line_and_changes_no_file(case, saved_pip
     assert code == 2, stderr[-2000:]
     assert len(errors) == 1 and phrase in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert snapshot(tmp_path) == before  # same files, same bytes, nothing added (not even a probe file)
+    assert "ignore_mismatched_sizes" not in stderr  # diffusers' advice would replace the weights with random ones
+    assert snapshot(tmp_path) == before  # same files, same bytes, nothing added (not even a probe file or lock)
 
 
 def test_prune_overwrite_replaces_only_the_study_outputs(saved_pipeline, tmp_path, capsys):
@@ -318,6 +438,55 @@ def _load_from(make, **kwargs):
         folder = make(tmp / "images")
         return lambda: load_training_data(train_data_dir=folder, **kwargs)
     return setup
+
+
+def _reference_and_copies(scale):
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    copies = images[:3].clone()
+    return NearestNeighborIndex.from_images(images), (copies + 1) / 2 if scale == "0-1" else (copies + 1) * 127.5
+
+
+def _copies_first(scale):
+    index, copies = _reference_and_copies(scale)
+    return copies, index
+
+
+def _edited_config(tmp, **values):
+    folder = tmp / "transformer"
+    tiny_transformer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(values)
+    (folder / "config.json").write_text(json.dumps(config))
+    return lambda: PrunableDiTTransformer2DModel.from_pretrained(folder)
+
+
+def _config_replaced(tmp, text):
+    call = _edited_config(tmp)
+    (tmp / "transformer" / "config.json").write_text(text)
+    return call
+
+
+def _non_square(folder):
+    for i in range(3):
+        write_png(folder / f"{i}.png", np.full((8, 12), 40 * i, dtype=np.uint8))
+    return folder
+
+
+def _corrupt_trainer_state(tmp):
+    from diffusers_memsep.trainer.checkpoints import read_trainer_state
+
+    folder = tmp / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text('{"global_step": 2,')
+    return lambda: read_trainer_state(folder)
+
+
+def _held_lock(tmp):
+    import os
+    import socket
+
+    (tmp / ".out.memsep.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return lambda: diffusers_memsep.utils.OutputLock(tmp / "out").acquire()
 
 
 API_CASES = {
@@ -368,6 +537,46 @@ API_CASES = {
     "data-32-bit-values-beyond-16-bits": (_load_from(lambda folder: _deep_tiff(folder, 70000)), ValueError,
                                           "outside the 65535 range"),
     "study-eta-nan": (_api(lambda: PruningStudyConfig(etas=(float("nan"),))), ValueError, "eta must lie in"),
+    # issue 22: scales, configs, JSON, general rules, no-op values
+    "index-copies-on-the-0-1-scale": (lambda tmp: lambda: memorization_report(*_copies_first("0-1")), ValueError,
+                                      "look like [0, 1] images"),
+    "index-copies-on-the-0-255-scale": (lambda tmp: lambda: _reference_and_copies("0-255")[0].search(
+        _reference_and_copies("0-255")[1]), ValueError, "x / 127.5 - 1 for 0..255"),
+    "ratio-copies-on-the-0-1-scale": (lambda tmp: lambda: memorization_ratio(*_copies_first("0-1")), ValueError,
+                                      "put them on the reference's scale"),
+    "precision-recall-all-fakes-nan": (_api(lambda: precision_recall(torch.randn(10, 4),
+                                                                     torch.full((10, 4), float("nan")))),
+                                       ValueError, "the model or its sampler diverged"),
+    "transformer-config-heads-relaid-1x16": (lambda tmp: _edited_config(tmp, num_attention_heads=1,
+                                                                        attention_head_dim=16),
+                                             ValueError, "were saved with 2 heads x 8"),
+    "transformer-config-head-dim-doubled": (lambda tmp: _edited_config(tmp, attention_head_dim=16), ValueError,
+                                            "do not match the config.json"),
+    "transformer-config-string-in-int-field": (lambda tmp: _edited_config(tmp, num_layers="2"), ValueError,
+                                               "num_layers is '2' (str)"),
+    "transformer-config-not-an-object": (lambda tmp: _config_replaced(tmp, "[]"), ValueError,
+                                         "holds a JSON list, not an object"),
+    "trainer-state-corrupt-names-the-file": (_corrupt_trainer_state, ValueError,
+                                             "trainer_state.json' is not a valid JSON file"),
+    "data-non-square-images": (_load_from(_non_square), ValueError, "not square; pass --resolution N"),
+    "data-mixed-sizes-name-a-file": (_load_from(_mixed_sizes), ValueError, "'big.png'"),
+    "write-outside-output-dir": (lambda tmp: lambda: diffusers_memsep.utils.inside_output_dir(
+        tmp / "out" / ".." / ".." / "my_project" / "runs.csv", tmp / "out"), ValueError, "lies outside --output_dir"),
+    "setting-name-with-a-separator": (_api(lambda: diffusers_memsep.utils.check_plain_name("a/b", "--setting_name")),
+                                      ValueError, "is not a plain name"),
+    "output-lock-held-by-a-live-process": (_held_lock, ValueError, "is being written by process"),
+    "eta-that-removes-no-head": (_api(lambda: diffusers_memsep.utils.check_etas_remove_heads([0.1], 4)),
+                                 ValueError, "removes no head of the 4 heads it ranks"),
+    "time-switch-outside-the-schedule": (_api(lambda: diffusers_memsep.utils.check_time_switch(1000, 1000)),
+                                         ValueError, "lies outside the schedule"),
+    "time-switch-zero": (_api(lambda: diffusers_memsep.utils.check_time_switch(0, 1000)), ValueError,
+                         "lies outside the schedule"),
+    "limit-zero": (_api(lambda: diffusers_memsep.utils.check_positive_limit(0, "--max_runs")), ValueError,
+                   "must be a positive integer"),
+    "duplicate-seeds": (_api(lambda: diffusers_memsep.utils.check_unique([0, 1, 0], "--seeds")), ValueError,
+                        "--seeds lists 0 more than once"),
+    "nan-scores": (_api(lambda: diffusers_memsep.utils.check_finite_scores(torch.tensor([1.0, float("nan")]))),
+                   ValueError, "1 of 2 head importance scores are NaN"),
 }
 
 
@@ -467,3 +676,94 @@ def test_precision_recall_count_nonfinite_fakes_as_off_the_real_manifold():
     assert recall_nan == pytest.approx(precision_recall(real, fake[5:], k=3)[1])
     with pytest.raises(ValueError, match="real_features hold NaN"):
         precision_recall(fake, real, k=3)
+
+
+# ------------------------------------------------------------------------------- issue 22: private by default
+def _fake_hub(monkeypatch):
+    """upload_folder replaced by a recorder of the files it would upload (same pattern filter as the Hub client)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    import diffusers_memsep.hub as hub
+
+    uploads = []
+
+    def upload_folder(repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        uploads.append(sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(hub, "check_hub_repo", lambda *args, **kwargs: "token")
+    return uploads
+
+
+@pytest.mark.parametrize("flag", [[], ["--push_reference"]])
+def test_push_leaves_the_training_images_out_unless_asked(flag, saved_pipeline, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    assert (folder / "reference").is_dir()
+    uploads = _fake_hub(monkeypatch)
+    before = snapshot(folder)
+    assert main(["push", str(folder), "--hub_model_id", "me/dit", *flag]) == 0
+    uploaded = uploads[0]
+    assert "model_index.json" in uploaded and any(name.startswith("transformer/") for name in uploaded)
+    has_reference = any(name.startswith("reference/") for name in uploaded)
+    assert has_reference == bool(flag), uploaded
+    out = capsys.readouterr().out
+    assert ("the training images are now published" in out) if flag else ("pass --push_reference" in out)
+    assert snapshot(folder) == before  # the local folder keeps its reference
+
+
+def test_push_api_leaves_the_reference_out_by_default(saved_pipeline, monkeypatch):
+    from diffusers_memsep.hub import push_folder_to_hub
+
+    uploads = _fake_hub(monkeypatch)
+    push_folder_to_hub(saved_pipeline, "me/dit")  # the path memsep train --push_to_hub takes
+    push_folder_to_hub(saved_pipeline, "me/dit", push_reference=True)
+    assert not any(n.startswith("reference/") for n in uploads[0])
+    assert any(n.startswith("reference/") for n in uploads[1])
+
+
+# ------------------------------------------------------------------------------------------ issue 22: threads
+def test_thread_default_is_one_and_the_user_setting_wins(monkeypatch):
+    from diffusers_memsep.cli import set_num_threads
+
+    original = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        assert set_num_threads(None) == 1 and torch.get_num_threads() == 1
+        assert set_num_threads(2) == 2 and torch.get_num_threads() == 2  # --num_threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert set_num_threads(None) is None and torch.get_num_threads() == 2  # OMP_NUM_THREADS left to torch
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_every_command_takes_num_threads():
+    from diffusers_memsep.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        flags = {flag for action in build_parser(name)._actions for flag in action.option_strings}
+        assert "--num_threads" in flags, name
+
+
+# ------------------------------------------------------------------- issue 22: the scale check lets good data pass
+def test_copies_on_the_reference_scale_are_found_and_features_are_not_scale_checked():
+    index, _ = _reference_and_copies("0-1")
+    assert memorization_ratio(index.images[:3].clone(), index) == 1.0
+    vectors = NearestNeighborIndex.from_images(torch.randn(8, 5))
+    vectors.search(torch.rand(2, 5) * 1000)  # feature vectors: no image scale to check
+
+
+def test_saved_transformer_records_its_head_layout(tmp_path):
+    from safetensors import safe_open
+
+    from diffusers_memsep.models.prunable_dit import HEAD_LAYOUT_KEY
+
+    tiny_transformer().save_pretrained(tmp_path / "t")
+    with safe_open(str(tmp_path / "t" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()[HEAD_LAYOUT_KEY]) == {"num_attention_heads": 2, "attention_head_dim": 8}
+    PrunableDiTTransformer2DModel.from_pretrained(tmp_path / "t")  # the untouched folder loads

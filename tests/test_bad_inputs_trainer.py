@@ -104,7 +104,109 @@ CASES = {
     "output_dir_is_a_file": (lambda tmp, runs: ["--output_dir", _file(tmp / "run")], "is a file"),
     "occupied_output_dir": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run")],
                             "already holds another run"),
+    # issue 22, data loss: a checkpoint of ANOTHER folder never licenses writing over the run in --output_dir
+    "resume_foreign_checkpoint_over_finished_run": (
+        lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run"), "--max_train_steps", "3",
+                           "--resume_from_checkpoint", runs / "with_checkpoints" / "checkpoint-2", "--seed", "1"],
+        "lies outside it, so its run would be written over this one"),
+    "output_inside_training_images": (lambda tmp, runs: ["--output_dir", _images(tmp / "images") / "run",
+                                                         "--train_data_dir", tmp / "images"],
+                                      "lies inside the training images folder --train_data_dir"),
+    "output_is_training_images": (lambda tmp, runs: ["--output_dir", _images(tmp / "images"),
+                                                     "--train_data_dir", tmp / "images"],
+                                  "is the training images folder"),
+    "output_is_pretrained_pipeline": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints",
+                                                                               tmp / "run"),
+                                                         "--pretrained_model_name_or_path", tmp / "run",
+                                                         "--overwrite_output_dir"],
+                                      "is the input pipeline folder"),
+    "second_writer_locked_out": (lambda tmp, runs: ["--output_dir", _locked(tmp / "run")],
+                                 "is being written by process"),
+    # issue 22: a resume refuses every setting it cannot apply, naming it
+    "resume_other_learning_rate": (lambda tmp, runs: [*_resume(tmp, runs), "--learning_rate", "1e-3"],
+                                   "optimizer.learning_rate (checkpoint 0.0005, now 0.001)"),
+    "resume_other_lr_scheduler": (lambda tmp, runs: [*_resume(tmp, runs), "--lr_scheduler", "cosine"],
+                                  "optimizer.lr_scheduler (checkpoint 'constant_with_warmup', now 'cosine')"),
+    "resume_other_warmup": (lambda tmp, runs: [*_resume(tmp, runs), "--lr_warmup_steps", "7"],
+                            "optimizer.lr_warmup_steps (checkpoint 100, now 7)"),
+    "resume_other_weight_decay": (lambda tmp, runs: [*_resume(tmp, runs), "--weight_decay", "0.1"],
+                                  "optimizer.adam_weight_decay (checkpoint 0.0, now 0.1)"),
+    "resume_other_ema_decay": (lambda tmp, runs: [*_resume(tmp, runs), "--ema_max_decay", "0.99"],
+                               "optimizer.ema_max_decay (checkpoint 0.999, now 0.99)"),
+    "resume_other_batch": (lambda tmp, runs: [*_resume(tmp, runs), "--train_batch_size", "4"],
+                           "train_batch_size (checkpoint 8, now 4)"),
+    # issue 22: inputs checked before any work
+    "one_training_image": (lambda tmp, runs: ["--output_dir", tmp / "run", "--max_train_samples", "1"],
+                           "needs at least 2"),
+    "one_image_in_the_folder": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
+                                                   _images(tmp / "images", count=1), "--max_train_samples", "0"],
+                                "holds 1 image"),
+    "negative_seed": (lambda tmp, runs: ["--output_dir", tmp / "run", "--seed=-1"],
+                      "--seed must be an integer in [0, 4294967295], got -1"),
+    "resolution_2048": (lambda tmp, runs: ["--output_dir", tmp / "run", "--resolution", "2048"],
+                        "--resolution 2048 is outside [1, 1024]"),
+    "non_square_images": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
+                                             _images(tmp / "images", size=(8, 12)), "--max_train_samples", "0"],
+                          "not square; pass --resolution N"),
+    "mixed_image_sizes": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
+                                             _mixed(tmp / "images"), "--max_train_samples", "0"],
+                          "pass --resolution N"),
+    "corrupt_trainer_state": (lambda tmp, runs: ["--output_dir", _bad_state(_copy(runs / "with_checkpoints",
+                                                                                  tmp / "run")),
+                                                 "--max_train_steps", "3", "--resume_from_checkpoint", "latest"],
+                              "trainer_state.json' is not a valid JSON file"),
+    "pretrained_config_string_in_int_field": (lambda tmp, runs: ["--output_dir", tmp / "out",
+                                                                 "--pretrained_model_name_or_path",
+                                                                 _string_field(_copy(runs / "without_checkpoints",
+                                                                                     tmp / "run"))],
+                                              "num_layers is '1' (str) but must be a int"),
 }
+
+
+def _resume(tmp, runs):
+    return ["--output_dir", _copy(runs / "with_checkpoints", tmp / "run"), "--max_train_steps", "3",
+            "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+
+
+def _images(folder: Path, count=3, size=(8, 8)) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.full(size, 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _mixed(folder: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    _images(folder)
+    Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(folder / "big.png")
+    return folder
+
+
+def _locked(folder: Path) -> Path:
+    import socket
+
+    (folder.parent / f".{folder.name}.memsep.lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "memsep train"}))
+    return folder
+
+
+def _bad_state(run: Path) -> Path:
+    latest = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    (latest / "trainer_state.json").write_text('{"global_step": 2,')
+    return run
+
+
+def _string_field(run: Path) -> Path:
+    config_path = run / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_layers"] = str(config["num_layers"])
+    config_path.write_text(json.dumps(config))
+    return run
 
 
 def _corrupt(run: Path) -> Path:
@@ -214,3 +316,140 @@ def test_two_process_data_parallel_training_equals_one_process_on_the_same_globa
         moved += int(not torch.equal(weights[0][name], initial[name]))
     assert moved > 0  # training changed the weights, so the comparison is not between two untouched copies
     assert json.loads((tmp_path / "two" / "model_index.json").read_text())["_class_name"] == "MemSepPipeline"
+
+
+# ---------------------------------------------------------------------------------------------- issue 22 extras
+def _full_disk_safetensors(monkeypatch):
+    """A full disk as safetensors reports it: SafetensorError (not an OSError) from save_file."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("checkpointing_steps", ["0", "1"])  # the pipeline save / the checkpoint save fails
+def test_full_disk_during_train_ends_in_one_line_and_leaves_no_hidden_folder(checkpointing_steps, tmp_path,
+                                                                             monkeypatch, capsys):
+    _full_disk_safetensors(monkeypatch)
+    out = tmp_path / "run"
+    assert train("--output_dir", out, "--max_train_steps", "1", "--checkpointing_steps", checkpointing_steps) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "free disk space" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no .pipeline.tmp / .checkpoint-1.tmp
+    assert not (out / "model_index.json").exists() and not list(out.glob("checkpoint-*"))
+    assert not list(tmp_path.glob(".*.memsep.lock"))  # the lock is released on errors too
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path, capsys):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".run.memsep.lock"
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "command": "memsep train"}))
+    assert train("--output_dir", tmp_path / "run", "--max_train_steps", "1", "--checkpointing_steps", "0",
+                 "--validation_num_samples", "0") == 0
+    stderr = capsys.readouterr().err
+    assert "memsep: note: taking over the lock" in stderr and f"process {int(dead.stdout)}" in stderr
+    assert not lock.exists()  # released at the end
+    assert (tmp_path / "run" / "model_index.json").is_file()
+
+
+def test_lock_of_another_host_is_refused_and_kept(tmp_path, capsys):
+    lock = tmp_path / ".run.memsep.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "another-machine", "command": "memsep train"}))
+    assert train("--output_dir", tmp_path / "run", "--max_train_steps", "1") == 2
+    assert "is being written by process 1 on 'another-machine'" in capsys.readouterr().err
+    assert lock.exists() and not (tmp_path / "run").exists()  # nothing created, nothing removed
+
+
+def test_card_says_how_to_rebuild_the_reference(finished_run):
+    card = (finished_run / "without_checkpoints" / "README.md").read_text()
+    assert "## Training-set reference (private by default)" in card and "--push_reference" in card
+    assert "memsep reference --pipeline" in card and "--embedded_digits --max_train_samples 8 --data_seed 0" in card
+    assert "Subset: the 8 images at positions" in card
+
+
+def test_resume_of_a_checkpoint_without_the_optimizer_record_compares_its_config(tmp_path, finished_run, capsys):
+    """Checkpoints written before the optimizer settings entered the run record: their saved config is used."""
+    run = _copy(finished_run / "with_checkpoints", tmp_path / "run")
+    for state_file in run.glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        state["run"].pop("optimizer", None)
+        state_file.write_text(json.dumps(state))
+    assert train("--output_dir", run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                 "--learning_rate", "1e-3") == 2
+    assert "optimizer.learning_rate (checkpoint 0.0005, now 0.001)" in capsys.readouterr().err
+
+
+def test_data_fingerprint_is_the_content_not_the_path(tmp_path):
+    from diffusers_memsep.data import load_training_data
+    from diffusers_memsep.utils import data_fingerprint
+
+    folder = tmp_path / "images"
+    first = data_fingerprint(load_training_data(train_data_dir=_images(folder)))
+    assert data_fingerprint(load_training_data(train_data_dir=folder)) == first  # same images: same fingerprint
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(folder / "1.png")  # same names, same count
+    assert data_fingerprint(load_training_data(train_data_dir=folder)) != first
+
+
+def test_negative_value_as_a_separate_token_says_to_use_equals(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train("--output_dir", tmp_path / "run", "--learning_rate", "-1e-3")
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "write --learning_rate=-1e-3" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_foreign_checkpoint_with_overwrite_replaces_the_run_and_its_checkpoints(tmp_path, finished_run):
+    """Data loss, the allowed way: --overwrite_output_dir replaces B's run, and B's old checkpoints (another run's)
+    are removed, so a later 'latest' can never resume them as this run's."""
+    target = _copy(finished_run / "with_checkpoints", tmp_path / "B")
+    old = {p.name: p.joinpath("trainer_state.json").read_bytes() for p in target.glob("checkpoint-*")}
+    assert old
+    source = finished_run / "with_checkpoints" / "checkpoint-1"
+    before = snapshot(finished_run / "with_checkpoints")
+    assert train("--output_dir", target, "--max_train_steps", "2", "--checkpointing_steps", "0",
+                 "--resume_from_checkpoint", source, "--overwrite_output_dir") == 0
+    assert not list(target.glob("checkpoint-*"))  # the run that was there is gone with its checkpoints
+    assert (target / "model_index.json").is_file()
+    assert snapshot(finished_run / "with_checkpoints") == before  # the source run is only read
+
+
+def test_two_train_runs_into_one_empty_folder_second_is_refused(tmp_path, capsys):
+    """The issue's repro: two `memsep train` into one empty folder both reported success. Now the second is refused
+    while the first runs; after the first is killed its lock is stale and is taken over."""
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen([sys.executable, "-m", "diffusers_memsep.cli", "train", *TINY, "--output_dir", str(out),
+                              "--max_train_steps", "100000", "--checkpointing_steps", "0",
+                              "--validation_num_samples", "0"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / ".run.memsep.lock"
+    try:
+        deadline = time.time() + 300
+        while not lock.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert lock.exists(), "the first run never took the lock"
+        assert train("--output_dir", out, "--max_train_steps", "1") == 2
+        assert f"is being written by process {first.pid}" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.exists()  # killed: the lock stays, stale
+    assert train("--output_dir", out, "--max_train_steps", "1", "--checkpointing_steps", "0",
+                 "--validation_num_samples", "0") == 0
+    assert "taking over the lock" in capsys.readouterr().err and not lock.exists()

@@ -46,11 +46,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any run (torch would fail inside the first worker)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device; use --device cpu or --device cuda.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available; use --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                         "--device cuda:0 or --device cpu.")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available; use --device cpu.")
+
+
 def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.level) and 0 < args.level < 1):  # before any training, not after the whole suite
         raise ValueError(f"--level must lie in (0, 1) (the memorization ratio that counts as memorizing), got "
                          f"{args.level}.")
 
+    check_device(args.device)
     if args.sweep and args.replot:
         raise ValueError("--replot redraws the suite's figures; drop --sweep (or --replot).")
     if args.sweep:

@@ -1,7 +1,9 @@
 """``memsep push``: upload a saved pipeline folder (a trained model or a pruned variant) to the Hugging Face Hub.
 
 The same upload as ``--push_to_hub`` at the end of ``memsep train`` / ``memsep prune``, for a folder that is already
-complete on disk (for example after a push that failed offline): checkpoints, logs and temporary files stay local.
+complete on disk (for example after a push that failed offline): checkpoints, logs and temporary files stay local,
+and so does ``reference/`` (the exact training images) unless ``--push_reference``: private by default. The card
+says how to rebuild the reference locally (``memsep reference`` with the data flags of the training run).
 """
 
 from __future__ import annotations
@@ -18,13 +20,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
     parser.add_argument("--commit_message", default="Upload MemSepPipeline (diffusers-memsep)")
+    parser.add_argument("--push_reference", action="store_true",
+                        help="Also publish reference/ (the EXACT TRAINING IMAGES; left out by default, private). "
+                             "Without it, users rebuild the reference locally with memsep reference (see the card).")
 
 
 def run(args: argparse.Namespace) -> int:
     if not (Path(args.folder) / "model_index.json").is_file():
         raise ValueError(f"{args.folder!r} holds no model_index.json; pass a folder written by memsep train or "
                          "memsep prune (a variant under variants/).")
+    reference = (Path(args.folder) / "reference").is_dir()
     url = push_folder_to_hub(args.folder, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
-                             commit_message=args.commit_message)
-    print(f"Pushed {args.folder} to {url}")
+                             commit_message=args.commit_message, push_reference=args.push_reference)
+    if not reference:
+        kept = ""
+    elif args.push_reference:
+        kept = " (with reference/: the training images are now published)"
+    else:
+        kept = (" (without reference/, the training images, which stay local; pass --push_reference to publish "
+                "them)")
+    print(f"Pushed {args.folder} to {url}{kept}")
     return 0

@@ -38,6 +38,12 @@ from diffusers_memsep.trainer import (
 EMBEDDED_DEFAULT_N = 64
 
 
+#: A pipeline checks its samples against its training images with the 1/3 rule (nearest vs second-nearest), which
+#: needs 2 images; a 1-image run would save a pipeline without a reference while its card promises the check.
+ONE_IMAGE = ("{what}: the pipeline checks every sample against its training images (nearest vs second-nearest), "
+             "which needs at least 2; train on 2 or more images.")
+
+
 def _num_train_images(args) -> int | None:
     if args.max_train_samples is None:
         return None if (args.dataset_name or args.train_data_dir) else EMBEDDED_DEFAULT_N
@@ -142,6 +148,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
+def reference_card_fields(args: argparse.Namespace, data) -> dict:
+    """Card fields that let anyone rebuild ``reference/`` (left out of Hub pushes by default) exactly: the
+    ``memsep reference`` command with this run's data flags, the Hub data set's id and revision, the subset's
+    positions."""
+    import shlex
+
+    where = args.hub_model_id or args.output_dir
+    flags = ["memsep", "reference", "--pipeline", str(where),
+             "--output_dir", f"{Path(args.output_dir).name}-with-reference"]
+    if args.dataset_name:
+        flags += ["--dataset_name", args.dataset_name]
+        if args.dataset_config_name:
+            flags += ["--dataset_config_name", args.dataset_config_name]
+    elif args.train_data_dir:
+        flags += ["--train_data_dir", str(args.train_data_dir)]
+    else:
+        flags += ["--embedded_digits"]
+    if args.image_column != "image":
+        flags += ["--image_column", args.image_column]
+    if args.label_column:
+        flags += ["--label_column", args.label_column]
+    if args.resolution:
+        flags += ["--resolution", str(args.resolution)]
+    if args.center_crop:
+        flags += ["--center_crop"]
+    count = _num_train_images(args)
+    if count:
+        flags += ["--max_train_samples", str(count)]
+    flags += ["--data_seed", str(args.seed)]
+    indices = getattr(data, "indices", None)
+    return {"reference_rebuild": " ".join(shlex.quote(flag) for flag in flags), "dataset_id": args.dataset_name,
+            "dataset_revision": getattr(args, "dataset_revision", None),
+            "dataset_indices": list(indices) if indices is not None and len(indices) <= 10000 else None}
+
+
 def load_pretrained(args: argparse.Namespace):
     """The pipeline of ``--pretrained_model_name_or_path`` (safetensors only) and the VAE to train with, if any."""
     name = args.pretrained_model_name_or_path
@@ -186,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     require_templates("base_model")
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.logging_dir)
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if args.max_train_samples == 1:
+        raise ValueError(ONE_IMAGE.format(what="--max_train_samples 1 trains on 1 image"))
     noise_scheduler = make_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
     config = TrainingConfig(
         max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
@@ -228,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         center_crop=args.center_crop, max_train_samples=_num_train_images(args), seed=args.seed,
         cache_dir=args.cache_dir, streaming=args.streaming,
     )
+    if len(data) < 2:
+        raise ValueError(ONE_IMAGE.format(what=f"the training set {data.source} holds {len(data)} image"))
     torch.manual_seed(args.seed)  # the initial weights
     if pretrained is not None:
         model = pretrained.transformer
@@ -253,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
         hub_token=args.hub_token, vae=vae, id2label=pretrained.config.get("id2label") if pretrained else None,
         base_model=args.pretrained_model_name_or_path, dataset_id=args.dataset_name,
+        card_fields=reference_card_fields(args, data),
         quality_reference=quality_reference,
     )
     if not trained.is_main_process:

@@ -171,6 +171,7 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r}; choose 'raise' or 'skip'.")
         queries = self.flatten_queries(queries)
+        self.check_scale(queries)
         finite = torch.isfinite(queries).all(1)
         if not bool(finite.all()):
             if nonfinite == "raise":
@@ -210,6 +211,47 @@ class NearestNeighborIndex(ModelMixin, ConfigMixin):
                 distances.append(d)
                 indices.append(i)
         return torch.cat(distances), torch.cat(indices)
+
+    def value_range(self) -> tuple[float, float, float]:
+        """``(min, max, share of negative values)`` of the training samples (cached until they change)."""
+        images = self.images
+        key = (images.data_ptr(), images._version, tuple(images.shape))
+        cached = self.__dict__.get("_value_range")
+        if cached is None or cached[0] != key:
+            low, high = float(images.min()), float(images.max())
+            negative = float((images < 0).float().mean())
+            cached = (key, (low, high, negative))
+            self.__dict__["_value_range"] = cached
+        return cached[1]
+
+    def check_scale(self, queries: torch.Tensor) -> None:
+        """Refuse image queries on another scale than the reference (images only: ``[C, H, W]`` samples).
+
+        The distances of the memorization rule are only meaningful in the reference's space: exact copies on the
+        ``[0, 1]`` or ``0..255`` scale searched against ``[-1, 1]`` training images are never found (0% memorized,
+        silently). Two signs are refused: values more than 10 ranges beyond the reference's range (``0..255`` against
+        ``[-1, 1]``; an unclamped sample a little outside the range passes),
+        and no negative value at all when at least a quarter of the reference's values are negative (``[0, 1]``
+        against ``[-1, 1]``: a model of ``[-1, 1]`` images draws negative values).
+        """
+        if len(self.sample_shape) != 3:
+            return  # feature vectors or other spaces: no image scale to check
+        finite = queries[torch.isfinite(queries)]
+        if finite.numel() == 0:
+            return
+        low, high, negative = self.value_range()
+        span = max(high - low, 1e-6)
+        q_low, q_high = float(finite.min()), float(finite.max())
+        expected = f"[{low:.3g}, {high:.3g}]"
+        hint = " (x * 2 - 1 for [0, 1] images, x / 127.5 - 1 for 0..255)" if low < -0.5 and high <= 1.01 else ""
+        if q_high > high + 10 * span or q_low < low - 10 * span:  # far beyond any sample of a diverging model
+            raise ValueError(f"the samples' values span [{q_low:.3g}, {q_high:.3g}] but the reference's training "
+                             f"images lie in {expected}; put the samples on the reference's scale{hint} before "
+                             "checking them for copies.")
+        if negative >= 0.25 and q_low >= 0 and low < -0.5 and q_high <= max(high, 1.0) + 1e-3:
+            raise ValueError(f"the samples have no negative value ([{q_low:.3g}, {q_high:.3g}]) but the reference's "
+                             f"training images lie in {expected}: they look like [0, 1] images; put them on the "
+                             f"reference's scale{hint} before checking them for copies.")
 
     def flatten_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Queries as float32 ``[B, d]`` on the index's device; raises when their shape does not match the samples."""

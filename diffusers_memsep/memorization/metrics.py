@@ -186,6 +186,14 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
     if not bool(torch.isfinite(real).all()):
         raise ValueError("real_features hold NaN or infinite values; clean the real images before measuring quality.")
     finite_fake = fake[torch.isfinite(fake).all(1)]
+    nonfinite = fake.shape[0] - finite_fake.shape[0]
+    if k >= 1 and real.shape[0] > k and finite_fake.shape[0] <= k and nonfinite:
+        # more samples would not help: the model (or sampler) produces NaN or infinite samples
+        raise ValueError(
+            f"{nonfinite} of {fake.shape[0]} fake samples are NaN or infinite, leaving {finite_fake.shape[0]} finite "
+            f"(k={k} needs more than {k}); the model or its sampler diverged: check the weights for NaN (retrain "
+            "with a lower learning rate) rather than drawing more samples."
+        )
     if k < 1 or k >= min(real.shape[0], finite_fake.shape[0]):
         raise ValueError(
             f"k={k} needs 1 <= k < min(#real, #finite fake) = {min(real.shape[0], finite_fake.shape[0])} "

@@ -27,6 +27,9 @@ Design notes (why not the alternatives):
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import os
 from collections.abc import Iterable, Mapping
 
@@ -38,11 +41,19 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
 
+from ..utils import check_config_types, read_json_object
+
 # ``ModelMixin`` must be importable from this module: ``DiffusionPipeline.from_pretrained`` records a component of a
 # non-diffusers library as (module path, class) in ``model_index.json`` and looks the loading base class up by name
 # in that module (``pipeline_loading_utils.get_class_obj_and_candidates``).
 
 PrunedHeads = dict[int, list[int]]
+
+#: safetensors metadata key under which :meth:`PrunableDiTTransformer2DModel.save_pretrained` records the head layout
+#: of the weights: ``num_attention_heads`` x ``attention_head_dim`` cannot be read from the weight shapes (1 head of
+#: 16 and 2 heads of 8 have the same matrices) but change what the model computes.
+HEAD_LAYOUT_KEY = "memsep_head_layout"
+_LAYOUT_KEYS = ("num_attention_heads", "attention_head_dim")
 
 
 class HeadMaskedAttnProcessor:
@@ -175,7 +186,24 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
         randomly initialised weights."""
         kwargs.setdefault("use_safetensors", True)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        config_file = os.path.join(folder, "config.json")
+        if os.path.isfile(config_file):  # local: check the config before diffusers builds anything from it
+            config = read_json_object(config_file, "config")
+            defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                        if p.default is not inspect.Parameter.empty}
+            check_config_types(config, defaults, config_file)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except (ValueError, RuntimeError) as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            # diffusers suggests ignore_mismatched_sizes=True, which would replace the weights with random ones
+            first = str(error).split(". If you want")[0]
+            raise ValueError(f"the weights in {folder!r} do not match the config.json beside them ({first}); "
+                             "restore the config.json saved with these weights (num_layers, num_attention_heads, "
+                             "attention_head_dim, pruned_heads...) or save the model again.") from None
+        _check_head_layout(model, folder, config_file)
         kinds = (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
                  ("of another shape", "mismatched_keys"))
         problems = {what: info.get(key) for what, key in kinds if info.get(key)}
@@ -190,6 +218,13 @@ class PrunableDiTTransformer2DModel(DiTTransformer2DModel):
                 "saved with these weights (num_layers, num_attention_heads, pruned_heads...) or save the model again."
             )
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """:meth:`diffusers.ModelMixin.save_pretrained`, with the head layout recorded in the safetensors metadata
+        (:data:`HEAD_LAYOUT_KEY`), so :meth:`from_pretrained` refuses a config.json edited to another layout."""
+        layout = json.dumps({key: int(self.config[key]) for key in _LAYOUT_KEYS})
+        with _safetensors_metadata({HEAD_LAYOUT_KEY: layout}):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ inspection
     def kept_heads(self) -> list[list[int]]:
@@ -304,6 +339,54 @@ def _validate_new_heads(
                 raise ValueError(f"{what}: layer {layer} is given twice with the same heads.")
             parsed[layer] = sorted(parsed[layer] + values)
     return parsed
+
+
+@contextlib.contextmanager
+def _safetensors_metadata(extra: dict[str, str]):
+    """Add ``extra`` to the metadata of every ``safetensors.torch.save_file`` call inside the block (diffusers'
+    ``save_pretrained`` has no metadata argument)."""
+    import safetensors.torch
+
+    original = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        return original(tensors, filename, metadata={**(metadata or {}), **extra})
+
+    safetensors.torch.save_file = save_file
+    try:
+        yield
+    finally:
+        safetensors.torch.save_file = original
+
+
+def _check_head_layout(model, folder: str, config_file: str) -> None:
+    """Refuse a config.json whose head layout differs from the one recorded with the weights (local folders whose
+    weights carry :data:`HEAD_LAYOUT_KEY`; weights saved elsewhere, e.g. a stock DiT, record none)."""
+    if not os.path.isdir(folder):
+        return
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(folder, name), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(HEAD_LAYOUT_KEY)
+        if recorded is None:
+            continue
+        try:
+            recorded = json.loads(recorded)
+        except ValueError:
+            continue
+        configured = {key: model.config.get(key) for key in _LAYOUT_KEYS}
+        if any(recorded.get(key) != configured[key] for key in _LAYOUT_KEYS):
+            raise ValueError(
+                f"{config_file!r} says {configured['num_attention_heads']} heads x {configured['attention_head_dim']} "
+                f"but the weights {os.path.join(folder, name)!r} were saved with {recorded.get('num_attention_heads')}"
+                f" heads x {recorded.get('attention_head_dim')}: the same matrices, another model. Restore "
+                f"num_attention_heads={recorded.get('num_attention_heads')} and attention_head_dim="
+                f"{recorded.get('attention_head_dim')} in that config.json."
+            )
+        return
 
 
 def _key_name(key) -> str:

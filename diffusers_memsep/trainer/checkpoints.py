@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 
-from ..utils import replace_path
+from ..utils import data_fingerprint, read_json_object, replace_path, staging_folder
 from .config import TrainingConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -55,6 +54,16 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir) -> Path | None:
     return path
 
 
+def resumes_own_checkpoint(resume_from_checkpoint, output_dir) -> bool:
+    """True when ``resume_from_checkpoint`` resolves to a checkpoint INSIDE ``output_dir``: only then does the run
+    continue the run already in that folder. A checkpoint of another folder starts a new run in ``output_dir``,
+    which must then be empty (or ``--overwrite_output_dir`` given), like any new run."""
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
+    if checkpoint is None:
+        return False
+    return Path(output_dir).resolve() in checkpoint.resolve().parents
+
+
 def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: TrainingConfig,
                     run: dict | None = None) -> Path | None:
     """Save ``checkpoint-<step>`` atomically: write ``.checkpoint-<step>.tmp``, then rename it into place.
@@ -68,12 +77,13 @@ def save_checkpoint(accelerator, output_dir, global_step: int, ema, config: Trai
     final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        temporary = output_dir / f".{final.name}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.save_state(str(temporary), safe_serialization=True)  # + transformer(_ema)/ by the hooks
-        state = {"global_step": global_step, "config": asdict(config), "run": run}
-        (temporary / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        replace_path(temporary, final)  # re-saving a step after a resume: the old one is dropped after
+        # A failed save (full disk: safetensors raises SafetensorError) removes the temporary folder and raises an
+        # OSError naming it; the last complete checkpoint is untouched.
+        with staging_folder(output_dir / f".{final.name}.tmp") as temporary:
+            accelerator.save_state(str(temporary), safe_serialization=True)  # + transformer(_ema)/ by the hooks
+            state = {"global_step": global_step, "config": asdict(config), "run": run}
+            (temporary / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            replace_path(temporary, final)  # re-saving a step after a resume: the old one is dropped after
         if config.checkpoints_total_limit is not None:
             for old in list_checkpoints(output_dir)[: -config.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -127,7 +137,8 @@ def _global_rng_kept():
 
 
 def read_trainer_state(folder: Path) -> dict:
-    return json.loads((folder / TRAINER_STATE).read_text())
+    """``trainer_state.json`` of a checkpoint; a damaged file raises a ValueError naming it."""
+    return read_json_object(Path(folder) / TRAINER_STATE)
 
 
 def load_checkpoint(accelerator, folder: Path, ema) -> None:
@@ -144,35 +155,48 @@ def load_checkpoint(accelerator, folder: Path, ema) -> None:
         ) from error
 
 
+#: Settings a resume cannot apply, so a resume with other values is refused (naming them): the optimizer state
+#: loaded from the checkpoint keeps its learning rate, betas, epsilon and weight decay; the schedule's state keeps
+#: its base rates; the EMA state (``EMAModel.load_state_dict``) keeps its decays and warm-up. Settings a resume does
+#: apply may change: ``max_train_steps`` (the schedule is rebuilt for it), ``max_grad_norm`` (read every step),
+#: ``use_ema`` off (the trained weights are then saved), checkpointing, validation, logging, progress.
+RESUME_FIXED_SETTINGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+                         "adam_weight_decay", "adam_epsilon", "ema_max_decay", "ema_min_decay", "ema_inv_gamma",
+                         "ema_power", "ema_update_after_step", "mixed_precision")
+
+
 def run_signature(model, data, noise_scheduler, config: TrainingConfig, num_processes: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint to continue it bit-identically.
 
     The data (source, subset and a SHA-256 of the image and label bytes), the seed and batch layout that fix the
     stream of batches, the number of processes, the model's architecture and the noise schedule. Settings that may
-    change on resume (``max_train_steps``, logging, checkpointing, validation) are not part of it.
+    change on resume (``max_train_steps``, logging, checkpointing, validation) are not part of it; the settings a
+    resume cannot apply (:data:`RESUME_FIXED_SETTINGS`: learning rate, schedule, warm-up, AdamW, EMA decays) are.
+    The data is recorded by content (:func:`~diffusers_memsep.utils.data_fingerprint`), not by path.
     """
-    digest = hashlib.sha256()
-    for chunk in data.iter_chunks():
-        digest.update(chunk.detach().cpu().contiguous().numpy().tobytes())
-    if data.labels is not None:
-        digest.update(data.labels.detach().cpu().contiguous().numpy().tobytes())
     model_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     scheduler_config = {k: noise_scheduler.config.get(k) for k in ("num_train_timesteps", "beta_schedule",
                                                                     "beta_start", "beta_end", "prediction_type")}
     signature = {
-        "data_source": data.source, "num_train_images": len(data), "data_sha256": digest.hexdigest(),
+        "data_source": data.source, "num_train_images": len(data), "data_sha256": data_fingerprint(data),
         "seed": config.seed, "train_batch_size": config.train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "random_flip": config.random_flip,
         "num_processes": num_processes, "model_config": model_config, "noise_scheduler": scheduler_config,
+        "optimizer": {name: getattr(config, name) for name in RESUME_FIXED_SETTINGS},
     }
     return json.loads(json.dumps(signature))  # as it reads back from trainer_state.json
 
 
 def check_same_run(folder: Path, run: dict) -> None:
     """Refuse to resume ``folder`` with another run's settings, naming every key that differs."""
-    saved = read_trainer_state(folder).get("run")
+    state = read_trainer_state(folder)
+    saved = state.get("run")
     if saved is None:
         return  # written before runs were recorded: nothing to compare
+    saved = dict(saved)
+    if "optimizer" not in saved and isinstance(state.get("config"), dict):  # older checkpoints: from their config
+        saved["optimizer"] = {k: state["config"].get(k) for k in RESUME_FIXED_SETTINGS if k in state["config"]}
+        run = {**run, "optimizer": {k: v for k, v in (run.get("optimizer") or {}).items() if k in saved["optimizer"]}}
     differing = []
     for key in sorted(set(saved) | set(run)):
         if saved.get(key) != run.get(key):
@@ -183,6 +207,7 @@ def check_same_run(folder: Path, run: dict) -> None:
                 differing.append(f"{key} (checkpoint {saved.get(key)!r}, now {run.get(key)!r})")
     if differing:
         raise ValueError(
-            f"checkpoint {str(folder)!r} belongs to a run with other settings: {'; '.join(differing)}. Resume with "
-            "the same settings, or start a new run with a new --output_dir (or --overwrite_output_dir)."
+            f"checkpoint {str(folder)!r} belongs to a run with other settings: {'; '.join(differing)}. A resume "
+            "continues the checkpoint's optimizer, schedule and EMA state, so these cannot take effect; resume with "
+            "the checkpoint's values, or start a new run with a new --output_dir (or --overwrite_output_dir)."
         )

@@ -26,8 +26,8 @@ from ..hub import check_hub_repo, hub_repo_id, push_folder_to_hub, require_templ
 from ..latents import latent_training_data
 from ..memorization import MemorizationResult, NearestNeighborIndex, memorization_report
 from ..pipelines import MemSepPipeline
-from ..utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path
-from .checkpoints import list_checkpoints, resolve_checkpoint
+from ..utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path, staging_folder
+from .checkpoints import list_checkpoints, resolve_checkpoint, resumes_own_checkpoint
 from .config import TrainingConfig
 from .early_stopping import CURVE_JSON, CURVE_PNG, validation_seed
 from .loop import TrainResult, check_model_and_data, train_dit
@@ -121,7 +121,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: bool =
     if Path(logging_dir).is_absolute() or logs == folder.resolve() or folder.resolve() not in logs.parents:
         raise ValueError(f"logging_dir {logging_dir!r} must be a sub-folder inside output_dir (e.g. 'logs'); it is "
                          "relative to --output_dir.")
-    resuming = resume_from_checkpoint is not None and resolve_checkpoint(resume_from_checkpoint, folder) is not None
+    resuming = resume_from_checkpoint is not None and resumes_own_checkpoint(resume_from_checkpoint, folder)
     if resuming or overwrite_output_dir or not folder.is_dir():
         return
     contents = sorted(p.name for p in folder.iterdir()
@@ -130,6 +130,9 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite_output_dir: bool =
         shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
         fix = ("it holds no checkpoint to resume (a finished run keeps none unless --checkpointing_steps is on); "
                if resume_from_checkpoint is not None else "")
+        if resume_from_checkpoint is not None and resolve_checkpoint(resume_from_checkpoint, folder) is not None:
+            fix = (f"the checkpoint {str(resume_from_checkpoint)!r} lies outside it, so its run would be written over "
+                   "this one; ")
         raise ValueError(
             f"output_dir {str(folder)!r} already holds another run ({shown}); {fix}pass --overwrite_output_dir to "
             "replace it, --resume_from_checkpoint latest to continue it from a checkpoint, or choose another "
@@ -145,9 +148,8 @@ def save_pipeline_folder(pipeline, output_dir: str | os.PathLike) -> Path:
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    temporary = output_dir / ".pipeline.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    pipeline.save_pretrained(str(temporary), safe_serialization=True)
+    with staging_folder(output_dir / ".pipeline.tmp") as temporary:  # removed if the save fails (full disk)
+        pipeline.save_pretrained(str(temporary), safe_serialization=True)
     entries = sorted(temporary.iterdir(), key=lambda p: p.name == "model_index.json")
     for entry in entries:
         replace_path(entry, output_dir / entry.name)
@@ -251,7 +253,7 @@ def train_pipeline(
     check_process_setup(accelerator)
     if accelerator.is_main_process:
         check_writable_dir(output_dir)
-        if overwrite_output_dir and checkpoint is None:
+        if overwrite_output_dir and (checkpoint is None or not resumes_own_checkpoint(checkpoint, output_dir)):
             for old in list_checkpoints(output_dir):  # another run's checkpoints must never be resumed as ours
                 shutil.rmtree(old)
             for old in (output_dir / "samples", output_dir / logging_dir):  # nor its grids and curves shown as ours
