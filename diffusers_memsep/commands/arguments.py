@@ -41,6 +41,19 @@ def data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(**{f.name: getattr(args, f.name) for f in fields(DataSource) if hasattr(args, f.name)})
 
 
+def add_hub_arguments(group, push_help: str | None = None) -> None:
+    """The Hub flags (``memsep push``; with ``push_help`` also ``--push_to_hub``, for ``memsep prune``): every push
+    goes through :func:`~diffusers_memsep.hub.push_folder_to_hub`, which leaves ``reference/`` out unless
+    ``--push_reference``."""
+    if push_help is not None:
+        group.add_argument("--push_to_hub", action="store_true", help=push_help)
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo(s) as private.")
+    group.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
+    group.add_argument("--push_reference", action="store_true",
+                       help="Also publish reference/ (the EXACT TRAINING IMAGES; left out of every push by default). "
+                            "Without it, users rebuild the reference locally with memsep reference (see the card).")
+
+
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     """The quality flags (``memsep prune``, ``memsep demo``)."""
     group = parser.add_argument_group("quality metrics")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 
 from diffusers_memsep.commands.arguments import (
+    add_hub_arguments,
     add_pruning_arguments,
     add_quality_arguments,
     add_saved_model_data_arguments,
@@ -60,16 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Held-out images of the training distribution for --methods memorization_gap (default: "
                            "the population minus the training subset, when the data flags load that subset).")
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="Upload every variant folder after saving it.")
+    add_hub_arguments(hub, "Upload every variant folder after saving it (without reference/ unless --push_reference).")
     hub.add_argument("--hub_model_id_prefix", default=None, help="Variants go to <prefix>-<method>-eta<eta>.")
-    hub.add_argument("--hub_private_repo", action="store_true")
-    hub.add_argument("--hub_token", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
     require_templates("pruned_variant")  # every variant gets a card: fail now, not after the fine-tuning
     if args.push_to_hub and not args.hub_model_id_prefix:
         raise ValueError("--push_to_hub needs --hub_model_id_prefix (e.g. me/dit-digits-pruned).")
+    if args.push_reference and not args.push_to_hub:
+        raise ValueError("--push_reference applies to a push; add --push_to_hub (and --hub_model_id_prefix).")
     check_quality_arguments(args)
     config = pruning_config(args, PruningStudyConfig())
     # Before loading anything: a study that cannot write its results must not run for minutes first.
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"variant {name}: {folder}")
         if args.push_to_hub:
             url = push_folder_to_hub(folder, f"{args.hub_model_id_prefix}-{name}", private=args.hub_private_repo,
-                                     token=args.hub_token, commit_message=f"Pruned variant {name} (diffusers-memsep)")
+                                     token=args.hub_token, commit_message=f"Pruned variant {name} (diffusers-memsep)",
+                                     push_reference=args.push_reference)
             print(f"pushed {name}: {url}")
     print(f"report: {result.report_path}")
     return 0

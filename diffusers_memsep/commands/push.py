@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers_memsep.commands.arguments import add_hub_arguments
 from diffusers_memsep.hub import push_folder_to_hub
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="A saved pipeline folder (holds model_index.json).")
     parser.add_argument("--hub_model_id", required=True, help="Repo id, e.g. me/dit-digits.")
-    parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
     parser.add_argument("--commit_message", default="Upload MemSepPipeline (diffusers-memsep)")
-    parser.add_argument("--push_reference", action="store_true",
-                        help="Also publish reference/ (the EXACT TRAINING IMAGES; left out by default, private). "
-                             "Without it, users rebuild the reference locally with memsep reference (see the card).")
+    add_hub_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

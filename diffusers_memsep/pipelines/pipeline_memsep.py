@@ -31,6 +31,7 @@ from huggingface_hub import constants
 
 from ..memorization import NearestNeighborIndex, memorization_report
 from ..memorization.metrics import MemorizationResult
+from ..utils import check_pipeline_json
 from .remote_code import SHIPPED_COMPONENTS, write_remote_code
 
 logger = logging.get_logger(__name__)
@@ -171,9 +172,14 @@ class MemSepPipeline(DiffusionPipeline):
 
         A failure to load (a Hub id that is not cached while offline, a damaged ``model_index.json`` or config,
         truncated weights) raises one :class:`PipelineLoadError` line naming the file and the fix; weights that do
-        not match the config of a :class:`~diffusers_memsep.PrunableDiTTransformer2DModel` raise a ValueError.
+        not match the config of a :class:`~diffusers_memsep.PrunableDiTTransformer2DModel` raise a ValueError. In a
+        local folder every JSON file is read first (``utils.check_pipeline_json``): one that is damaged or not a JSON
+        object raises a ValueError naming it.
         """
         kwargs.setdefault("use_safetensors", True)
+        if os.path.isdir(os.path.expanduser(str(pretrained_model_name_or_path))):
+            # A damaged model_index.json or component config names itself (ValueError), before diffusers reads it.
+            check_pipeline_json(os.path.expanduser(str(pretrained_model_name_or_path)))
         try:
             return cls._from_pretrained_with_installed_components(pretrained_model_name_or_path, **kwargs)
         except PipelineLoadError:

@@ -17,11 +17,13 @@ from diffusers.utils import BaseOutput
 from ..latents import latent_training_data
 from ..models import PrunableDiTTransformer2DModel
 from ..trainer import TrainingConfig, TrainResult, train_dit
+from ..utils import check_finite_scores
 from .importance import (
     SMALL_TIME,
     UNIFORM_TIME,
     BetaTime,
     HeadImportance,
+    _present_heads,
     ablation_head_importance,
     random_head_importance,
     small_time_head_importance,
@@ -92,14 +94,23 @@ def head_importance(method: str, model: PrunableDiTTransformer2DModel, data, sch
     if method == "random":
         return random_head_importance(model, generator=generator)
     if method == "memorization_gap":
-        return memorization_gap_importance(model, data, scheduler, time_distribution=time_distribution or SMALL_TIME,
-                                           num_batches=num_batches, batch_size=batch_size, generator=generator)
+        return check_scores_of_present_heads(memorization_gap_importance(
+            model, data, scheduler, time_distribution=time_distribution or SMALL_TIME, num_batches=num_batches,
+            batch_size=batch_size, generator=generator), model)
     scoring = ablation_head_importance if method == "ablation" else small_time_head_importance
     default_time = UNIFORM_TIME if method == "uniform_t" else SMALL_TIME
     importance = scoring(model, data, scheduler, time_distribution=time_distribution or default_time,
                          num_batches=num_batches, batch_size=batch_size, generator=generator)
     if method == "small_t_top":
         importance.scores, importance.method = -importance.scores, "small_t_top"
+    return check_scores_of_present_heads(importance, model)
+
+
+def check_scores_of_present_heads(importance: HeadImportance, model: PrunableDiTTransformer2DModel) -> HeadImportance:
+    """Refuse NaN or infinite scores of heads still in the model (NaN marks the heads pruned before): a model with
+    NaN weights would otherwise look like a model whose heads are all pruned."""
+    present = _present_heads(model).to(importance.scores.device)
+    check_finite_scores(importance.scores[present], f"{importance.method} head importance scores")
     return importance
 
 

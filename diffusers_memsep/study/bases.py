@@ -32,7 +32,7 @@ from ..trainer import (
     sample_and_measure,
     train_pipeline,
 )
-from ..utils import write_text
+from ..utils import inside_output_dir, read_json_object, write_text
 from .run import sampling_scheduler
 
 
@@ -44,7 +44,7 @@ class BaseModel:
 
 
 def base_dir(output_dir: Path, setting, base: int) -> Path:
-    return output_dir / "bases" / setting.name / f"base-{base}"
+    return inside_output_dir(Path(output_dir) / "bases" / setting.name / f"base-{base}", output_dir)
 
 
 def prepare_base_model(config, setting, base: int, data: TrainingData) -> tuple[BaseModel, bool]:
@@ -53,7 +53,7 @@ def prepare_base_model(config, setting, base: int, data: TrainingData) -> tuple[
     folder = base_dir(Path(config.output_dir), setting, base)
     curve_path, early_dir = folder / "memorization_curve.json", folder.with_name(folder.name + "-early_stop")
     if curve_path.is_file() and (early_dir / "model_index.json").is_file() and (folder / "model_index.json").is_file():
-        return BaseModel(_load(folder), _load(early_dir), json.loads(curve_path.read_text())), False
+        return BaseModel(_load(folder), _load(early_dir), read_json_object(curve_path)), False
 
     scheduler = make_noise_scheduler()
     with torch.random.fork_rng(devices=[]):  # initial weights from seed ``base``, whatever ran before in the process

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from ..evaluate import evaluation_seed
+from ..evaluate import METRIC_COLUMNS, evaluation_seed
 from ..pruning import METHODS
 from ..pruning.prune import check_eta
 from ..trainer import TrainingConfig
-from .settings import builtin_setting
+from ..utils import check_etas_remove_heads, check_time_switch
+from .settings import STUDY_TRAIN_TIMESTEPS, builtin_setting, setting_num_heads
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -62,6 +63,17 @@ class PruningStudyConfig:
 
     def etas_of(self, method: str) -> tuple:
         return tuple(self.method_etas.get(method, self.etas))
+
+    def all_etas(self) -> list[float]:
+        """Every eta some method runs at, each once."""
+        return list(dict.fromkeys(eta for method in self.methods for eta in self.etas_of(method)))
+
+    def check_against_model(self, num_heads: int, num_train_timesteps: int) -> None:
+        """Refuse, before any scoring, values that make a method a no-op on a model with ``num_heads`` heads present
+        and ``num_train_timesteps`` training timesteps: an eta that removes no head (default etas included: a
+        method that pruned nothing must not be reported as run) and a ``small_t_switch`` outside the schedule."""
+        check_etas_remove_heads(self.all_etas(), num_heads, "--etas")
+        check_time_switch(self.small_t_switch, num_train_timesteps)
 
 
 @dataclass
@@ -116,6 +128,14 @@ class StudyConfig(PruningStudyConfig):
             raise ValueError(f"num_workers must be >= 1 or None (one per core), got {self.num_workers}.")
         if self.max_runs is not None and self.max_runs < 0:
             raise ValueError(f"max_runs must be >= 0 or None, got {self.max_runs}.")
+        if self.quality_metric not in METRIC_COLUMNS:
+            raise ValueError(f"--quality_metric {self.quality_metric!r} is not a metric of the runs; choose one of "
+                             f"{', '.join(METRIC_COLUMNS)} (e.g. frechet_distance).")
+        for setting in self.settings:  # before the first base model trains: its DiT is fixed by the setting
+            try:
+                self.check_against_model(setting_num_heads(setting), STUDY_TRAIN_TIMESTEPS)
+            except ValueError as error:
+                raise ValueError(f"setting {setting.name!r}: {error}") from None
 
     def signature(self) -> dict:
         """What a finished run depends on (a rerun with another signature is refused)."""

@@ -25,7 +25,15 @@ from ..evaluate import QualityReference, feature_space_for, plot_samples_with_ne
 from ..latents import latent_training_data
 from ..memorization import FeatureSpace
 from ..pipelines import MemSepPipeline
-from ..utils import CACHE_FOLDERS, check_writable_dir, replace_path, write_csv, write_text
+from ..utils import (
+    CACHE_FOLDERS,
+    check_writable_dir,
+    data_fingerprint,
+    read_json_object,
+    replace_path,
+    write_csv,
+    write_text,
+)
 from .bases import BaseModel, base_dir
 from .config import PruningStudyConfig, StudyConfig
 from .plan import planned_runs
@@ -36,7 +44,12 @@ from .statistics import compare, metric_columns
 from .workers import number_of_workers, run_runs, run_unit, run_units_in_workers
 
 #: Everything a study writes into its output folder; overwriting an earlier study replaces exactly these.
-STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "pareto.png", "samples_nearest.png", "variants", "runs")
+STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "pareto.png", "samples_nearest.png", "variants", "runs",
+                 "prune.json")
+#: What :func:`prune_pipeline` records of its input (the content fingerprint of the training set).
+PRUNE_RECORD = "prune.json"
+#: The key of ``study.json`` holding each setting's content fingerprint (:meth:`SettingData.fingerprint`).
+FINGERPRINTS_KEY = "data_fingerprints"
 #: The setting name of the rows of :func:`prune_pipeline` (one given pipeline, base model 0).
 PIPELINE_SETTING = "pipeline"
 
@@ -114,6 +127,8 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
         raise ValueError("the pipeline has no training reference; add one with pipe.attach_reference(train_images) "
                          "(or `memsep reference`) so memorization can be measured.")
     output_dir = check_study_output_dir(output_dir, overwrite_output_dir)
+    config.check_against_model(present_heads(pipe.transformer), int(pipe.scheduler.config.num_train_timesteps))
+    fingerprint = check_prune_record(output_dir, data, overwrite_output_dir)
     train_data = data if pipe.vae is None else latent_training_data(data, pipe.vae, output_dir / "latent_cache")
     quality = real_images if isinstance(real_images, QualityReference) else QualityReference.build(
         feature_space or feature_space_for(real_images), real_images, data.images, population_source)
@@ -134,7 +149,7 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
     try:
         with tqdm(total=len(runs), desc="pruning study runs", disable=not config.show_progress) as progress:
             run_runs(config, context, runs, staging, progress, on_output=keep)
-        rows = [json.loads(run.path(staging).read_text()) for run in runs]
+        rows = [read_json_object(run.path(staging), "run file") for run in runs]
         summary = compare(rows)
 
         def card(folder, name, pruned, final_folder):
@@ -145,6 +160,8 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
 
         variant_dirs = save_variants(pipe, variants if config.save_variants else {}, output_dir, card)
         replace_path(staging / "runs", output_dir / "runs")
+        write_text(output_dir / PRUNE_RECORD, json.dumps({"data_fingerprint": fingerprint, "data": data.source,
+                                                          "base_model": base_model_name}, indent=1))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     plot_samples_with_nearest(evaluations, data.images, output_dir / "samples_nearest.png")
@@ -161,6 +178,27 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
         "this analysis: `summary.csv`; variants of the first seed: `variants/`."))
     return StudyResult(rows, summary, report_path, executed_runs=len(runs), variant_dirs=variant_dirs,
                        evaluations=evaluations)
+
+
+def present_heads(transformer) -> int:
+    """The attention heads still in ``transformer`` (a prunable DiT counts its pruned heads out)."""
+    if hasattr(transformer, "heads_per_layer"):
+        return sum(transformer.heads_per_layer())
+    return int(transformer.config.num_layers) * int(transformer.config.num_attention_heads)
+
+
+def check_prune_record(output_dir: Path, data, overwrite_output_dir: bool) -> str:
+    """The content fingerprint of ``data``; refuses (without ``overwrite_output_dir``) a folder whose ``prune.json``
+    records a prune of other training images."""
+    fingerprint = data_fingerprint(data)
+    path = output_dir / PRUNE_RECORD
+    if path.is_file() and not overwrite_output_dir:
+        stored = read_json_object(path).get("data_fingerprint")
+        if stored != fingerprint:
+            raise ValueError(f"{str(output_dir)!r} holds a prune of other training images (fingerprint {stored} in "
+                             f"{str(path)!r}, these are {fingerprint}); pass --overwrite_output_dir to replace it, or "
+                             "choose another --output_dir.")
+    return fingerprint
 
 
 def run_study(config: StudyConfig) -> StudyResult:
@@ -193,7 +231,9 @@ def _run_study(config: StudyConfig) -> StudyResult:
     # the first training step and before any worker starts: a bad path fails now, not after an hour, and workers
     # only read caches.
     loaded = {s.name: load_setting(s, output_dir) for s in config.settings if any(r.setting == s.name for r in todo)}
-    write_text(output_dir / "study.json", json.dumps(config.signature(), indent=1))
+    fingerprints = _check_fingerprints(output_dir, loaded)
+    write_text(output_dir / "study.json", json.dumps({**config.signature(), FINGERPRINTS_KEY: fingerprints},
+                                                     indent=1))
     units = [(setting, base) for setting in config.settings
              for base in sorted({run.base for run in todo if run.setting == setting.name})]
     workers = number_of_workers(config, len(units))
@@ -207,7 +247,7 @@ def _run_study(config: StudyConfig) -> StudyResult:
         executed, trained_bases = run_units_in_workers(config, units, todo, workers, progress)
     progress.close()
 
-    rows = [json.loads(run.path(output_dir).read_text()) for run in runs if run.path(output_dir).is_file()]
+    rows = [read_json_object(run.path(output_dir), "run file") for run in runs if run.path(output_dir).is_file()]
     summary = compare(rows) if rows else []
     report_path = output_dir / "report.md"
     if rows:
@@ -249,7 +289,7 @@ def _setting_lines(config: StudyConfig, output_dir: Path) -> dict[str, list[str]
         for base in range(config.num_base_models):
             curve_path = base_dir(output_dir, setting, base) / "memorization_curve.json"
             if curve_path.is_file():
-                curve = json.loads(curve_path.read_text())
+                curve = read_json_object(curve_path)
                 points = ", ".join(f"{s}: {r:.2f}" for s, r in zip(curve["steps"], curve["memorization_ratio"]))
                 note = f" ({curve['note']})" if curve.get("note") else ""
                 lines[setting.name].append(f"- base {base}: {points}; early stop at step {curve['early_stop_step']}"
@@ -261,8 +301,26 @@ def _check_signature(config: StudyConfig, output_dir: Path) -> None:
     path = output_dir / "study.json"
     signature = config.signature()
     if path.is_file():
-        stored = json.loads(path.read_text())
+        stored = read_json_object(path)
+        stored.pop(FINGERPRINTS_KEY, None)  # compared once the data is loaded (_check_fingerprints)
         if stored != signature:
             changed = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
             raise ValueError(f"{str(output_dir)!r} holds a study with other settings ({', '.join(changed)}); rerun "
                              "with the same settings to continue it, or choose another --output_dir.")
+
+
+def _check_fingerprints(output_dir: Path, loaded: dict) -> dict[str, str]:
+    """The content fingerprint of every setting: those recorded in ``study.json`` for the settings not loaded now,
+    the new ones for the loaded settings. A loaded setting whose images changed since the study started (same names,
+    other pixels) is refused: its finished runs and base models were made from the old images."""
+    path = output_dir / "study.json"
+    recorded = (read_json_object(path).get(FINGERPRINTS_KEY) or {}) if path.is_file() else {}
+    fingerprints = dict(recorded)
+    for name, setting_data in loaded.items():
+        fingerprint = setting_data.fingerprint()
+        if recorded.get(name) not in (None, fingerprint):
+            raise ValueError(f"the images of setting {name} changed since this study started (fingerprint "
+                             f"{recorded[name][:12]}... in {str(path)!r}, now {fingerprint[:12]}...); rerun into "
+                             "another --output_dir.")
+        fingerprints[name] = fingerprint
+    return fingerprints

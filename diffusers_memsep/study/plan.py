@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils import inside_output_dir
+
 BASELINES = ("original", "early_stop", "finetune_only")  # conditions without an eta
 
 
@@ -34,7 +36,7 @@ class Run:
     def path(self, output_dir: Path) -> Path:
         routed = "" if self.small_t_switch is None else f"-routed{self.small_t_switch}"
         name = f"{self.condition}{routed}-eta{self.eta:g}-seed{self.seed}.json"
-        return output_dir / "runs" / self.setting / f"base-{self.base}" / name
+        return inside_output_dir(Path(output_dir) / "runs" / self.setting / f"base-{self.base}" / name, output_dir)
 
 
 def planned_runs(config, settings: list[str], num_base_models: int, early_stop: bool) -> list[Run]:

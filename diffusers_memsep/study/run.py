@@ -20,7 +20,7 @@ from ..evaluate import EvaluationResult, QualityReference, balanced_labels, eval
 from ..pipelines import MemSepPipeline
 from ..pruning import PruneResult, one_shot_prune
 from ..pruning.prune import fine_tune_only, finetuned_model
-from ..utils import replace_path
+from ..utils import inside_output_dir, replace_path
 
 
 def sampling_scheduler(pipe: MemSepPipeline, sampler: str):
@@ -117,9 +117,9 @@ def save_variants(pipe: MemSepPipeline, pruned: dict, output_dir: Path, write_ca
         if pruned:
             shutil.rmtree(staging, ignore_errors=True)
             for name, result in pruned.items():
-                variant_pipeline(pipe, result.model, pipe.scheduler).save_pretrained(staging / name,
-                                                                                     safe_serialization=True)
-                write_card(staging / name, name, result, variants_dir / name)
+                folder = inside_output_dir(staging / name, staging)  # a variant name never leaves variants/
+                variant_pipeline(pipe, result.model, pipe.scheduler).save_pretrained(folder, safe_serialization=True)
+                write_card(folder, name, result, variants_dir / name)
                 folders[name] = variants_dir / name
             replace_path(staging, variants_dir)
         elif variants_dir.is_dir():

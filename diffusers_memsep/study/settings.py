@@ -3,6 +3,8 @@ dataset, their population (the quality reference) and the training subset of eac
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +16,12 @@ from sklearn.datasets import load_digits
 
 from ..data import TrainingData, held_out_from_population, load_training_data, with_held_out
 from ..memorization import resolve_feature_space
+from ..trainer import make_dit, make_noise_scheduler
+from ..utils import check_plain_name, data_fingerprint, inside_output_dir
 
 BUILTIN_SETTINGS = ("digits8", "colour16")
+#: The training timesteps of every base model of a study (the default schedule of ``make_noise_scheduler``).
+STUDY_TRAIN_TIMESTEPS = inspect.signature(make_noise_scheduler).parameters["num_train_timesteps"].default
 
 
 @dataclass
@@ -42,6 +48,9 @@ class StudySetting:
     model: dict = field(default_factory=dict)  # keyword arguments of make_dit
     base_train: dict = field(default_factory=dict)  # this setting's changes to StudyConfig.base_train (e.g. the lr)
 
+    def __post_init__(self):
+        check_plain_name(self.name, "--setting_name")  # it names folders under --output_dir (bases/, runs/, ...)
+
     def data_kwargs(self, output_dir: Path) -> dict:
         folder = colour_digits_folder(output_dir) if self.builtin == "colour16" else self.train_data_dir
         return dict(dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name,
@@ -60,9 +69,16 @@ def builtin_setting(name: str, model: dict | None = None) -> StudySetting:
     raise ValueError(f"unknown built-in setting {name!r}; choose from {', '.join(BUILTIN_SETTINGS)}.")
 
 
+def setting_num_heads(setting: StudySetting) -> int:
+    """The attention heads of the DiT a setting's base models train (``make_dit`` with ``setting.model``)."""
+    defaults = {name: p.default for name, p in inspect.signature(make_dit).parameters.items()}
+    model = {**defaults, **setting.model}
+    return int(model["num_layers"]) * int(model["num_attention_heads"])
+
+
 def colour_digits_folder(output_dir: Path) -> str:
     """Write (once) the 1,797 digits as 16x16 RGB PNGs, image ``i`` tinted by colour ``i`` of a seed-0 draw."""
-    folder = Path(output_dir) / "data" / "colour16-digits"
+    folder = inside_output_dir(Path(output_dir) / "data" / "colour16-digits", output_dir)
     pixels = load_digits().images  # [1797, 8, 8], 0..16
     if folder.is_dir() and len(list(folder.glob("*.png"))) == len(pixels):
         return str(folder)
@@ -87,6 +103,12 @@ class SettingData:
     held_out_dir: TrainingData | None  # the user's held-out folder, if any
     feature_space: object  # the quality metrics' feature space, resolved once per setting
 
+    def fingerprint(self) -> str:
+        """The content of the setting's images (population, and the held-out folder if any): ``study.json`` keeps
+        it, so a resumed study over replaced images (same names, other pixels) is refused."""
+        parts = [data_fingerprint(data) for data in (self.population, self.held_out_dir) if data is not None]
+        return parts[0] if len(parts) == 1 else hashlib.sha256("+".join(parts).encode()).hexdigest()
+
 
 def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
     kwargs = setting.data_kwargs(output_dir)
@@ -100,7 +122,8 @@ def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
                                          "train_data_dir": setting.validation_data_dir})
     # "auto": the digits classifier for the embedded digits, else a small CNN trained once on the population and
     # cached under the output folder (reused by every run and every rerun).
-    feature_space = resolve_feature_space("auto", population, output_dir / "feature_networks" / setting.name)
+    cache = inside_output_dir(Path(output_dir) / "feature_networks" / setting.name, output_dir)
+    feature_space = resolve_feature_space("auto", population, cache)
     return SettingData(population, held_out, feature_space)
 
 
