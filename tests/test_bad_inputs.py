@@ -694,6 +694,7 @@ def _fake_hub(monkeypatch):
         return f"https://huggingface.co/{repo_id}/commit/0"
 
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(hub, "upload_folder", upload_folder)  # hub.py imports the name: patch the one it calls
     monkeypatch.setattr(hub, "check_hub_repo", lambda *args, **kwargs: "token")
     return uploads
 

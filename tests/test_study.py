@@ -182,7 +182,9 @@ def test_study_command_refuses_a_missing_folder_before_training(tmp_path, capsys
 def test_worker_processes_give_the_rows_of_one_process(tmp_path):
     """Units (setting, base model) in two spawned workers: the same rows, bit for bit, as in this process; the
     scores of one (method, seed) serve every eta (nested head sets)."""
-    kwargs = dict(num_base_models=2, methods=("small_t",), etas=(0.25, 0.5), seeds=(0,))
+    four_heads = dict(num_layers=1, num_attention_heads=4, attention_head_dim=8)  # 0.25 x 4 heads removes one
+    kwargs = dict(num_base_models=2, methods=("small_t",), etas=(0.25, 0.5), seeds=(0,),
+                  settings=(builtin_setting("digits8", four_heads),))
     serial = run_study(tiny_config(tmp_path / "serial", num_workers=1, **kwargs))
     parallel = run_study(tiny_config(tmp_path / "parallel", num_workers=2, **kwargs))
     timing = {"run_seconds", "sampling_seconds"}

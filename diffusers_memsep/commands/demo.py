@@ -19,6 +19,7 @@ from diffusers_memsep.commands.arguments import (
 )
 from diffusers_memsep.demo import DemoConfig, run_demo
 from diffusers_memsep.hub import require_templates
+from diffusers_memsep.study.settings import DEFAULT_TRAIN_TIMESTEPS, dit_num_heads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
                         inception_weights=args.inception_weights)
     if args.quick:
         config = quick_config(config)
+    # Before training: an eta that removes no head of the demo's DiT (or a switch outside its schedule) is refused.
+    config.study.check_against_model(dit_num_heads(config.model), DEFAULT_TRAIN_TIMESTEPS)
     result = run_demo(config)
     print(result.study.report_path.read_text())
     print(f"Trained in {result.train_seconds / 60:.1f} min; whole demo {result.total_seconds / 60:.1f} min.")

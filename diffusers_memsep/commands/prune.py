@@ -40,6 +40,7 @@ from diffusers_memsep.sources import (
     with_held_out_images,
 )
 from diffusers_memsep.study import PruningStudyConfig, check_study_output_dir, prune_pipeline
+from diffusers_memsep.study.engine import present_heads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     check_study_output_dir(args.output_dir, args.overwrite_output_dir, pipeline_dir=args.pipeline)
     source = data_source(args)
     pipe = load_pipeline(args.pipeline)
+    config.check_against_model(present_heads(pipe.transformer), int(pipe.scheduler.config.num_train_timesteps))
     data = training_data_of(pipe, source, args.pipeline)
     population = population_of(source, data, pipe)
     feature_space = resolve_quality_space(args.feature_space, population, args.output_dir, args.inception_weights)

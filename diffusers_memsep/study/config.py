@@ -13,7 +13,7 @@ from ..pruning import METHODS
 from ..pruning.prune import check_eta
 from ..trainer import TrainingConfig
 from ..utils import check_etas_remove_heads, check_time_switch
-from .settings import STUDY_TRAIN_TIMESTEPS, builtin_setting, setting_num_heads
+from .settings import DEFAULT_TRAIN_TIMESTEPS, builtin_setting, setting_num_heads
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -133,7 +133,7 @@ class StudyConfig(PruningStudyConfig):
                              f"{', '.join(METRIC_COLUMNS)} (e.g. frechet_distance).")
         for setting in self.settings:  # before the first base model trains: its DiT is fixed by the setting
             try:
-                self.check_against_model(setting_num_heads(setting), STUDY_TRAIN_TIMESTEPS)
+                self.check_against_model(setting_num_heads(setting), DEFAULT_TRAIN_TIMESTEPS)
             except ValueError as error:
                 raise ValueError(f"setting {setting.name!r}: {error}") from None
 

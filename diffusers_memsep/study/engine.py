@@ -48,7 +48,7 @@ STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "pareto.png", "samples_
                  "prune.json")
 #: What :func:`prune_pipeline` records of its input (the content fingerprint of the training set).
 PRUNE_RECORD = "prune.json"
-#: The key of ``study.json`` holding each setting's content fingerprint (:meth:`SettingData.fingerprint`).
+#: The key of ``study.json`` holding each setting's content fingerprint (``settings.setting_fingerprint``).
 FINGERPRINTS_KEY = "data_fingerprints"
 #: The setting name of the rows of :func:`prune_pipeline` (one given pipeline, base model 0).
 PIPELINE_SETTING = "pipeline"
@@ -112,9 +112,13 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
     already built from it; ``feature_space`` names the space (default: digits classifier for 8x8 grey images,
     else a small CNN trained on the population), ``population_source`` says in the report where it comes from.
 
-    ``output_dir`` is checked first (:func:`check_study_output_dir`). With ``overwrite_output_dir`` (the default,
-    so that ``memsep demo`` can be re-run into its own folder) an earlier study's outputs there are replaced: the
-    files one by one, atomically, and ``runs/`` and ``variants/`` as a whole. Nothing else in the folder is touched.
+    ``output_dir`` is checked first (:func:`check_study_output_dir`); ``prune.json`` there records the content
+    fingerprint of ``data``, and without ``overwrite_output_dir`` a folder holding a prune of other images is
+    refused. With ``overwrite_output_dir`` (the default, so that ``memsep demo`` can be re-run into its own folder) an
+    earlier study's outputs there are replaced: the files one by one, atomically, and ``runs/`` and ``variants/`` as a
+    whole. Nothing else in the folder is touched. Etas that remove no head of the pipeline's transformer and a
+    ``small_t_switch`` outside its schedule are refused before any scoring
+    (:meth:`~diffusers_memsep.study.config.PruningStudyConfig.check_against_model`).
 
     Latent DiTs (a pipeline with a VAE): the training images are encoded once (cached in
     ``<output_dir>/latent_cache``) for the scores and the fine-tuning; every evaluated and saved pipeline keeps the
@@ -126,9 +130,9 @@ def prune_pipeline(pipe: MemSepPipeline, data, real_images: torch.Tensor | Quali
     if pipe.reference is None:
         raise ValueError("the pipeline has no training reference; add one with pipe.attach_reference(train_images) "
                          "(or `memsep reference`) so memorization can be measured.")
+    fingerprint = check_prune_record(Path(output_dir).expanduser(), data, overwrite_output_dir)
     output_dir = check_study_output_dir(output_dir, overwrite_output_dir)
     config.check_against_model(present_heads(pipe.transformer), int(pipe.scheduler.config.num_train_timesteps))
-    fingerprint = check_prune_record(output_dir, data, overwrite_output_dir)
     train_data = data if pipe.vae is None else latent_training_data(data, pipe.vae, output_dir / "latent_cache")
     quality = real_images if isinstance(real_images, QualityReference) else QualityReference.build(
         feature_space or feature_space_for(real_images), real_images, data.images, population_source)
@@ -206,8 +210,9 @@ def run_study(config: StudyConfig) -> StudyResult:
 
     Resumable: each finished run is one JSON file under ``<output_dir>/runs/``; a rerun skips finished runs, reuses
     trained base models (``<output_dir>/bases/``) and only runs what is missing. The settings that decide what a
-    finished run means are kept in ``study.json``; a rerun with other ones is refused. Methods, etas, seeds and the
-    number of base models may change between runs (more of them adds runs; fewer reports fewer).
+    finished run means are kept in ``study.json``, with the content fingerprint of each setting's images; a rerun
+    with other settings, or over images replaced since (same names, other pixels), is refused. Methods, etas, seeds
+    and the number of base models may change between runs (more of them adds runs; fewer reports fewer).
     """
     threads = torch.get_num_threads()
     if config.num_threads is not None:
@@ -230,8 +235,11 @@ def _run_study(config: StudyConfig) -> StudyResult:
     # Every data set is read (and the colour16 folder written, the feature networks trained and cached) here, before
     # the first training step and before any worker starts: a bad path fails now, not after an hour, and workers
     # only read caches.
-    loaded = {s.name: load_setting(s, output_dir) for s in config.settings if any(r.setting == s.name for r in todo)}
-    fingerprints = _check_fingerprints(output_dir, loaded)
+    # Images replaced since the study started (same names, other pixels) are refused before anything is trained.
+    fingerprints = _recorded_fingerprints(output_dir)
+    loaded = {s.name: load_setting(s, output_dir, fingerprints.get(s.name)) for s in config.settings
+              if any(r.setting == s.name for r in todo)}
+    fingerprints.update({name: setting_data.fingerprint for name, setting_data in loaded.items()})
     write_text(output_dir / "study.json", json.dumps({**config.signature(), FINGERPRINTS_KEY: fingerprints},
                                                      indent=1))
     units = [(setting, base) for setting in config.settings
@@ -302,25 +310,16 @@ def _check_signature(config: StudyConfig, output_dir: Path) -> None:
     signature = config.signature()
     if path.is_file():
         stored = read_json_object(path)
-        stored.pop(FINGERPRINTS_KEY, None)  # compared once the data is loaded (_check_fingerprints)
+        stored.pop(FINGERPRINTS_KEY, None)  # compared while the data is loaded (settings.load_setting)
         if stored != signature:
             changed = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
             raise ValueError(f"{str(output_dir)!r} holds a study with other settings ({', '.join(changed)}); rerun "
                              "with the same settings to continue it, or choose another --output_dir.")
 
 
-def _check_fingerprints(output_dir: Path, loaded: dict) -> dict[str, str]:
-    """The content fingerprint of every setting: those recorded in ``study.json`` for the settings not loaded now,
-    the new ones for the loaded settings. A loaded setting whose images changed since the study started (same names,
-    other pixels) is refused: its finished runs and base models were made from the old images."""
+
+def _recorded_fingerprints(output_dir: Path) -> dict[str, str]:
+    """The content fingerprint of each setting recorded in ``study.json`` (none before the first run)."""
     path = output_dir / "study.json"
-    recorded = (read_json_object(path).get(FINGERPRINTS_KEY) or {}) if path.is_file() else {}
-    fingerprints = dict(recorded)
-    for name, setting_data in loaded.items():
-        fingerprint = setting_data.fingerprint()
-        if recorded.get(name) not in (None, fingerprint):
-            raise ValueError(f"the images of setting {name} changed since this study started (fingerprint "
-                             f"{recorded[name][:12]}... in {str(path)!r}, now {fingerprint[:12]}...); rerun into "
-                             "another --output_dir.")
-        fingerprints[name] = fingerprint
-    return fingerprints
+    recorded = read_json_object(path).get(FINGERPRINTS_KEY) if path.is_file() else None
+    return dict(recorded) if isinstance(recorded, dict) else {}

@@ -20,8 +20,8 @@ from ..trainer import make_dit, make_noise_scheduler
 from ..utils import check_plain_name, data_fingerprint, inside_output_dir
 
 BUILTIN_SETTINGS = ("digits8", "colour16")
-#: The training timesteps of every base model of a study (the default schedule of ``make_noise_scheduler``).
-STUDY_TRAIN_TIMESTEPS = inspect.signature(make_noise_scheduler).parameters["num_train_timesteps"].default
+#: The training timesteps of the base models of a study and of the demo (``make_noise_scheduler``'s default).
+DEFAULT_TRAIN_TIMESTEPS = inspect.signature(make_noise_scheduler).parameters["num_train_timesteps"].default
 
 
 @dataclass
@@ -69,11 +69,16 @@ def builtin_setting(name: str, model: dict | None = None) -> StudySetting:
     raise ValueError(f"unknown built-in setting {name!r}; choose from {', '.join(BUILTIN_SETTINGS)}.")
 
 
-def setting_num_heads(setting: StudySetting) -> int:
-    """The attention heads of the DiT a setting's base models train (``make_dit`` with ``setting.model``)."""
+def dit_num_heads(model: dict) -> int:
+    """The attention heads of ``make_dit(**model)`` (its defaults for what ``model`` leaves out)."""
     defaults = {name: p.default for name, p in inspect.signature(make_dit).parameters.items()}
-    model = {**defaults, **setting.model}
+    model = {**defaults, **model}
     return int(model["num_layers"]) * int(model["num_attention_heads"])
+
+
+def setting_num_heads(setting: StudySetting) -> int:
+    """The attention heads of the DiT a setting's base models train."""
+    return dit_num_heads(setting.model)
 
 
 def colour_digits_folder(output_dir: Path) -> str:
@@ -102,15 +107,27 @@ class SettingData:
     population: TrainingData  # every image of the setting: the quality reference
     held_out_dir: TrainingData | None  # the user's held-out folder, if any
     feature_space: object  # the quality metrics' feature space, resolved once per setting
-
-    def fingerprint(self) -> str:
-        """The content of the setting's images (population, and the held-out folder if any): ``study.json`` keeps
-        it, so a resumed study over replaced images (same names, other pixels) is refused."""
-        parts = [data_fingerprint(data) for data in (self.population, self.held_out_dir) if data is not None]
-        return parts[0] if len(parts) == 1 else hashlib.sha256("+".join(parts).encode()).hexdigest()
+    fingerprint: str = ""  # the content of its images (setting_fingerprint), kept in study.json
 
 
-def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
+def setting_fingerprint(population: TrainingData, held_out: TrainingData | None) -> str:
+    """The content of a setting's images (population, and the held-out folder if any): ``study.json`` keeps it, so a
+    resumed study over replaced images (same names, same count, other pixels) is refused."""
+    parts = [data_fingerprint(data) for data in (population, held_out) if data is not None]
+    return parts[0] if len(parts) == 1 else hashlib.sha256("+".join(parts).encode()).hexdigest()
+
+
+def check_fingerprint(name: str, recorded: str | None, fingerprint: str, where: str = "study.json") -> None:
+    """Refuse a setting whose images changed since the study recorded ``recorded`` (None: nothing recorded)."""
+    if recorded is not None and recorded != fingerprint:
+        raise ValueError(f"the images of setting {name} changed since this study started (fingerprint "
+                         f"{recorded[:12]}... in {where}, now {fingerprint[:12]}...); its finished runs and base "
+                         "models come from the old images: rerun into another --output_dir.")
+
+
+def load_setting(setting: StudySetting, output_dir: Path, recorded_fingerprint: str | None = None) -> SettingData:
+    """Read a setting's images and resolve its feature space. With ``recorded_fingerprint`` (``study.json``'s), images
+    that changed since are refused before anything is trained or cached."""
     kwargs = setting.data_kwargs(output_dir)
     population = load_training_data(**kwargs)
     if setting.num_train_samples >= len(population):
@@ -120,11 +137,13 @@ def load_setting(setting: StudySetting, output_dir: Path) -> SettingData:
     if setting.validation_data_dir:
         held_out = load_training_data(**{**kwargs, "dataset_name": None,
                                          "train_data_dir": setting.validation_data_dir})
+    fingerprint = setting_fingerprint(population, held_out)
+    check_fingerprint(setting.name, recorded_fingerprint, fingerprint, str(Path(output_dir) / "study.json"))
     # "auto": the digits classifier for the embedded digits, else a small CNN trained once on the population and
     # cached under the output folder (reused by every run and every rerun).
     cache = inside_output_dir(Path(output_dir) / "feature_networks" / setting.name, output_dir)
     feature_space = resolve_feature_space("auto", population, cache)
-    return SettingData(population, held_out, feature_space)
+    return SettingData(population, held_out, feature_space, fingerprint)
 
 
 def base_training_data(setting: StudySetting, output_dir: Path, base: int, setting_data: SettingData):
