@@ -25,7 +25,10 @@ from diffusers_memsep import MemSepPipeline, NearestNeighborIndex, PrunableDiTTr
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
 from diffusers_memsep.memorization import memorization_ratio, memorization_report, precision_recall
-from diffusers_memsep.study import PruningStudyConfig
+from diffusers_memsep.pruning import one_shot_prune
+from diffusers_memsep.pruning.prune import head_importance
+from diffusers_memsep.study import PruningStudyConfig, StudyConfig, StudySetting, prune_pipeline, quick_config
+from diffusers_memsep.study.bases import base_dir, prepare_base_model
 
 from conftest import tiny_dit
 
@@ -263,6 +266,44 @@ def _plain(command, *flags):
     return lambda tmp, pipe, mp: [command, "--output_dir", str(tmp / "out"), *flags]
 
 
+# ------------------------------------------------------------- the reliability checks wired into the engine
+def _random_images(folder: Path, count=12, seed=0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(count, 8, 8), dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        write_png(folder / f"{index:02d}.png", image)
+    return folder
+
+
+#: A study of one image folder, as small as the CLI allows (one run, 4 base training steps).
+TINY_FOLDER_STUDY = ["--quick", "--settings", "--num_train_samples", "4", "--max_runs", "1", "--base_train_steps", "4",
+                     "--checkpoint_every", "2", "--finetune_steps", "1", "--seeds", "0", "--methods", "random"]
+
+
+def _study_over_replaced_images(tmp, pipe, mp):
+    """A study ran one run on --train_data_dir; then its images are replaced (same names, same count, other
+    pixels): resuming it is refused before any training or caching."""
+    images = _random_images(tmp / "images")
+    argv = ["study", "--output_dir", str(tmp / "out"), "--train_data_dir", str(images), *TINY_FOLDER_STUDY]
+    assert main(argv) == 0
+    _random_images(images, seed=1)
+    return argv
+
+
+def _study_json(text):
+    def setup(tmp, pipe, mp):
+        (tmp / "out").mkdir()
+        (tmp / "out" / "study.json").write_text(text)
+        return _study("--settings", "digits8")(tmp, pipe, mp)
+    return setup
+
+
+def _runs_link_outside(tmp, pipe, mp):
+    (tmp / "elsewhere").mkdir()
+    (tmp / "out").mkdir()
+    (tmp / "out" / "runs").symlink_to(tmp / "elsewhere", target_is_directory=True)
+    return _study("--settings", "digits8")(tmp, pipe, mp)
+
+
 COMMAND_CASES = {
     # output folders (checked before the pipeline is even loaded)
     "prune-output-is-a-file": (_output_is_a_file("prune"), "is a file"),
@@ -368,6 +409,20 @@ COMMAND_CASES = {
     "gmm-negative-seed": (_plain("gmm", "--scale", "tiny", "--seed=-1"), "--seed must be an integer in [0"),
     "train-zero-threads": (lambda tmp, pipe, mp: ["train", "--output_dir", str(tmp / "out"), "--num_threads", "0"],
                            "--num_threads must be >= 1"),
+    # the reliability checks wired into the engine: content fingerprints, paths, no-op values, JSON files
+    "study-images-replaced-since-it-started": (_study_over_replaced_images,
+                                               "the images of setting custom changed since this study started"),
+    "study-runs-folder-links-outside": (_runs_link_outside, "lies outside --output_dir"),
+    "study-eta-removes-no-head": (_study("--etas", "0.1"),
+                                  "setting 'digits8': --etas 0.1 removes no head of the 8 heads it ranks"),
+    "study-unknown-quality-metric": (_study("--quality_metric", "fid"),
+                                     "--quality_metric 'fid' is not a metric of the runs"),
+    "study-corrupt-study-json": (_study_json('{"settings": '), "study.json' is not a valid JSON file"),
+    "study-study-json-not-an-object": (_study_json("[1]"), "holds a JSON list, not an object"),
+    "demo-eta-removes-no-head": (_plain("demo", "--quick", "--etas", "0.1"),
+                                 "--etas 0.1 removes no head of the 8 heads it ranks"),
+    "prune-default-eta-removes-no-head": (_prune(*QUICK_PRUNE[:-2]), "--etas 0.2 removes no head of the 4 heads"),
+    "prune-push-reference-without-push": (_prune("--push_reference"), "--push_reference applies to a push"),
     # the file system refuses mid-run
     "loss-gap-disk-full": (_disk_full_loss_gap,
                            "No space left on device: 'diffusion_pytorch_model.safetensors'; free disk space"),
@@ -410,6 +465,7 @@ def test_prune_overwrite_replaces_only_the_study_outputs(saved_pipeline, tmp_pat
     assert not list(out.glob(".*"))  # no staging folder or probe file left behind
     reloaded = MemSepPipeline.from_pretrained(out / "variants" / "random-eta0.5")
     assert sum(reloaded.transformer.heads_per_layer()) == 2
+    assert len(json.loads((out / "prune.json").read_text())["data_fingerprint"]) == 64  # what the prune ran on
 
 
 # ---------------------------------------------------------------------------------------------- the public APIs
@@ -487,6 +543,55 @@ def _held_lock(tmp):
 
     (tmp / ".out.memsep.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     return lambda: diffusers_memsep.utils.OutputLock(tmp / "out").acquire()
+
+
+def _digits(n=8):
+    return load_training_data(max_train_samples=n, seed=0)
+
+
+def _prune_api(config, out="out", record=None, **kwargs):
+    """prune_pipeline on the tiny pipeline (4 heads, 100 timesteps); ``record``: a prune.json there first."""
+    def setup(tmp):
+        if record is not None:
+            (tmp / out).mkdir()
+            (tmp / out / "prune.json").write_text(json.dumps(record))
+        data = _digits()
+        return lambda: prune_pipeline(tiny_pipeline(), data, data.images, config, tmp / out, **kwargs)
+    return setup
+
+
+def _nan_transformer() -> PrunableDiTTransformer2DModel:
+    model = tiny_transformer()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    return model
+
+
+def _base_with_corrupt_curve(tmp):
+    config = quick_config(str(tmp / "out"))
+    setting = config.settings[0]
+    folder = base_dir(tmp / "out", setting, 0)
+    for name in (folder, folder.with_name(folder.name + "-early_stop")):
+        tiny_pipeline().save_pretrained(name)
+    (folder / "memorization_curve.json").write_text('{"steps": [')
+    data = _digits()
+    return lambda: prepare_base_model(config, setting, 0, data)
+
+
+def _bases_link_outside(tmp):
+    (tmp / "elsewhere").mkdir()
+    (tmp / "out").mkdir()
+    (tmp / "out" / "bases").symlink_to(tmp / "elsewhere", target_is_directory=True)
+    return lambda: base_dir(tmp / "out", StudySetting("digits8"), 0)
+
+
+def _pipeline_with(edit):
+    def setup(tmp):
+        tiny_pipeline().save_pretrained(tmp / "pipe")
+        edit(tmp / "pipe")
+        return lambda: MemSepPipeline.from_pretrained(tmp / "pipe")
+    return setup
 
 
 API_CASES = {
@@ -577,6 +682,37 @@ API_CASES = {
                         "--seeds lists 0 more than once"),
     "nan-scores": (_api(lambda: diffusers_memsep.utils.check_finite_scores(torch.tensor([1.0, float("nan")]))),
                    ValueError, "1 of 2 head importance scores are NaN"),
+    # the reliability checks wired into the engine
+    "prune-pipeline-over-a-prune-of-other-images": (
+        _prune_api(PruningStudyConfig(etas=(0.5,)), record={"data_fingerprint": "0" * 64}, overwrite_output_dir=False),
+        ValueError, "holds a prune of other training images"),
+    "prune-pipeline-default-eta-removes-no-head": (_prune_api(PruningStudyConfig()), ValueError,
+                                                   "--etas 0.2 removes no head of the 4 heads it ranks"),
+    "prune-pipeline-time-switch-beyond-the-schedule": (_prune_api(PruningStudyConfig(etas=(0.5,), small_t_switch=100)),
+                                                       ValueError, "--small_t_switch 100 lies outside the schedule"),
+    "study-setting-name-is-a-path": (_api(lambda: StudySetting(name="../x")), ValueError,
+                                     "--setting_name '../x' is not a plain name"),
+    "study-bases-folder-links-outside": (_bases_link_outside, ValueError, "lies outside --output_dir"),
+    "study-eta-removes-no-head": (_api(lambda: quick_config(etas=(0.1,))), ValueError,
+                                  "setting 'digits8': --etas 0.1 removes no head of the 8 heads"),
+    "study-time-switch-beyond-the-schedule": (_api(lambda: quick_config(small_t_switch=1000)), ValueError,
+                                              "--small_t_switch 1000 lies outside the schedule"),
+    "study-unknown-quality-metric": (_api(lambda: StudyConfig(quality_metric="FID")), ValueError,
+                                     "--quality_metric 'FID' is not a metric of the runs"),
+    "study-corrupt-memorization-curve": (_base_with_corrupt_curve, ValueError,
+                                         "memorization_curve.json' is not a valid JSON file"),
+    "head-importance-of-a-nan-model": (_api(lambda: head_importance(
+        "small_t", _nan_transformer(), _digits(), DDPMScheduler(num_train_timesteps=100), num_batches=1,
+        batch_size=4)), ValueError, "of 4 small_t head importance scores are NaN or infinite"),
+    "one-shot-prune-of-a-nan-model": (_api(lambda: one_shot_prune(
+        _nan_transformer(), _digits(), DDPMScheduler(num_train_timesteps=100), eta=0.5, method="ablation",
+        num_batches=1, batch_size=4)), ValueError, "of 4 ablation head importance scores are NaN or infinite"),
+    "pipeline-load-corrupt-transformer-config": (
+        _pipeline_with(lambda pipe: (pipe / "transformer" / "config.json").write_text('{"num_layers": 2,')),
+        ValueError, "config.json' is not a valid JSON file"),
+    "pipeline-load-model-index-not-an-object": (
+        _pipeline_with(lambda pipe: (pipe / "model_index.json").write_text("[]")), ValueError,
+        "holds a JSON list, not an object"),
 }
 
 
@@ -768,3 +904,30 @@ def test_saved_transformer_records_its_head_layout(tmp_path):
     with safe_open(str(tmp_path / "t" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
         assert json.loads(handle.metadata()[HEAD_LAYOUT_KEY]) == {"num_attention_heads": 2, "attention_head_dim": 8}
     PrunableDiTTransformer2DModel.from_pretrained(tmp_path / "t")  # the untouched folder loads
+
+
+def test_train_push_goes_through_the_one_push_path_without_the_reference(tmp_path, monkeypatch):
+    import diffusers_memsep.trainer.output
+
+    uploads = _fake_hub(monkeypatch)
+    monkeypatch.setattr(diffusers_memsep.trainer.output, "check_hub_repo", lambda *args, **kwargs: "token")
+    out = tmp_path / "out"
+    assert main(["train", "--output_dir", str(out), "--max_train_steps", "2", "--max_train_samples", "4",
+                 "--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "8",
+                 "--validation_num_samples", "0", "--report_to", "none", "--checkpointing_steps", "0",
+                 "--no_progress", "--push_to_hub", "--hub_model_id", "me/dit"]) == 0
+    assert (out / "reference").is_dir() and len(uploads) == 1
+    assert "model_index.json" in uploads[0] and not any(n.startswith("reference/") for n in uploads[0])
+    assert "leaves it out unless `--push_reference`" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("flag", [[], ["--push_reference"]])
+def test_prune_push_leaves_the_reference_out_unless_asked(flag, saved_pipeline, tmp_path, monkeypatch, capsys):
+    uploads = _fake_hub(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["prune", "--pipeline", str(saved_pipeline), "--output_dir", str(out), *QUICK_PRUNE,
+                 "--push_to_hub", "--hub_model_id_prefix", "me/dit", *flag]) == 0
+    assert len(uploads) == 1 and "model_index.json" in uploads[0]  # one variant: random-eta0.5
+    assert any(n.startswith("reference/") for n in uploads[0]) == bool(flag)
+    card = (out / "variants" / "random-eta0.5" / "README.md").read_text()
+    assert "`memsep prune --push_to_hub`" in card and "`--push_reference`" in card

@@ -197,3 +197,52 @@ def test_worker_processes_give_the_rows_of_one_process(tmp_path):
     assert (parallel.executed_runs, parallel.trained_base_models) == (10, 2)
     with pytest.raises(ValueError, match="num_workers"):
         tiny_config(tmp_path, num_workers=0)
+
+
+def _random_images(folder, count=12, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(count, 8, 8), dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{index:02d}.png")
+    return folder
+
+
+def test_study_over_replaced_images_is_refused(tmp_path):
+    """Same file names, same count, other pixels: the finished runs and the base model come from the old images."""
+    from diffusers_memsep.study import StudySetting
+
+    images = _random_images(tmp_path / "images")
+    setting = StudySetting("folder", train_data_dir=str(images), num_train_samples=4,
+                           model=dict(num_layers=1, num_attention_heads=2, attention_head_dim=8))
+    config = tiny_config(tmp_path / "out", settings=(setting,), methods=("random",), seeds=(0,), max_runs=1)
+    run_study(config)
+    recorded = json.loads((tmp_path / "out" / "study.json").read_text())["data_fingerprints"]
+    assert set(recorded) == {"folder"} and len(recorded["folder"]) == 64
+    run_study(config)  # the same images: the study continues
+    _random_images(images, seed=1)
+    runs = sorted((tmp_path / "out" / "runs").rglob("*.json"))
+    with pytest.raises(ValueError, match="the images of setting folder changed since this study started"):
+        run_study(config)
+    assert sorted((tmp_path / "out" / "runs").rglob("*.json")) == runs  # nothing ran on the new images
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(etas=(0.25,)), "setting 'digits8': --etas 0.25 removes no head of the 2 heads it ranks"),
+    (dict(small_t_switch=1000), "--small_t_switch 1000 lies outside the schedule"),
+    (dict(quality_metric="fid"), "--quality_metric 'fid' is not a metric of the runs"),
+])
+def test_study_config_refuses_a_no_op_before_any_training(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(tmp_path, **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_setting_name_must_be_a_plain_name():
+    from diffusers_memsep.study import StudySetting
+
+    for name in ("../x", "a/b", ".."):
+        with pytest.raises(ValueError, match="--setting_name .* is not a plain name"):
+            StudySetting(name=name)
