@@ -78,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     check_study_output_dir(args.output_dir, args.overwrite_output_dir, pipeline_dir=args.pipeline)
     source = data_source(args)
     pipe = load_pipeline(args.pipeline)
-    config.check_against_model(present_heads(pipe.transformer), int(pipe.scheduler.config.num_train_timesteps))
     data = training_data_of(pipe, source, args.pipeline)
     population = population_of(source, data, pipe)
+    # Before the feature space (which may train and cache a network) and any scoring: etas that remove no head of
+    # this transformer, default ones included, and a switch outside its schedule are refused.
+    config.check_against_model(present_heads(pipe.transformer), int(pipe.scheduler.config.num_train_timesteps))
     feature_space = resolve_quality_space(args.feature_space, population, args.output_dir, args.inception_weights)
     if "memorization_gap" in args.methods:
         data = with_held_out_images(source, data, population, pipe)
