@@ -209,9 +209,9 @@ def check_flags_against_pipeline(args: argparse.Namespace, explicit: set[str] | 
     an eta that removes no head (``floor(eta * H) == 0``, H the heads still in the model, ranked over the whole
     model as :func:`~diffusers_memsep.pruning.select_heads_to_prune` does) and a ``--small_t_switch`` outside the
     schedule (the routed sampler would never switch). Hub ids are checked by the library once loaded. Only etas
-    given on the command line (``explicit``) are checked: the default list is meant for the documented models (16
-    heads and more); on a smaller model a default eta that prunes nothing must be refused by the study itself
-    (``utils.check_etas_remove_heads`` once the model is loaded)."""
+    given on the command line (``explicit``) are checked here, so that the default list does not hide the errors of
+    a damaged folder; the default ones are checked too, once the model is loaded
+    (:meth:`~diffusers_memsep.study.config.PruningStudyConfig.check_against_model`, before any scoring)."""
     from .utils import check_etas_remove_heads, check_time_switch, read_json_object
 
     folder = Path(getattr(args, "pipeline", None) or "").expanduser()
