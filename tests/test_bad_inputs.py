@@ -297,11 +297,14 @@ def _study_json(text):
     return setup
 
 
-def _runs_link_outside(tmp, pipe, mp):
-    (tmp / "elsewhere").mkdir()
-    (tmp / "out").mkdir()
-    (tmp / "out" / "runs").symlink_to(tmp / "elsewhere", target_is_directory=True)
-    return _study("--settings", "digits8")(tmp, pipe, mp)
+def _link_outside(name):
+    """``<output_dir>/<name>`` is a link to a folder outside it: nothing may be written through it."""
+    def setup(tmp, pipe, mp):
+        (tmp / "elsewhere").mkdir()
+        (tmp / "out").mkdir()
+        (tmp / "out" / name).symlink_to(tmp / "elsewhere", target_is_directory=True)
+        return _study("--settings", "digits8")(tmp, pipe, mp)
+    return setup
 
 
 COMMAND_CASES = {
@@ -412,7 +415,9 @@ COMMAND_CASES = {
     # the reliability checks wired into the engine: content fingerprints, paths, no-op values, JSON files
     "study-images-replaced-since-it-started": (_study_over_replaced_images,
                                                "the images of setting custom changed since this study started"),
-    "study-runs-folder-links-outside": (_runs_link_outside, "lies outside --output_dir"),
+    "study-runs-folder-links-outside": (_link_outside("runs"), "lies outside --output_dir"),
+    "study-bases-folder-links-outside": (_link_outside("bases"), "lies outside --output_dir"),
+    "study-feature-networks-folder-links-outside": (_link_outside("feature_networks"), "lies outside --output_dir"),
     "study-eta-removes-no-head": (_study("--etas", "0.1"),
                                   "setting 'digits8': --etas 0.1 removes no head of the 8 heads it ranks"),
     "study-unknown-quality-metric": (_study("--quality_metric", "fid"),

@@ -199,9 +199,9 @@ def check_prune_record(output_dir: Path, data, overwrite_output_dir: bool) -> st
     if path.is_file() and not overwrite_output_dir:
         stored = read_json_object(path).get("data_fingerprint")
         if stored != fingerprint:
-            raise ValueError(f"{str(output_dir)!r} holds a prune of other training images (fingerprint {stored} in "
-                             f"{str(path)!r}, these are {fingerprint}); pass --overwrite_output_dir to replace it, or "
-                             "choose another --output_dir.")
+            raise ValueError(f"{str(output_dir)!r} holds a prune of other training images (fingerprint "
+                             f"{str(stored)[:12]}... in {str(path)!r}, these are {fingerprint[:12]}...); pass "
+                             "--overwrite_output_dir to replace it, or choose another --output_dir.")
     return fingerprint
 
 
@@ -227,6 +227,7 @@ def _run_study(config: StudyConfig) -> StudyResult:
     start = time.perf_counter()
     output_dir = check_writable_dir(config.output_dir)
     _check_signature(config, output_dir)
+    _check_base_dirs(config, output_dir)
     runs = planned_runs(config, [s.name for s in config.settings], config.num_base_models, early_stop=True)
     pending = [run for run in runs if not run.path(output_dir).is_file()]
     todo = pending if config.max_runs is None else pending[: config.max_runs]
@@ -316,6 +317,14 @@ def _check_signature(config: StudyConfig, output_dir: Path) -> None:
             raise ValueError(f"{str(output_dir)!r} holds a study with other settings ({', '.join(changed)}); rerun "
                              "with the same settings to continue it, or choose another --output_dir.")
 
+
+
+def _check_base_dirs(config: StudyConfig, output_dir: Path) -> None:
+    """Every base model folder lies inside ``output_dir`` (``bases/`` linked elsewhere is refused before any work;
+    the run files are checked as the plan looks for them)."""
+    for setting in config.settings:
+        for base in range(config.num_base_models):
+            base_dir(output_dir, setting, base)
 
 
 def _recorded_fingerprints(output_dir: Path) -> dict[str, str]:
