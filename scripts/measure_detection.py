@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num_train", type=int, default=16)
     parser.add_argument("--num_subsets", type=int, default=4)
     parser.add_argument("--draws", type=int, default=4)
-    parser.add_argument("--num_steps", type=int, default=600, help="InfoNCE steps of the copy-detection network.")
+    parser.add_argument("--num_steps", type=int, default=1500, help="InfoNCE steps of the copy-detection network.")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     output_dir = Path(args.output_dir)

@@ -32,14 +32,19 @@ from diffusers_memsep.utils import write_text
 
 SMALL = dict(num_layers=2, num_attention_heads=4, attention_head_dim=16)
 SETTINGS = {
-    "digits8": dict(data={}, model=dict(SMALL, patch_size=2), n=8),
-    "digits8-conditional": dict(data={"label_column": "label"}, model=dict(SMALL, patch_size=2), n=10),
-    "colour16": dict(data={"builtin": "colour16"}, model=dict(SMALL, patch_size=4), n=4),
-    "patches32": dict(data={"builtin": "patches32"}, model=dict(SMALL, patch_size=8, attention_head_dim=32), n=4),
+    "digits8": dict(data={}, model=dict(SMALL, patch_size=2), n=8, steps=[1000, 2000, 3000, 4000]),
+    "digits8-conditional": dict(data={"label_column": "label"}, model=dict(SMALL, patch_size=2), n=10,
+                                steps=[500, 1000, 1500, 2000]),
+    "colour16": dict(data={"builtin": "colour16"}, model=dict(SMALL, patch_size=4), n=4,
+                     steps=[1000, 2000, 3000, 4000]),
+    "patches32": dict(data={"builtin": "patches32"}, model=dict(SMALL, patch_size=8, attention_head_dim=32), n=4,
+                      steps=[1000, 2000, 3000, 4000]),
 }
 METHOD_VARIANTS = {
     "renoise (t=0.4T)": ("renoise", {}),
     "renoise (t=0.2T)": ("renoise", {"level": 0.2}),
+    "renoise_spread (t=0.4T)": ("renoise_spread", {}),
+    "renoise_spread (t=0.2T)": ("renoise_spread", {"level": 0.2}),
     "denoise_loss": ("denoise_loss", {}),
     "cond_gap": ("cond_gap", {}),
 }
@@ -100,10 +105,10 @@ def evaluate(pipe, data, num_samples, seed):
                  float(scores[truth].mean()) if truth.any() else None,
                  "score_novel_mean": float(scores[~truth].mean()) if (~truth).any() else None}
         if truth.any() and (~truth).any():
-            entry.update(auc=float(roc_auc_score(truth, scores)), auc_ci=bootstrap(scores, truth, roc_auc_score),
+            entry.update(auc=float(roc_auc_score(truth, scores)), auc_ci=bootstrap(scores, truth, lambda s, t: roc_auc_score(t, s)),
                          tpr_at_1pct_fpr=tpr_at_fpr(scores, truth),
                          tpr_ci=bootstrap(scores, truth, tpr_at_fpr))
-        if method in THRESHOLDS and variant in ("renoise (t=0.4T)", "denoise_loss", "cond_gap"):
+        if method in THRESHOLDS and "t=0.2T" not in variant:
             flags = scores >= THRESHOLDS[method]
             entry.update(threshold=THRESHOLDS[method],
                          threshold_tpr=float(flags[truth].mean()) if truth.any() else None,
@@ -112,8 +117,11 @@ def evaluate(pipe, data, num_samples, seed):
     return row
 
 
-def measure_setting(name: str, output_dir: Path, steps: list[int], num_samples: int) -> dict:
+def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_samples: int) -> dict:
     spec = SETTINGS[name]
+    steps = sorted(steps or spec["steps"])
+    if any(step % steps[0] for step in steps):
+        raise SystemExit("every --steps value must be a multiple of the smallest one (the snapshot interval).")
     data = training_data(spec, output_dir, spec["n"])
     torch.manual_seed(0)
     model = make_dit(sample_size=data.resolution, in_channels=data.num_channels,
@@ -179,18 +187,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--steps", nargs="+", type=int, default=[500, 1000, 2000, 4000])
-    parser.add_argument("--num_samples", type=int, default=128)
+    parser.add_argument("--steps", nargs="+", type=int, default=None,
+                        help="Training lengths to measure (default: each setting's own, from first copies on).")
+    parser.add_argument("--num_samples", type=int, default=96)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     output_dir = Path(args.output_dir)
     arguments = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    steps = sorted(args.steps)
-    if any(step % steps[0] for step in steps):
-        raise SystemExit("every --steps value must be a multiple of the smallest one (the snapshot interval).")
     results = []
     for name in args.settings:
-        results.append(measure_setting(name, output_dir, steps, args.num_samples))
+        results.append(measure_setting(name, output_dir, args.steps, args.num_samples))
         write_text(output_dir / "model_score.json", json.dumps({"arguments": arguments, "results": results},
                                                                indent=2) + "\n")
         write_text(output_dir / "report.md", report(results, arguments))

@@ -76,7 +76,8 @@ class CopyDetectionNet(ModelMixin, ConfigMixin):
     """Small CNN: images ``[B, C, H, W]`` in ``[-1, 1]`` -> unit-norm embeddings ``[B, embed_dim]``."""
 
     @register_to_config
-    def __init__(self, in_channels: int = 1, resolution: int = 8, width: int = 32, embed_dim: int = 64):
+    def __init__(self, in_channels: int = 1, resolution: int = 8, width: int = 32, embed_dim: int = 64,
+                 pool_flip: bool = True, pool_shift: int = 1):
         super().__init__()
         wide = 2 * width
         layers = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, wide, 3, padding=1),
@@ -106,8 +107,21 @@ class CopyDetectionNet(ModelMixin, ConfigMixin):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return images
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_one(self, images: torch.Tensor) -> torch.Tensor:
+        """The embedding of each image as it is (no pooling over flips and shifts; used in training)."""
         return F.normalize(self.project(self.body(self.preprocess(images))), dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embedding pooled over the image, its mirror (``pool_flip``) and its shifts by up to
+        ``pool_shift`` pixels (border pixels repeated): invariant to flips, nearly so to small shifts."""
+        images = self.preprocess(images)
+        views = [images, images.flip(-1)] if self.config.pool_flip else [images]
+        radius, side = self.config.pool_shift, images.shape[-1]
+        if radius:
+            padded = [F.pad(view, (radius,) * 4, mode="replicate") for view in views]
+            views = [view[:, :, radius + dy:radius + dy + side, radius + dx:radius + dx + side] for view in padded
+                     for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+        return F.normalize(sum(self.embed_one(view) for view in views), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -163,16 +177,16 @@ def working_resolution(resolution: int) -> int:
     return max(8, min(32, 2 ** int(math.log2(max(resolution, 1)))))
 
 
-def train_copy_detector(images: torch.Tensor, num_steps: int = 600, batch_size: int = 256,
+def train_copy_detector(images: torch.Tensor, num_steps: int = 1500, batch_size: int = 256,
                         learning_rate: float = 2e-3, temperature: float = 0.1, width: int | None = None,
-                        seed: int = 0, progress: bool = False) -> tuple[CopyDetectionNet, dict]:
+                        embed_dim: int = 64, strength: float = 0.5, seed: int = 0, progress: bool = False) -> tuple[CopyDetectionNet, dict]:
     """Train a :class:`CopyDetectionNet` on ``images`` with InfoNCE between two :func:`augment` edits."""
     if images.ndim != 4 or len(images) < 2:
         raise ValueError("train_copy_detector needs at least 2 images [n, C, H, W] in [-1, 1].")
     resolution = working_resolution(images.shape[-1])
     width = width or {8: 32, 16: 24, 32: 16}[resolution]
     torch.manual_seed(seed)
-    model = CopyDetectionNet(images.shape[1], resolution, width)
+    model = CopyDetectionNet(images.shape[1], resolution, width, embed_dim)
     generator = torch.Generator().manual_seed(seed)
     images = model.preprocess(images)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -182,13 +196,14 @@ def train_copy_detector(images: torch.Tensor, num_steps: int = 600, batch_size: 
     model.train()
     for _ in tqdm(range(num_steps), desc="copy-detection network", disable=not progress):
         batch = images[torch.randperm(len(images), generator=generator)[:batch_size]]
-        loss = _nt_xent(model(augment(batch, generator)), model(augment(batch, generator)), temperature)
+        loss = _nt_xent(model.embed_one(augment(batch, generator, strength)),
+                        model.embed_one(augment(batch, generator, strength)), temperature)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
     recipe = {"objective": "InfoNCE between two random edits (SSCD-like)", "num_steps": num_steps,
-              "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "seed": seed,
+              "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "strength": strength, "seed": seed,
               "architecture": dict(model.config), "final_loss": round(loss.item(), 4),
               "train_seconds": round(time.perf_counter() - start, 2)}
     return model.eval().requires_grad_(False), recipe

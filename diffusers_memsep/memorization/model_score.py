@@ -7,6 +7,9 @@ betrays its copies by itself, and three such signals are implemented here (highe
   denoised back with DDIM; a copy of a training image falls back onto that image (the model's empirical-score
   attractor), a novel sample drifts. Score: minus the mean squared distance (per pixel, in the model's space)
   between the sample and its re-denoised versions.
+- ``"renoise_spread"``: the same re-noising, scored by how much the re-denoised versions differ from one another
+  (minus their mean squared distance to their own mean): a memorizing model's denoiser is contractive around a
+  training image (every noise draw lands on the same image), while on a learned manifold it keeps the draws apart.
 - ``"denoise_loss"``: the model's own denoising loss on the sample at small noise levels (minus the mean of
   ``||eps - eps_theta(x_t, t)||^2``): a memorizing model denoises its training images almost perfectly.
 - ``"cond_gap"`` (Wen et al., ICLR 2024, "Detecting, explaining, and mitigating memorization in diffusion
@@ -44,9 +47,9 @@ from diffusers.utils import BaseOutput
 
 __all__ = ["METHODS", "THRESHOLDS", "MemorizationScoreOutput", "memorization_score", "to_model_space"]
 
-METHODS = ("renoise", "denoise_loss", "cond_gap")
+METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap")
 #: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
-THRESHOLDS = {"renoise": -0.02, "denoise_loss": -0.02, "cond_gap": 0.02}
+THRESHOLDS = {"renoise": -0.02, "renoise_spread": -0.01, "denoise_loss": -0.02, "cond_gap": 0.02}
 
 
 @dataclass
@@ -115,7 +118,7 @@ def _alphas(pipe):
 
 
 @torch.no_grad()
-def _renoise(pipe, x, labels, generator, level=0.4, steps=10, repeats=4):
+def _renoise(pipe, x, labels, generator, level=0.4, steps=10, repeats=4, spread=False):
     config = pipe.scheduler.config
     num_train = int(config.num_train_timesteps)
     scheduler = DDIMScheduler(num_train_timesteps=num_train, beta_schedule=config.get("beta_schedule", "linear"),
@@ -131,8 +134,10 @@ def _renoise(pipe, x, labels, generator, level=0.4, steps=10, repeats=4):
         sample = alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise
         for t in timesteps:
             sample = scheduler.step(_eps(pipe, sample, t, labels).to(x.dtype), t, sample).prev_sample
-        distances.append((sample - x).float().square().flatten(1).mean(1))
-    return -torch.stack(distances).mean(0)
+        distances.append(sample.float())
+    outputs = torch.stack(distances)  # [repeats, B, ...]
+    centre = outputs.mean(0, keepdim=True) if spread else x.float()[None]
+    return -(outputs - centre).square().flatten(2).mean(2).mean(0)
 
 
 @torch.no_grad()
@@ -169,7 +174,12 @@ def _cond_gap(pipe, x, labels, generator, levels=(0.1, 0.3, 0.5), draws=2):
     return torch.stack(gaps).mean(0)
 
 
-_FUNCTIONS = {"renoise": _renoise, "denoise_loss": _denoise_loss, "cond_gap": _cond_gap}
+def _renoise_spread(pipe, x, labels, generator, **kwargs):
+    return _renoise(pipe, x, labels, generator, spread=True, **kwargs)
+
+
+_FUNCTIONS = {"renoise": _renoise, "renoise_spread": _renoise_spread, "denoise_loss": _denoise_loss,
+              "cond_gap": _cond_gap}
 
 
 def memorization_score(pipe, images, class_labels=None, method: str = "renoise", threshold: float | None = None,
