@@ -363,8 +363,9 @@ def calibrate_copy_threshold(space: CopySpace, reference: torch.Tensor, held_out
         raise ValueError("calibration needs held-out images and a false-positive rate in [0, 1).")
     best = max_similarity(space, held_out, reference)[0].sort().values
     allowed = int(math.floor(false_positive_rate * len(best)))
-    cut = best[len(best) - allowed - 1].item()  # the largest similarity that must NOT be flagged
-    return float(min(1.0, math.nextafter(cut, math.inf)))
+    cut = best[len(best) - allowed - 1]  # the largest similarity that must NOT be flagged
+    # the next float32 above it: similarities are float32, so a float64 step would round back onto the cut
+    return float(torch.nextafter(cut.float(), torch.tensor(math.inf)))
 
 
 @dataclass
