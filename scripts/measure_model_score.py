@@ -41,9 +41,9 @@ SETTINGS = {
                       steps=[1000, 2000, 3000, 4000]),
 }
 METHOD_VARIANTS = {
-    "renoise (t=0.4T)": ("renoise", {}),
+    "renoise (t=0.4T)": ("renoise", {"level": 0.4}),
     "renoise (t=0.2T)": ("renoise", {"level": 0.2}),
-    "renoise_spread (t=0.4T)": ("renoise_spread", {}),
+    "renoise_spread (t=0.4T)": ("renoise_spread", {"level": 0.4}),
     "renoise_spread (t=0.2T)": ("renoise_spread", {"level": 0.2}),
     "denoise_loss": ("denoise_loss", {}),
     "cond_gap": ("cond_gap", {}),
@@ -94,7 +94,8 @@ def evaluate(pipe, data, num_samples, seed):
     output = pipe(class_labels=labels, batch_size=None if labels is not None else num_samples,
                   num_inference_steps=25, output_type="pt", generator=torch.Generator().manual_seed(seed))
     truth = output.memorized.numpy().astype(bool)
-    row = {"memorized_share": float(truth.mean()), "num_samples": num_samples, "methods": {}}
+    row = {"memorized_share": float(truth.mean()), "num_samples": num_samples, "memorized": truth.tolist(),
+           "methods": {}}
     for variant, (method, kwargs) in METHOD_VARIANTS.items():
         if method == "cond_gap" and labels is None:
             continue
@@ -103,12 +104,14 @@ def evaluate(pipe, data, num_samples, seed):
         scores = result.score.numpy().astype(np.float64)
         entry = {"seconds": round(time.perf_counter() - start, 2), "score_memorized_mean":
                  float(scores[truth].mean()) if truth.any() else None,
-                 "score_novel_mean": float(scores[~truth].mean()) if (~truth).any() else None}
+                 "score_novel_mean": float(scores[~truth].mean()) if (~truth).any() else None,
+                 "scores": scores.tolist()}
         if truth.any() and (~truth).any():
-            entry.update(auc=float(roc_auc_score(truth, scores)), auc_ci=bootstrap(scores, truth, lambda s, t: roc_auc_score(t, s)),
+            entry.update(auc=float(roc_auc_score(truth, scores)),
+                         auc_ci=bootstrap(scores, truth, lambda s, t: roc_auc_score(t, s)),
                          tpr_at_1pct_fpr=tpr_at_fpr(scores, truth),
                          tpr_ci=bootstrap(scores, truth, tpr_at_fpr))
-        if method in THRESHOLDS and "t=0.2T" not in variant:
+        if method in THRESHOLDS and "t=0.4T" not in variant:  # the default settings of each method
             flags = scores >= THRESHOLDS[method]
             entry.update(threshold=THRESHOLDS[method],
                          threshold_tpr=float(flags[truth].mean()) if truth.any() else None,
@@ -176,7 +179,8 @@ def report(results: list[dict], arguments: dict) -> str:
                         f"{_interval(entry.get('tpr_at_1pct_fpr'), entry.get('tpr_ci', (None, None)))}")
                 if "threshold" in entry:
                     tpr, fpr = entry["threshold_tpr"], entry["threshold_fpr"]
-                    cell += f"; thr {'n/a' if tpr is None else f'{tpr:.2f}'} / {'n/a' if fpr is None else f'{fpr:.2f}'}"
+                    tpr, fpr = ("n/a" if v is None else f"{v:.2f}" for v in (tpr, fpr))
+                    cell += f"; thr {tpr} / {fpr}"
                 cells.append(cell)
             lines.append(f"| {row['step']} | {row['memorized_share']:.3f} | " + " | ".join(cells) + " |")
         lines.append("")

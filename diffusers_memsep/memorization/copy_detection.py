@@ -126,7 +126,7 @@ class CopyDetectionNet(ModelMixin, ConfigMixin):
 
 # ---------------------------------------------------------------------------------------------- augmentation
 def _blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image separable Gaussian blur (5x5 kernel) with standard deviations ``sigma`` ``[B]`` (near 0: unchanged)."""
+    """Per-image separable Gaussian blur (5x5 kernel) of standard deviations ``sigma`` ``[B]`` (near 0: none)."""
     offsets = torch.arange(-2, 3, dtype=images.dtype)
     weights = torch.exp(-offsets[None] ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
     kernel = (weights / weights.sum(1, keepdim=True)).repeat_interleave(images.shape[1], 0)  # [B * C, 5]
@@ -179,7 +179,8 @@ def working_resolution(resolution: int) -> int:
 
 def train_copy_detector(images: torch.Tensor, num_steps: int = 1500, batch_size: int = 256,
                         learning_rate: float = 2e-3, temperature: float = 0.1, width: int | None = None,
-                        embed_dim: int = 64, strength: float = 0.5, seed: int = 0, progress: bool = False) -> tuple[CopyDetectionNet, dict]:
+                        embed_dim: int = 64, strength: float = 0.5, seed: int = 0,
+                        progress: bool = False) -> tuple[CopyDetectionNet, dict]:
     """Train a :class:`CopyDetectionNet` on ``images`` with InfoNCE between two :func:`augment` edits."""
     if images.ndim != 4 or len(images) < 2:
         raise ValueError("train_copy_detector needs at least 2 images [n, C, H, W] in [-1, 1].")
@@ -203,7 +204,8 @@ def train_copy_detector(images: torch.Tensor, num_steps: int = 1500, batch_size:
         optimizer.step()
         schedule.step()
     recipe = {"objective": "InfoNCE between two random edits (SSCD-like)", "num_steps": num_steps,
-              "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "strength": strength, "seed": seed,
+              "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature,
+              "strength": strength, "seed": seed,
               "architecture": dict(model.config), "final_loss": round(loss.item(), 4),
               "train_seconds": round(time.perf_counter() - start, 2)}
     return model.eval().requires_grad_(False), recipe
@@ -345,7 +347,8 @@ def pretrained_copy_space(name_or_path: str, threshold: float = SSCD_THRESHOLD, 
 # ---------------------------------------------------------------------------------------------------- rule
 @torch.no_grad()
 def max_similarity(space: CopySpace, samples: torch.Tensor, reference: torch.Tensor | None = None,
-                   reference_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   reference_embeddings: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(most similar cosine, index of that training image, second most similar cosine) of every sample."""
     if reference_embeddings is None:
         reference_embeddings = space(reference)

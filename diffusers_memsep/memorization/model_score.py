@@ -21,10 +21,13 @@ betrays its copies by itself, and three such signals are implemented here (highe
 or above the method's documented threshold (:data:`THRESHOLDS`).
 
 Choices the paper leaves open, and why:
-- ``"renoise"`` is the default: it is the only signal that needs no class labels and it was the most reliable one
-  on the benchmark (``scripts/measure_model_score.py``; table in docs/results.md);
-- noise level: ``renoise`` noises to ``t = 0.4 T`` (T the training schedule's length) and denoises with 10 DDIM
-  steps, 4 times: high enough that a novel sample loses its details, low enough that a copy keeps its identity;
+- ``"renoise"`` is the default: it needs no class labels and it was the most reliable signal on the benchmark
+  (``scripts/measure_model_score.py``; table in docs/results.md);
+- noise level: ``renoise`` noises to ``t = 0.2 T`` (T the training schedule's length) and denoises with
+  ``steps / level`` DDIM steps over the whole schedule (so about ``steps`` below ``t``), 4 times: high enough that a
+  novel sample loses its details, low enough that a copy is pulled back onto the image it copies rather than onto
+  another training image (at ``0.4 T`` a memorizing unconditional model sends copies to other training images too,
+  and the signal was lost on the benchmark);
   ``denoise_loss`` averages t in {0.02, 0.05, 0.1} T with 4 noise draws each; ``cond_gap`` averages
   t in {0.1, 0.3, 0.5} T (Wen et al. measure the gap along the sampling trajectory; a finished sample is re-noised
   instead, so the score works on any image);
@@ -49,7 +52,7 @@ __all__ = ["METHODS", "THRESHOLDS", "MemorizationScoreOutput", "memorization_sco
 
 METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap")
 #: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
-THRESHOLDS = {"renoise": -0.02, "renoise_spread": -0.01, "denoise_loss": -0.02, "cond_gap": 0.02}
+THRESHOLDS = {"renoise": -0.025, "renoise_spread": -0.01, "denoise_loss": -0.25, "cond_gap": 0.02}
 
 
 @dataclass
@@ -118,7 +121,7 @@ def _alphas(pipe):
 
 
 @torch.no_grad()
-def _renoise(pipe, x, labels, generator, level=0.4, steps=10, repeats=4, spread=False):
+def _renoise(pipe, x, labels, generator, level=0.2, steps=10, repeats=4, spread=False):
     config = pipe.scheduler.config
     num_train = int(config.num_train_timesteps)
     scheduler = DDIMScheduler(num_train_timesteps=num_train, beta_schedule=config.get("beta_schedule", "linear"),
