@@ -82,7 +82,7 @@ class CopyDetectionNet(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, in_channels: int = 1, resolution: int = 8, width: int = 32, embed_dim: int = 64,
-                 pool_flip: bool = True, pool_shift: int = 1):
+                 pool_flip: bool = True, pool_shift: int = 1, pool_size: int = 2):
         super().__init__()
         wide = 2 * width
         layers = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, wide, 3, padding=1),
@@ -91,8 +91,8 @@ class CopyDetectionNet(ModelMixin, ConfigMixin):
         while side > 4:
             layers += [nn.MaxPool2d(2), nn.Conv2d(wide, wide, 3, padding=1), nn.ReLU()]
             side //= 2
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.project = nn.Linear(wide * 4, embed_dim)
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool_size), nn.Flatten())
+        self.project = nn.Linear(wide * pool_size * pool_size, embed_dim)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
@@ -184,7 +184,7 @@ def working_resolution(resolution: int) -> int:
 
 def train_copy_detector(images: torch.Tensor, num_steps: int = 1500, batch_size: int = 256,
                         learning_rate: float = 2e-3, temperature: float = 0.1, width: int | None = None,
-                        embed_dim: int = 64, strength: float = 0.5, seed: int = 0,
+                        embed_dim: int = 64, strength: float = 0.5, pool_size: int = 2, seed: int = 0,
                         progress: bool = False) -> tuple[CopyDetectionNet, dict]:
     """Train a :class:`CopyDetectionNet` on ``images`` with InfoNCE between two :func:`augment` edits."""
     if images.ndim != 4 or len(images) < 2:
@@ -192,7 +192,7 @@ def train_copy_detector(images: torch.Tensor, num_steps: int = 1500, batch_size:
     resolution = working_resolution(images.shape[-1])
     width = width or {8: 32, 16: 24, 32: 16}[resolution]
     torch.manual_seed(seed)
-    model = CopyDetectionNet(images.shape[1], resolution, width, embed_dim)
+    model = CopyDetectionNet(images.shape[1], resolution, width, embed_dim, pool_size=pool_size)
     generator = torch.Generator().manual_seed(seed)
     images = model.preprocess(images)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
