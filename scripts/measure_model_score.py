@@ -138,7 +138,8 @@ def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_sa
             snapshots[step] = copy.deepcopy(trained).eval()
         return None
 
-    config = TrainingConfig(max_train_steps=max(steps), train_batch_size=16, learning_rate=spec.get("lr", 2e-3), lr_warmup_steps=0,
+    config = TrainingConfig(max_train_steps=max(steps), train_batch_size=16, learning_rate=spec.get("lr", 2e-3),
+                            lr_warmup_steps=0,
                             ema_max_decay=0.995, validation_steps=min(steps), show_progress=False)
     start = time.perf_counter()
     train_dit(model, data, scheduler, config, validation_fn=snapshot)
