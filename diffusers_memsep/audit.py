@@ -15,8 +15,9 @@ reports, with 95% intervals:
 :func:`write_audit` writes ``report.md``, ``audit.json`` (every number) and the figures atomically.
 
 Choices the paper leaves open, and why:
-- the held-out images that calibrate the copy-space threshold are the population minus the training images
-  (matched exactly); without them the threshold of the copy space's recipe is used and the report says so;
+- the held-out images that calibrate the copy-space threshold are the population images the copy network never
+  saw (its recipe's held-out share; the whole population for a pretrained network), minus the training images
+  (matched exactly); without a population the threshold of the copy space's recipe is used and the report says so;
 - the copy-detection network is trained on the population (or, without one, on the training images themselves)
   and cached in ``<output_dir>/feature_network/copy_space``, reused while the images are the same;
 - intervals: Wilson score intervals for shares (samples are independent draws of the model), bootstrap for AUC;
@@ -134,12 +135,15 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
                         "distance_ratio": pixel.distance_ratio.tolist(),
                         "nearest_index": pixel.nearest_index.tolist()}
 
-    held_out = _held_out(population, train_images) if population is not None else None
     if copy_model is not None:
         space = pretrained_copy_space(copy_model)
     else:
         space = copy_detection_space(population if population is not None else train_images, cache_dir,
                                      progress=progress, num_steps=copy_steps)
+    held_out = None
+    if population is not None:  # images the copy network never saw, without the training images
+        unseen = population if space.holdout_indices is None else population[space.holdout_indices]
+        held_out = _held_out(unseen, train_images)
     threshold_source = "the copy space's recipe (no held-out images given)"
     if copy_model is not None:
         threshold_source = f"SSCD's {SSCD_THRESHOLD} (no held-out images given)"
@@ -250,9 +254,11 @@ def audit_markdown(numbers: dict, title: str) -> str:
         lines += ["", f"## Which training images leak ({copied['copy_space']} of {numbers['training_images']} "
                   f"copied in the copy space, {copied['pixel']} by the pixel rule)", "",
                   "| training image | copies (copy space) | copies (pixel 1/3 rule) |", "|---|---|---|"]
-        for entry in numbers["copies_per_training_image"][:20]:
-            if entry["copy_space_copies"] or entry["pixel_copies"]:
-                lines.append(f"| {entry['training_image']} | {entry['copy_space_copies']} | {entry['pixel_copies']} |")
+        leaking = [e for e in numbers["copies_per_training_image"] if e["copy_space_copies"] or e["pixel_copies"]]
+        for entry in leaking[:20]:
+            lines.append(f"| {entry['training_image']} | {entry['copy_space_copies']} | {entry['pixel_copies']} |")
+        if not leaking:
+            lines.append("| none | 0 | 0 |")
     else:
         lines += ["No training images were given: only the model-only score is reported (pass the training images "
                   "with --train_data_dir / --dataset_name / --embedded_digits for the copy rules)."]

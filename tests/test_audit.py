@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from PIL import Image
 
 from diffusers_memsep.cli import main
+from diffusers_memsep.data import load_training_data
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,14 @@ def test_audit_with_training_images(stock_folder, image_folder, tmp_path):
     assert numbers["training_images"] == 6
     assert numbers["pixel"]["memorized"]["total"] == 6
     assert 0 <= numbers["copy_space"]["copied"]["low"] <= numbers["copy_space"]["copied"]["high"] <= 1
-    # the population is the whole folder: its 6 other images measure the copy rule's false positives
-    assert numbers["copy_space"]["held_out_false_positives"]["total"] == 6
+    # the population is the whole folder: the images the copy network never saw (its recipe's held-out rows), minus
+    # the training images, measure the copy rule's false positives; too few (< 20) to calibrate: the recipe's threshold
+    recipe = json.loads((out / "feature_network" / "copy_space" / "recipe.json").read_text())
+    training_rows = load_training_data(train_data_dir=str(image_folder), max_train_samples=6, seed=0).indices
+    unseen = set(recipe["holdout_indices"]) - set(training_rows)
+    assert numbers["copy_space"].get("held_out_false_positives", {"total": 0})["total"] == len(unseen)
+    assert numbers["copy_space"]["threshold"] == pytest.approx(recipe["threshold"])
+    assert "recipe" in numbers["copy_space"]["threshold_source"]
     assert len(numbers["copies_per_training_image"]) == 6
     assert len(numbers["model_score"]["scores"]) == 6
     report = (out / "report.md").read_text()
