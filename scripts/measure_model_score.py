@@ -162,8 +162,29 @@ def _interval(value, interval) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{value:.3f}"
 
 
+def compact_table(results: list[dict]) -> list[str]:
+    """One row per setting and training length: ROC AUC [95% bootstrap] of every method, TPR at 1% FPR of the
+    default (renoise at 0.2 T)."""
+    variants = [v for v in METHOD_VARIANTS if any(v in row["methods"] for r in results for row in r["checkpoints"])]
+    lines = ["| setting | step | memorized | " + " | ".join(f"AUC {v}" for v in variants)
+             + " | TPR@1%FPR renoise (t=0.2T) |", "|---|---|---|" + "---|" * (len(variants) + 1)]
+    for result in results:
+        for row in result["checkpoints"]:
+            cells = []
+            for variant in variants:
+                entry = row["methods"].get(variant)
+                cells.append("-" if entry is None else _interval(entry.get("auc"), entry.get("auc_ci", (None, None))))
+            default = row["methods"]["renoise (t=0.2T)"]
+            cells.append(_interval(default.get("tpr_at_1pct_fpr"), default.get("tpr_ci", (None, None))))
+            copies = round(row["memorized_share"] * row["num_samples"])
+            lines.append(f"| {result['setting']} | {row['step']} | {copies}/{row['num_samples']} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
 def report(results: list[dict], arguments: dict) -> str:
     lines = ["# Model-only memorization scores against the exact 1/3-rule labels", "",
+             *compact_table(results), "",
              f"Written by `python scripts/measure_model_score.py` with {arguments}. Each cell: ROC AUC / TPR at 1% "
              "FPR, with 95% bootstrap intervals (500 resamples of the samples); `thr` = TPR / FPR of the documented "
              "threshold. AUC is undefined (n/a) where the samples are all copies or all novel.", ""]
@@ -196,7 +217,18 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", nargs="+", type=int, default=None,
                         help="Training lengths to measure (default: each setting's own, from first copies on).")
     parser.add_argument("--num_samples", type=int, default=96)
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                        help="Measure nothing: write one report.md from model_score.json files of earlier runs.")
     args = parser.parse_args(argv)
+    if args.render:
+        loaded = [json.loads(Path(path).read_text()) for path in args.render]
+        results = [result for run in loaded for result in run["results"]]
+        arguments = {"runs": [run["arguments"] for run in loaded]}
+        write_text(Path(args.output_dir) / "model_score.json",
+                   json.dumps({"arguments": arguments, "results": results}, indent=2) + "\n")
+        write_text(Path(args.output_dir) / "report.md", report(results, arguments))
+        print(report(results, arguments))
+        return 0
     torch.set_num_threads(1)
     output_dir = Path(args.output_dir)
     arguments = {k: v for k, v in vars(args).items() if k != "output_dir"}
