@@ -18,12 +18,13 @@ SSCD cosine similarity to a training image exceeds 0.5). This module gives:
 
 Choices the paper leaves open, and why:
 - the rule is a cosine-similarity threshold calibrated on held-out images, not the 1/3 ratio rule on embedding
-  distances: the ratio rule does not control false positives (measured by ``scripts/measure_detection.py``,
-  table in docs/results.md), and a calibrated threshold states its false-positive rate. The threshold depends on the
-  size of the training set (the maximum over more training images is larger), so it is calibrated against the
-  training set being checked; without held-out images the recipe's threshold (calibrated at training time against
-  a random reference of :data:`CALIBRATION_REFERENCE_SIZE` population images) is used, and SSCD's 0.5 is reported
-  beside it for comparison only (it was set for SSCD's own network);
+  distances: the ratio rule caught far fewer edited copies, at a false-positive rate nobody chose (measured by
+  ``scripts/measure_detection.py``, table in docs/results.md), while a calibrated threshold states its
+  false-positive rate. The threshold depends on the size of the training set (the maximum over more training images
+  is larger), so it is calibrated against the training set being checked; without held-out images the recipe's
+  threshold (calibrated at training time against a random reference of :data:`CALIBRATION_REFERENCE_SIZE`
+  population images) is used, and SSCD's 0.5 is reported beside it for comparison only (it was set for SSCD's own
+  network);
 - the embedding network never sees :data:`HOLDOUT_FRACTION` of the population (seeded, listed in the recipe): those
   images calibrate the threshold and measure false positives, as novel samples would be judged;
 - edits used in training (:func:`augment` at ``strength`` 0.5, the default; ranges below are at strength 1 and
