@@ -178,7 +178,8 @@ def compact_table(results: list[dict]) -> list[str]:
             default = row["methods"]["renoise (t=0.2T)"]
             cells.append(_interval(default.get("tpr_at_1pct_fpr"), default.get("tpr_ci", (None, None))))
             copies = round(row["memorized_share"] * row["num_samples"])
-            lines.append(f"| {result['setting']} | {row['step']} | {copies}/{row['num_samples']} | "
+            name = f"{result['setting']} (n={result['num_train']}, heads of {result['model']['attention_head_dim']})"
+            lines.append(f"| {name} | {row['step']} | {copies}/{row['num_samples']} | "
                          + " | ".join(cells) + " |")
     return lines
 
