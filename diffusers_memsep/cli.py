@@ -31,6 +31,7 @@ COMMANDS = {
     "study": ("study", "Replicated pruning study: base models x conditions x seeds, paired intervals, verdicts."),
     "push": ("push", "Upload a saved pipeline folder (trained model or pruned variant) to the Hugging Face Hub."),
     "reference": ("reference", "Attach a training-set reference to any DiT pipeline, so its samples are checked."),
+    "audit": ("audit", "Audit a pipeline for copies: pixel and copy-detection rules, model-only score, gallery."),
     "loss-gap": ("loss_gap", "Figure 1: Loss-Gap_t = Fisher divergence against t for several n."),
     "gmm": ("gmm", "Figures 2-3: Gaussian-mixture capacity experiments and the capacity threshold."),
 }

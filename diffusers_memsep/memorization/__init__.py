@@ -1,6 +1,7 @@
 """Memorization and quality metrics: exact nearest-neighbour reference, the paper's 1/3 rule, precision/recall,
 Frechet distance and the KID formula, and named feature spaces (digits classifier, population-trained CNN, FID)."""
 
+from .copy_detection import CopyDetectionNet, copy_detection_space, copy_report, pretrained_copy_space
 from .features import (
     DIGITS_FEATURE_SPACE,
     FEATURE_SPACES,
@@ -20,6 +21,7 @@ from .metrics import (
     mmd2_unbiased,
     precision_recall,
 )
+from .model_score import memorization_score
 
 __all__ = [
     "NearestNeighborIndex",
@@ -38,4 +40,5 @@ __all__ = [
     "DigitsFeatureExtractor",
     "load_digits_feature_extractor",
     "DIGITS_FEATURE_SPACE",
+    "CopyDetectionNet", "copy_detection_space", "copy_report", "pretrained_copy_space", "memorization_score",
 ]

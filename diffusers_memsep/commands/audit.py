@@ -1,0 +1,78 @@
+"""``memsep audit``: does a model copy its training images, which ones, and how badly?
+
+Loads a pipeline folder or Hub id (a ``MemSepPipeline`` or a stock ``DiTPipeline``), samples it and writes
+``report.md``, ``audit.json`` and ``gallery.png`` into ``--output_dir``: memorization by the paper's pixel rule and
+in the copy-detection space (with 95% intervals), the model-only score, copies per training image, the worst copies
+beside their training images, and quality against the population. The training images come from the data flags of
+``memsep train`` (or the pipeline's own reference); without any, only the model-only score is reported. The library
+call is :func:`diffusers_memsep.audit.audit_pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from diffusers_memsep.commands.prune import add_data_arguments, add_quality_arguments
+    from diffusers_memsep.memorization.model_score import METHODS
+
+    parser.add_argument("--pipeline", required=True, help="A pipeline folder or Hub repo id (MemSep or DiT).")
+    parser.add_argument("--output_dir", required=True, help="Where report.md, audit.json and gallery.png go.")
+    parser.add_argument("--num_samples", type=int, default=64)
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the samples.")
+    parser.add_argument("--score_method", default="renoise", choices=METHODS,
+                        help="Model-only score (renoise: stability under re-noising; cond_gap needs a conditional "
+                             "model).")
+    parser.add_argument("--copy_model", default=None,
+                        help="A transformers AutoModel folder or Hub id (e.g. facebook/dinov2-small) as the copy "
+                             "space; default: a contrastive network trained on the population, cached in "
+                             "<output_dir>/feature_network/copy_space.")
+    parser.add_argument("--copy_steps", type=int, default=1500, help="InfoNCE steps of the copy-detection network.")
+    parser.add_argument("--gallery_size", type=int, default=8)
+    parser.add_argument("--no_quality", action="store_true", help="Skip the quality metrics.")
+    add_quality_arguments(parser)
+    data = parser.add_argument_group("training data (optional: the images to check the samples against)")
+    add_data_arguments(data)
+    data.add_argument("--population_data_dir", default=None,
+                      help="Folder of the population (default: every image of the data source above).")
+    data.add_argument("--population_split", default="train")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusers_memsep.audit import audit_pipeline, write_audit
+    from diffusers_memsep.commands.prune import (
+        check_quality_arguments,
+        has_data_flags,
+        load_pipeline,
+        load_pipeline_data,
+        load_population_of,
+        resolve_quality_space,
+    )
+    from diffusers_memsep.data import load_population
+
+    if args.num_samples < 4 or args.num_inference_steps < 1 or args.gallery_size < 0 or args.copy_steps < 1:
+        raise ValueError("--num_samples must be >= 4, --num_inference_steps >= 1, --gallery_size >= 0 and "
+                         "--copy_steps >= 1.")
+    check_quality_arguments(args)
+    pipe = load_pipeline(args.pipeline)
+    train_images = population = quality_space = None
+    if has_data_flags(args):
+        data = load_pipeline_data(pipe, args)
+        train_images = data.images
+        population_data = load_population_of(args, data, load_population)
+        population = pipe.match_image_shape(population_data.images)
+        if not args.no_quality:
+            quality_space = resolve_quality_space(args, population_data)
+    elif args.population_data_dir:
+        raise ValueError("--population_data_dir needs the training images too (--train_data_dir, --dataset_name or "
+                         "--embedded_digits): the population's other images calibrate the copy rule.")
+    result = audit_pipeline(pipe, train_images, population, args.num_samples, args.num_inference_steps, args.seed,
+                            args.score_method, args.copy_model,
+                            Path(args.output_dir) / "feature_network" / "copy_space", quality_space,
+                            args.gallery_size, copy_steps=args.copy_steps)
+    report = write_audit(result, args.output_dir, args.pipeline)
+    print(report.read_text())
+    return 0

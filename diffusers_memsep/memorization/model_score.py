@@ -1,0 +1,231 @@
+"""Memorization scores from the model alone: is a sample a copy, when the training images cannot be seen?
+
+The paper's rule and the copy-detection space both need the training images at sampling time. A memorizing model
+betrays its copies by itself, and three such signals are implemented here (higher score = more likely a copy):
+
+- ``"renoise"`` (stability under re-noising): the sample is noised to a middle level ``t`` several times, each time
+  denoised back with DDIM; a copy of a training image falls back onto that image (the model's empirical-score
+  attractor), a novel sample drifts. Score: minus the mean squared distance (per pixel, in the model's space)
+  between the sample and its re-denoised versions.
+- ``"renoise_spread"``: the same re-noising, scored by how much the re-denoised versions differ from one another
+  (minus their mean squared distance to their own mean): a memorizing model's denoiser is contractive around a
+  training image (every noise draw lands on the same image), while on a learned manifold it keeps the draws apart.
+- ``"denoise_loss"``: the model's own denoising loss on the sample at small noise levels (minus the mean of
+  ``||eps - eps_theta(x_t, t)||^2``): a memorizing model denoises its training images almost perfectly.
+- ``"cond_gap"`` (Wen et al., ICLR 2024, "Detecting, explaining, and mitigating memorization in diffusion
+  models"): the size of the gap between the conditional and the null-class noise predictions,
+  ``||eps(x_t, t, c) - eps(x_t, t, null)||^2``, averaged over noise draws and levels; class-conditional models
+  whose null class was learned (label dropout) only.
+
+:func:`memorization_score` computes one of them for images (e.g. a ``MemSepPipeline`` output) and flags those at
+or above the method's documented threshold (:data:`THRESHOLDS`).
+
+Choices the paper leaves open, and why:
+- ``"renoise"`` is the default: it needs no class labels and it was the most reliable signal on the benchmark
+  (``scripts/measure_model_score.py``; table in docs/results.md);
+- noise level: ``renoise`` noises to ``t = 0.2 T`` (T the training schedule's length) and denoises with
+  ``steps / level`` DDIM steps over the whole schedule (so about ``steps`` below ``t``), 4 times: high enough that a
+  novel sample loses its details, low enough that a copy is pulled back onto the image it copies rather than onto
+  another training image (at ``0.4 T`` a memorizing unconditional model sends copies to other training images too,
+  and the signal was lost on the benchmark);
+  ``denoise_loss`` averages t in {0.02, 0.05, 0.1} T with 4 noise draws each; ``cond_gap`` averages
+  t in {0.1, 0.3, 0.5} T (Wen et al. measure the gap along the sampling trajectory; a finished sample is re-noised
+  instead, so the score works on any image);
+- thresholds are set in units that do not depend on the image size (per-pixel mean squares on the model's
+  ``[-1, 1]`` scale); they were chosen once on the benchmark, at the low false-positive end, and are a starting
+  point: calibrate on the model's own non-copies when some are known;
+- latent models are scored in latent space (the VAE encoder's mean, times ``scaling_factor``), where the model
+  memorizes; pixel-space distances would mix in the VAE's reconstruction error;
+- all noise is seeded (``generator``), so a score is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils import BaseOutput
+
+__all__ = ["METHODS", "THRESHOLDS", "MemorizationScoreOutput", "memorization_score", "to_model_space"]
+
+METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap")
+#: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
+THRESHOLDS = {"renoise": -0.025, "renoise_spread": -0.01, "denoise_loss": -0.25, "cond_gap": 0.02}
+
+
+@dataclass
+class MemorizationScoreOutput(BaseOutput):
+    """
+    Args:
+        score (`torch.Tensor` `[B]`): higher = more likely a copy of a training image.
+        memorized (`torch.BoolTensor` `[B]`): ``score >= threshold``.
+        threshold (`float`): the threshold used.
+        method (`str`): one of :data:`METHODS`.
+    """
+
+    score: torch.Tensor
+    memorized: torch.Tensor
+    threshold: float
+    method: str
+
+
+def _as_tensor(images) -> torch.Tensor:
+    """Pipeline outputs in ``[0, 1]`` (a ``[B, C, H, W]`` tensor, a ``[B, H, W, C]`` array, PIL images) -> tensor."""
+    if isinstance(images, torch.Tensor):
+        return images.detach().float().cpu()
+    if isinstance(images, np.ndarray):
+        return torch.from_numpy(images).float().permute(0, 3, 1, 2)
+    if isinstance(images, (list, tuple)) and images and hasattr(images[0], "convert"):
+        arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+        return torch.from_numpy(arrays if arrays.ndim == 4 else arrays[..., None]).permute(0, 3, 1, 2)
+    raise ValueError(f"images must be a pipeline output (tensor [B, C, H, W] in [0, 1], array [B, H, W, C] or a "
+                     f"list of PIL images), got {type(images).__name__}.")
+
+
+@torch.no_grad()
+def to_model_space(pipe, images, value_range: str = "01") -> torch.Tensor:
+    """Images as the transformer sees them: ``[-1, 1]`` pixels, or VAE latents for a latent pipeline.
+
+    ``value_range``: ``"01"`` for pipeline outputs (``output_type="pt"``/``"np"``/``"pil"``), ``"-11"`` for
+    training-style tensors in ``[-1, 1]``.
+    """
+    if value_range not in ("01", "-11"):
+        raise ValueError(f"value_range must be '01' (pipeline outputs) or '-11', got {value_range!r}.")
+    pixels = _as_tensor(images)
+    pixels = pixels * 2 - 1 if value_range == "01" else pixels
+    pixels = pipe.match_image_shape(pixels)
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    if pipe.vae is None:
+        return pixels.to(device, dtype)
+    latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean
+    if getattr(pipe.vae.config, "shift_factor", None):
+        latents = latents - pipe.vae.config.shift_factor
+    return (latents * pipe.vae.config.scaling_factor).to(device, dtype)
+
+
+def _eps(pipe, x_t, t, labels):
+    timesteps = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+    return pipe.transformer(x_t, timestep=timesteps, class_labels=labels).sample[:, : x_t.shape[1]].float()
+
+
+def _alphas(pipe):
+    from ..trainer import make_noise_scheduler  # the training schedule of this project's models
+
+    config = pipe.scheduler.config
+    if "alphas_cumprod" not in dir(pipe.scheduler):
+        scheduler = make_noise_scheduler(int(config.num_train_timesteps), config.get("beta_schedule", "linear"))
+        return scheduler.alphas_cumprod
+    return pipe.scheduler.alphas_cumprod
+
+
+@torch.no_grad()
+def _renoise(pipe, x, labels, generator, level=0.2, steps=10, repeats=4, spread=False):
+    config = pipe.scheduler.config
+    num_train = int(config.num_train_timesteps)
+    scheduler = DDIMScheduler(num_train_timesteps=num_train, beta_schedule=config.get("beta_schedule", "linear"),
+                              beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02),
+                              clip_sample=False, set_alpha_to_one=True)
+    scheduler.set_timesteps(max(1, round(steps / level)))
+    start = int(level * num_train)
+    timesteps = [t for t in scheduler.timesteps.tolist() if t <= start]
+    alpha = scheduler.alphas_cumprod[timesteps[0]].item()
+    distances = []
+    for _ in range(repeats):
+        noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        sample = alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise
+        for t in timesteps:
+            sample = scheduler.step(_eps(pipe, sample, t, labels).to(x.dtype), t, sample).prev_sample
+        distances.append(sample.float())
+    outputs = torch.stack(distances)  # [repeats, B, ...]
+    centre = outputs.mean(0, keepdim=True) if spread else x.float()[None]
+    return -(outputs - centre).square().flatten(2).mean(2).mean(0)
+
+
+@torch.no_grad()
+def _denoise_loss(pipe, x, labels, generator, levels=(0.02, 0.05, 0.1), draws=4):
+    alphas = _alphas(pipe)
+    num_train = len(alphas)
+    losses = []
+    for level in levels:
+        t = max(1, int(level * num_train))
+        alpha = alphas[t].item()
+        for _ in range(draws):
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            prediction = _eps(pipe, alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise, t, labels)
+            losses.append((prediction - noise.float()).square().flatten(1).mean(1))
+    return -torch.stack(losses).mean(0)
+
+
+@torch.no_grad()
+def _cond_gap(pipe, x, labels, generator, levels=(0.1, 0.3, 0.5), draws=2):
+    if labels is None:
+        raise ValueError("method 'cond_gap' needs class_labels (the class each sample was generated with) and a "
+                         "class-conditional model; use method='renoise' for an unconditional one.")
+    pipe._check_null_class("method 'cond_gap'")
+    alphas = _alphas(pipe)
+    null = torch.full_like(labels, pipe.null_class)
+    gaps = []
+    for level in levels:
+        t = int(level * len(alphas))
+        alpha = alphas[t].item()
+        for _ in range(draws):
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            x_t = alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise
+            gaps.append((_eps(pipe, x_t, t, labels) - _eps(pipe, x_t, t, null)).square().flatten(1).mean(1))
+    return torch.stack(gaps).mean(0)
+
+
+def _renoise_spread(pipe, x, labels, generator, **kwargs):
+    return _renoise(pipe, x, labels, generator, spread=True, **kwargs)
+
+
+_FUNCTIONS = {"renoise": _renoise, "renoise_spread": _renoise_spread, "denoise_loss": _denoise_loss,
+              "cond_gap": _cond_gap}
+
+
+def memorization_score(pipe, images, class_labels=None, method: str = "renoise", threshold: float | None = None,
+                       generator: torch.Generator | None = None, value_range: str = "01", batch_size: int = 256,
+                       **method_kwargs) -> MemorizationScoreOutput:
+    """Score ``images`` for memorization with ``pipe``'s model alone (no training images).
+
+    Args:
+        pipe: a ``MemSepPipeline`` (also a stock ``DiTPipeline`` loaded through it).
+        images: what the pipeline returned (``output.images`` of any ``output_type``), or ``[-1, 1]`` tensors with
+            ``value_range="-11"``.
+        class_labels: the labels the images were generated with (None: the null class, unconditional); needed by
+            ``"cond_gap"``.
+        method: one of :data:`METHODS` (see the module docstring).
+        threshold: flag ``score >= threshold`` (default :data:`THRESHOLDS` of the method).
+        generator: seeds the noise (default seed 0).
+        method_kwargs: e.g. ``level``, ``steps``, ``repeats`` for ``"renoise"``; ``levels``, ``draws`` otherwise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    x = to_model_space(pipe, images, value_range)
+    device = x.device
+    labels = None
+    if class_labels is not None:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(device)
+        labels = labels.expand(len(x)) if labels.numel() == 1 else labels
+        if labels.numel() != len(x):
+            raise ValueError(f"{labels.numel()} class labels for {len(x)} images; pass one label per image.")
+    generator = generator or torch.Generator().manual_seed(0)
+    function = _FUNCTIONS[method]
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    try:
+        scores = []
+        for start in range(0, len(x), batch_size):
+            chunk = slice(start, start + batch_size)
+            batch_labels = labels[chunk] if labels is not None else torch.full(
+                (len(x[chunk]),), pipe.null_class, dtype=torch.long, device=device)
+            if method == "cond_gap":
+                batch_labels = labels[chunk] if labels is not None else None
+            scores.append(function(pipe, x[chunk], batch_labels, generator, **method_kwargs).cpu())
+    finally:
+        pipe.transformer.train(was_training)
+    score = torch.cat(scores)
+    threshold = THRESHOLDS[method] if threshold is None else float(threshold)
+    return MemorizationScoreOutput(score=score, memorized=score >= threshold, threshold=threshold, method=method)

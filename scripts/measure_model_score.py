@@ -1,0 +1,248 @@
+"""Measure the model-only memorization scores against the paper's exact 1/3-rule labels.
+
+    python scripts/measure_model_score.py --output_dir outputs/model_score
+
+For every setting (digits8 unconditional and class-conditional, colour16, patches32) a small DiT is trained in
+memory on a few images until it memorizes; at several training lengths its EMA weights sample ``--num_samples``
+images (DDIM), each labelled memorized or not by the paper's rule against the training images, and scored by every
+method of :mod:`diffusers_memsep.memorization.model_score` without them. Reported per checkpoint: the memorized
+share, ROC AUC and TPR at 1% FPR with 95% bootstrap intervals, and the flags of the documented threshold
+(TPR/FPR). Writes ``report.md`` and ``model_score.json`` atomically (after every setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from sklearn.metrics import roc_auc_score
+
+from diffusers_memsep.builtin_data import patches32_folder
+from diffusers_memsep.data import load_training_data
+from diffusers_memsep.memorization.model_score import THRESHOLDS, memorization_score
+from diffusers_memsep.trainer import TrainingConfig, build_pipeline, make_dit, make_noise_scheduler, train_dit
+from diffusers_memsep.utils import write_text
+
+SMALL = dict(num_layers=2, num_attention_heads=4, attention_head_dim=16)
+SETTINGS = {
+    "digits8": dict(data={}, model=dict(SMALL, patch_size=2), n=8, steps=[1000, 2000, 3000, 4000]),
+    "digits8-conditional": dict(data={"label_column": "label"}, model=dict(SMALL, patch_size=2), n=10,
+                                steps=[500, 1000, 1500, 2000]),
+    # with 4 images and this DiT, neither copied by the 1/3 rule within 4,000 steps: 2 images, wider heads, lr 3e-3
+    "colour16": dict(data={"builtin": "colour16"}, model=dict(SMALL, patch_size=4, attention_head_dim=32), n=2,
+                     steps=[1500, 3000, 4500, 6000], lr=3e-3),
+    # with heads of 32 no copy by the 1/3 rule within 6,000 steps: heads of 64
+    "patches32": dict(data={"builtin": "patches32"}, model=dict(SMALL, patch_size=8, attention_head_dim=64), n=2,
+                      steps=[1500, 3000, 4500], lr=3e-3),
+}
+METHOD_VARIANTS = {
+    "renoise (t=0.4T)": ("renoise", {"level": 0.4}),
+    "renoise (t=0.2T)": ("renoise", {"level": 0.2}),
+    "renoise_spread (t=0.4T)": ("renoise_spread", {"level": 0.4}),
+    "renoise_spread (t=0.2T)": ("renoise_spread", {"level": 0.2}),
+    "denoise_loss": ("denoise_loss", {}),
+    "cond_gap": ("cond_gap", {}),
+}
+
+
+def training_data(spec: dict, output_dir: Path, n: int):
+    builtin = spec["data"].get("builtin")
+    kwargs = {k: v for k, v in spec["data"].items() if k != "builtin"}
+    if builtin == "colour16":
+        from diffusers_memsep.study import colour_digits_folder  # the study's builder of the colour16 images
+
+        kwargs["train_data_dir"] = colour_digits_folder(output_dir)
+    elif builtin == "patches32":
+        kwargs["train_data_dir"] = patches32_folder(output_dir)
+    if kwargs.get("label_column"):  # one image per class: a balanced conditional training set
+        population = load_training_data(**kwargs)
+        rows = [int((population.labels == c).nonzero()[0]) for c in range(population.num_classes)][:n]
+        from dataclasses import replace
+
+        return replace(population, images=population.images[rows], labels=population.labels[rows],
+                       indices=rows, source=f"{population.source}: first image of each class")
+    return load_training_data(**kwargs, max_train_samples=n, seed=0)
+
+
+def tpr_at_fpr(scores, labels, fpr=0.01):
+    negatives, positives = np.sort(scores[~labels]), scores[labels]
+    allowed = int(np.floor(fpr * len(negatives)))
+    cut = negatives[len(negatives) - allowed - 1]
+    return float((positives > cut).mean())
+
+
+def bootstrap(scores, labels, function, rounds=500, seed=0):
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(scores), len(scores))
+        if labels[pick].all() or not labels[pick].any():
+            continue
+        values.append(function(scores[pick], labels[pick]))
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [None, None]
+
+
+def evaluate(pipe, data, num_samples, seed):
+    labels = None
+    if data.labels is not None:
+        labels = data.labels[torch.arange(num_samples) % len(data)]
+    output = pipe(class_labels=labels, batch_size=None if labels is not None else num_samples,
+                  num_inference_steps=25, output_type="pt", generator=torch.Generator().manual_seed(seed))
+    truth = output.memorized.numpy().astype(bool)
+    row = {"memorized_share": float(truth.mean()), "num_samples": num_samples, "memorized": truth.tolist(),
+           "methods": {}}
+    for variant, (method, kwargs) in METHOD_VARIANTS.items():
+        if method == "cond_gap" and labels is None:
+            continue
+        start = time.perf_counter()
+        result = memorization_score(pipe, output.images, class_labels=labels, method=method, **kwargs)
+        scores = result.score.numpy().astype(np.float64)
+        entry = {"seconds": round(time.perf_counter() - start, 2), "score_memorized_mean":
+                 float(scores[truth].mean()) if truth.any() else None,
+                 "score_novel_mean": float(scores[~truth].mean()) if (~truth).any() else None,
+                 "scores": scores.tolist()}
+        if truth.any() and (~truth).any():
+            entry.update(auc=float(roc_auc_score(truth, scores)),
+                         auc_ci=bootstrap(scores, truth, lambda s, t: roc_auc_score(t, s)),
+                         tpr_at_1pct_fpr=tpr_at_fpr(scores, truth),
+                         tpr_ci=bootstrap(scores, truth, tpr_at_fpr))
+        if method in THRESHOLDS and "t=0.4T" not in variant:  # the default settings of each method
+            flags = scores >= THRESHOLDS[method]
+            entry.update(threshold=THRESHOLDS[method],
+                         threshold_tpr=float(flags[truth].mean()) if truth.any() else None,
+                         threshold_fpr=float(flags[~truth].mean()) if (~truth).any() else None)
+        row["methods"][variant] = entry
+    return row
+
+
+def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_samples: int) -> dict:
+    spec = SETTINGS[name]
+    steps = sorted(steps or spec["steps"])
+    if any(step % steps[0] for step in steps):
+        raise SystemExit("every --steps value must be a multiple of the smallest one (the snapshot interval).")
+    data = training_data(spec, output_dir, spec["n"])
+    torch.manual_seed(0)
+    model = make_dit(sample_size=data.resolution, in_channels=data.num_channels,
+                     num_classes=data.num_classes, **spec["model"])
+    scheduler = make_noise_scheduler()
+    snapshots = {}
+
+    def snapshot(trained, step):
+        if step in steps:
+            snapshots[step] = copy.deepcopy(trained).eval()
+        return None
+
+    config = TrainingConfig(max_train_steps=max(steps), train_batch_size=16, learning_rate=spec.get("lr", 2e-3),
+                            lr_warmup_steps=0,
+                            ema_max_decay=0.995, validation_steps=min(steps), show_progress=False)
+    start = time.perf_counter()
+    train_dit(model, data, scheduler, config, validation_fn=snapshot)
+    train_seconds = time.perf_counter() - start
+    rows = []
+    for step in steps:
+        pipe = build_pipeline(snapshots[step], scheduler, data)
+        pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        rows.append({"step": step, **evaluate(pipe, data, num_samples, seed=step)})
+        print(f"{name} step {step}: memorized {rows[-1]['memorized_share']:.2f}", file=sys.stderr)
+    return {"setting": name, "num_train": len(data), "source": data.source, "model": spec["model"],
+            "conditional": data.labels is not None, "train_seconds": round(train_seconds, 1), "checkpoints": rows}
+
+
+def _interval(value, interval) -> str:
+    if value is None:
+        return "n/a"
+    low, high = interval
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{value:.3f}"
+
+
+def compact_table(results: list[dict]) -> list[str]:
+    """One row per setting and training length: ROC AUC [95% bootstrap] of every method, TPR at 1% FPR of the
+    default (renoise at 0.2 T)."""
+    variants = [v for v in METHOD_VARIANTS if any(v in row["methods"] for r in results for row in r["checkpoints"])]
+    lines = ["| setting | step | memorized | " + " | ".join(f"AUC {v}" for v in variants)
+             + " | TPR@1%FPR renoise (t=0.2T) |", "|---|---|---|" + "---|" * (len(variants) + 1)]
+    for result in results:
+        for row in result["checkpoints"]:
+            cells = []
+            for variant in variants:
+                entry = row["methods"].get(variant)
+                cells.append("-" if entry is None else _interval(entry.get("auc"), entry.get("auc_ci", (None, None))))
+            default = row["methods"]["renoise (t=0.2T)"]
+            cells.append(_interval(default.get("tpr_at_1pct_fpr"), default.get("tpr_ci", (None, None))))
+            copies = round(row["memorized_share"] * row["num_samples"])
+            name = f"{result['setting']} (n={result['num_train']}, heads of {result['model']['attention_head_dim']})"
+            lines.append(f"| {name} | {row['step']} | {copies}/{row['num_samples']} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def report(results: list[dict], arguments: dict) -> str:
+    lines = ["# Model-only memorization scores against the exact 1/3-rule labels", "",
+             *compact_table(results), "",
+             f"Written by `python scripts/measure_model_score.py` with {arguments}. Each cell: ROC AUC / TPR at 1% "
+             "FPR, with 95% bootstrap intervals (500 resamples of the samples); `thr` = TPR / FPR of the documented "
+             "threshold. AUC is undefined (n/a) where the samples are all copies or all novel.", ""]
+    for result in results:
+        variants = sorted({v for row in result["checkpoints"] for v in row["methods"]},
+                          key=list(METHOD_VARIANTS).index)
+        lines += [f"## {result['setting']} ({'conditional' if result['conditional'] else 'unconditional'}, "
+                  f"{result['num_train']} training images, {result['train_seconds']} s of training)", "",
+                  "| step | memorized | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+        for row in result["checkpoints"]:
+            cells = []
+            for variant in variants:
+                entry = row["methods"][variant]
+                cell = (f"AUC {_interval(entry.get('auc'), entry.get('auc_ci', (None, None)))}; TPR@1% "
+                        f"{_interval(entry.get('tpr_at_1pct_fpr'), entry.get('tpr_ci', (None, None)))}")
+                if "threshold" in entry:
+                    tpr, fpr = entry["threshold_tpr"], entry["threshold_fpr"]
+                    tpr, fpr = ("n/a" if v is None else f"{v:.2f}" for v in (tpr, fpr))
+                    cell += f"; thr {tpr} / {fpr}"
+                cells.append(cell)
+            lines.append(f"| {row['step']} | {row['memorized_share']:.3f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--steps", nargs="+", type=int, default=None,
+                        help="Training lengths to measure (default: each setting's own, from first copies on).")
+    parser.add_argument("--num_samples", type=int, default=96)
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                        help="Measure nothing: write one report.md from model_score.json files of earlier runs.")
+    args = parser.parse_args(argv)
+    if args.render:
+        loaded = [json.loads(Path(path).read_text()) for path in args.render]
+        results = [result for run in loaded for result in run["results"]]
+        arguments = {"runs": [run["arguments"] for run in loaded]}
+        write_text(Path(args.output_dir) / "model_score.json",
+                   json.dumps({"arguments": arguments, "results": results}, indent=2) + "\n")
+        write_text(Path(args.output_dir) / "report.md", report(results, arguments))
+        print(report(results, arguments))
+        return 0
+    torch.set_num_threads(1)
+    output_dir = Path(args.output_dir)
+    arguments = {k: v for k, v in vars(args).items() if k != "output_dir"}
+    results = []
+    for name in args.settings:
+        results.append(measure_setting(name, output_dir, args.steps, args.num_samples))
+        write_text(output_dir / "model_score.json", json.dumps({"arguments": arguments, "results": results},
+                                                               indent=2) + "\n")
+        write_text(output_dir / "report.md", report(results, arguments))
+    print(report(results, arguments))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
