@@ -1,4 +1,8 @@
-"""Built-in image sets made offline from packages the project installs: natural-image patches (``patches32``).
+"""Built-in image sets made offline from packages the project installs: tinted digits (``colour16``) and
+natural-image patches (``patches32``).
+
+``colour_digits_folder(output_dir)`` writes the 1,797 embedded digits upsampled to 16x16 and tinted, one colour per
+image.
 
 ``patches32_folder(output_dir)`` cuts 32x32 RGB patches, non-overlapping, on a regular grid, from the colour sample
 photographs bundled with scikit-image (``skimage.data``: astronaut, coffee, chelsea, rocket, ...), and writes them
@@ -24,8 +28,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
 
-__all__ = ["PATCHES32_PHOTOS", "patch_grid", "patches32_folder"]
+from .utils import inside_output_dir
+
+__all__ = ["BUILTIN_FOLDERS", "PATCHES32_PHOTOS", "colour_digits_folder", "patch_grid", "patches32_folder"]
 
 #: The skimage.data photographs the patches come from (colour, bundled with scikit-image).
 PATCHES32_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -58,8 +67,6 @@ def patches32_folder(output_dir: str | Path, size: int = 32) -> str:
     Returns the folder. It is built in a temporary folder and renamed, so a killed build never leaves half a set;
     an existing complete folder (its ``COMPLETE`` marker holds the patch count) is reused.
     """
-    from PIL import Image
-
     folder = Path(output_dir) / "data" / f"patches{size}"
     if (folder / "COMPLETE").is_file():
         return str(folder)
@@ -75,3 +82,28 @@ def patches32_folder(output_dir: str | Path, size: int = 32) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)
     return str(folder)
+
+
+def colour_digits_folder(output_dir: Path) -> str:
+    """Write (once) the 1,797 digits as 16x16 RGB PNGs, image ``i`` tinted by colour ``i`` of a seed-0 draw."""
+    folder = inside_output_dir(Path(output_dir) / "data" / "colour16-digits", output_dir)
+    pixels = load_digits().images  # [1797, 8, 8], 0..16
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(pixels):
+        return str(folder)
+    colours = 0.25 + 0.75 * torch.rand(len(pixels), 3, generator=torch.Generator().manual_seed(0))
+    temporary = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for index, (grey, colour) in enumerate(zip(pixels, colours)):
+        large = Image.fromarray((grey / 16 * 255).round().astype("uint8"), mode="L").resize(
+            (16, 16), Image.Resampling.BILINEAR)
+        rgb = torch.from_numpy(np.array(large)).float()[..., None] * colour
+        Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB").save(
+            temporary / f"{index:04d}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+    return str(folder)
+
+
+#: Built-in setting name -> the function that writes its image folder under an output folder (and returns it).
+BUILTIN_FOLDERS = {"colour16": colour_digits_folder, "patches32": patches32_folder}

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusers_memsep.builtin_data import patches32_folder
+from diffusers_memsep.builtin_data import colour_digits_folder, patches32_folder
 from diffusers_memsep.data import load_training_data
 from diffusers_memsep.memorization.copy_detection import (
     HOLDOUT_FRACTION,
@@ -108,7 +108,6 @@ def load_setting_population(name: str, output_dir: Path) -> torch.Tensor:
     if name == "digits8":
         return load_training_data().images
     if name == "colour16":
-        from diffusers_memsep.study import colour_digits_folder  # the study's builder of the colour16 images
 
         return load_training_data(train_data_dir=colour_digits_folder(output_dir)).images
     if name == "patches32":

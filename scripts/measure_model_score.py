@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler
 from sklearn.metrics import roc_auc_score
 
-from diffusers_memsep.builtin_data import patches32_folder
+from diffusers_memsep.builtin_data import colour_digits_folder, patches32_folder
 from diffusers_memsep.data import load_training_data
 from diffusers_memsep.memorization.model_score import THRESHOLDS, memorization_score
 from diffusers_memsep.trainer import TrainingConfig, build_pipeline, make_dit, make_noise_scheduler, train_dit
@@ -56,7 +56,6 @@ def training_data(spec: dict, output_dir: Path, n: int):
     builtin = spec["data"].get("builtin")
     kwargs = {k: v for k, v in spec["data"].items() if k != "builtin"}
     if builtin == "colour16":
-        from diffusers_memsep.study import colour_digits_folder  # the study's builder of the colour16 images
 
         kwargs["train_data_dir"] = colour_digits_folder(output_dir)
     elif builtin == "patches32":

@@ -7,11 +7,11 @@ import pytest
 from scipy.stats import t as student_t
 from scipy.stats import ttest_rel
 
+from diffusers_memsep.builtin_data import colour_digits_folder
 from diffusers_memsep.cli import main
 from diffusers_memsep.study import StudyConfig, builtin_setting, run_study
 from diffusers_memsep.study.bases import early_stop_choice
 from diffusers_memsep.study.plan import planned_runs
-from diffusers_memsep.study.settings import colour_digits_folder
 from diffusers_memsep.study.statistics import compare, holm_bonferroni, metric_columns, t_interval, verdict
 from diffusers_memsep.trainer import TrainingConfig
 

@@ -15,7 +15,15 @@ from dataclasses import replace
 
 from diffusers_memsep.commands.arguments import add_data_arguments
 from diffusers_memsep.pruning import METHODS
-from diffusers_memsep.study import BUILTIN_SETTINGS, StudyConfig, StudySetting, full_config, quick_config, run_study
+from diffusers_memsep.study import (
+    BUILTIN_SETTINGS,
+    StudyConfig,
+    StudySetting,
+    builtin_setting,
+    full_config,
+    quick_config,
+    run_study,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     config = quick_config() if args.quick else full_config()
     extra = bool(args.dataset_name or args.train_data_dir)
     names = args.settings if args.settings is not None else ([] if extra else [s.name for s in config.settings])
-    settings = [next(s for s in config.settings if s.name == name) for name in names]
+    profile = {s.name: s for s in config.settings}  # a built-in setting outside the profile gets the profile's DiT
+    settings = [profile.get(name) or builtin_setting(name, config.settings[0].model) for name in names]
     model = dict(config.settings[0].model)  # the profile's DiT (digits8's) for an extra setting
     if extra:
         settings.append(StudySetting(args.setting_name, dataset_name=args.dataset_name,

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from sklearn.datasets import load_digits
-
+from ..builtin_data import BUILTIN_FOLDERS
 from ..data import TrainingData, held_out_from_population, load_training_data, with_held_out
 from ..memorization import resolve_feature_space
 from ..trainer import make_dit, make_noise_scheduler
 from ..utils import check_plain_name, data_fingerprint, inside_output_dir
 
-BUILTIN_SETTINGS = ("digits8", "colour16")
+BUILTIN_SETTINGS = ("digits8", "colour16", "patches32")
 #: The training timesteps of the base models of a study and of the demo (``make_noise_scheduler``'s default).
 DEFAULT_TRAIN_TIMESTEPS = inspect.signature(make_noise_scheduler).parameters["num_train_timesteps"].default
 
@@ -29,9 +24,10 @@ class StudySetting:
     """One data set of the study: where its images come from, how many train a base model, the DiT to train.
 
     ``builtin="colour16"`` builds the second offline setting: the embedded digits upsampled to 16x16 RGB, each
-    image tinted with a fixed random colour, written as an image folder under the output folder. Otherwise the
-    data flags of ``memsep train`` (``dataset_name``, ``train_data_dir``, ...) choose the images; with none of them,
-    the embedded 8x8 digits. ``validation_data_dir``: held-out images for ``memorization_gap`` (default: the
+    image tinted with a fixed random colour; ``builtin="patches32"`` the natural-image patches
+    (:mod:`diffusers_memsep.builtin_data`); both are written once as image folders under the output folder.
+    Otherwise the data flags of ``memsep train`` (``dataset_name``, ``train_data_dir``, ...) choose the images; with
+    none of them, the embedded 8x8 digits. ``validation_data_dir``: held-out images for ``memorization_gap`` (default: the
     population minus the training subset).
     """
 
@@ -52,19 +48,24 @@ class StudySetting:
         check_plain_name(self.name, "--setting_name")  # it names folders under --output_dir (bases/, runs/, ...)
 
     def data_kwargs(self, output_dir: Path) -> dict:
-        folder = colour_digits_folder(output_dir) if self.builtin == "colour16" else self.train_data_dir
+        folder = BUILTIN_FOLDERS[self.builtin](output_dir) if self.builtin else self.train_data_dir
         return dict(dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name,
                     train_data_dir=folder, image_column=self.image_column, label_column=self.label_column,
                     resolution=self.resolution)
 
 
 def builtin_setting(name: str, model: dict | None = None) -> StudySetting:
-    """``digits8`` (16 of the 8x8 digits) or ``colour16`` (4 tinted 16x16 digits at lr 2e-3: the recipe that
-    memorizes within the base training of the full profile; how it was found is in ``docs/study.md``)."""
+    """``digits8`` (16 of the 8x8 digits), ``colour16`` (4 tinted 16x16 digits at lr 2e-3: the recipe that
+    memorizes within the base training of the full profile; how it was found is in ``docs/study.md``) or ``patches32``
+    (4 natural-image patches, 32x32 RGB, the colour16 recipe)."""
     if name == "digits8":
         return StudySetting("digits8", model=dict(model or {}))
     if name == "colour16":
         return StudySetting("colour16", builtin="colour16", model=dict(model or {}, patch_size=4),
+                            num_train_samples=4, base_train={"learning_rate": 2e-3})
+    if name == "patches32":  # natural-image patches, CIFAR's shape; the colour16 recipe (whether it memorizes
+        # within the full profile's base training is not measured: docs/detection.md)
+        return StudySetting("patches32", builtin="patches32", model=dict(model or {}, patch_size=4),
                             num_train_samples=4, base_train={"learning_rate": 2e-3})
     raise ValueError(f"unknown built-in setting {name!r}; choose from {', '.join(BUILTIN_SETTINGS)}.")
 
@@ -79,27 +80,6 @@ def dit_num_heads(model: dict) -> int:
 def setting_num_heads(setting: StudySetting) -> int:
     """The attention heads of the DiT a setting's base models train."""
     return dit_num_heads(setting.model)
-
-
-def colour_digits_folder(output_dir: Path) -> str:
-    """Write (once) the 1,797 digits as 16x16 RGB PNGs, image ``i`` tinted by colour ``i`` of a seed-0 draw."""
-    folder = inside_output_dir(Path(output_dir) / "data" / "colour16-digits", output_dir)
-    pixels = load_digits().images  # [1797, 8, 8], 0..16
-    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(pixels):
-        return str(folder)
-    colours = 0.25 + 0.75 * torch.rand(len(pixels), 3, generator=torch.Generator().manual_seed(0))
-    temporary = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for index, (grey, colour) in enumerate(zip(pixels, colours)):
-        large = Image.fromarray((grey / 16 * 255).round().astype("uint8"), mode="L").resize(
-            (16, 16), Image.Resampling.BILINEAR)
-        rgb = torch.from_numpy(np.array(large)).float()[..., None] * colour
-        Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB").save(
-            temporary / f"{index:04d}.png")
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
-    return str(folder)
 
 
 @dataclass
