@@ -27,8 +27,8 @@ class StudySetting:
     image tinted with a fixed random colour; ``builtin="patches32"`` the natural-image patches
     (:mod:`diffusers_memsep.builtin_data`); both are written once as image folders under the output folder.
     Otherwise the data flags of ``memsep train`` (``dataset_name``, ``train_data_dir``, ...) choose the images; with
-    none of them, the embedded 8x8 digits. ``validation_data_dir``: held-out images for ``memorization_gap`` (default: the
-    population minus the training subset).
+    none of them, the embedded 8x8 digits. ``validation_data_dir``: held-out images for ``memorization_gap``
+    (default: the population minus the training subset).
     """
 
     name: str
