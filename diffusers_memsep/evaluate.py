@@ -136,10 +136,13 @@ def feature_space_for(images: torch.Tensor) -> FeatureSpace:
     return resolve_feature_space("trained", TrainingData(images, None, None, "population"))
 
 
-#: The seed scheme of every sampled number. Run seed ``s`` (``0 <= s < MAX_RUN_SEED``) evaluates with batch ``b``
-#: seeded ``EVALUATION_SEED_STRIDE * s + b`` (at most ``EVALUATION_SEED_STRIDE`` batches); the early-stop curve of
-#: ``memsep study`` samples batch ``b`` from ``CURVE_SEED + b``, above every evaluation seed, so the samples that
-#: choose a checkpoint are never the samples that score it.
+#: The seed scheme of every sampled number, here and nowhere else. Run seed ``s`` (``0 <= s < MAX_RUN_SEED``)
+#: evaluates with batch ``b`` seeded ``EVALUATION_SEED_STRIDE * s + b`` (at most ``EVALUATION_SEED_STRIDE`` batches),
+#: so evaluations use seeds below ``CURVE_SEED``. Samples that CHOOSE weights draw from the curve range instead:
+#: batch ``b`` of the early-stop curve of ``memsep study`` and of the trainer's validation under
+#: ``stop_at_memorization`` is seeded ``CURVE_SEED + b``, above every evaluation seed, so the samples that choose a
+#: checkpoint are never the samples that score it. A plain validation (no early stopping: it chooses nothing, its
+#: grids only show progress) seeds batch ``b`` with ``TrainingConfig.seed + b`` (:func:`validation_seed`).
 EVALUATION_SEED_STRIDE = 1000
 MAX_RUN_SEED = 10**6
 CURVE_SEED = EVALUATION_SEED_STRIDE * MAX_RUN_SEED
@@ -151,6 +154,12 @@ def evaluation_seed(seed: int) -> int:
         raise ValueError(f"seeds must be integers in [0, {MAX_RUN_SEED:,}) (the evaluation draws from seed 1000 * s), "
                          f"got {seed!r}.")
     return EVALUATION_SEED_STRIDE * seed
+
+
+def validation_seed(seed: int, chooses_weights: bool) -> int:
+    """The first sampling seed of the trainer's validation of a run with seed ``seed``: :data:`CURVE_SEED` when the
+    validation chooses the weights (``stop_at_memorization``), else ``seed`` (see :data:`EVALUATION_SEED_STRIDE`)."""
+    return CURVE_SEED if chooses_weights else int(seed)
 
 
 def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor | None:
