@@ -169,13 +169,16 @@ def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor |
 
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, num_inference_steps: int, seed: int,
-                    batch_size: int = 256, scheduler=None, **call_kwargs) -> tuple[torch.Tensor, float]:
+                    batch_size: int = 256, scheduler=None, split_across_processes: bool = True,
+                    **call_kwargs) -> tuple[torch.Tensor, float]:
     """THE sampler of every memorization and quality number (evaluation, training validation, early-stop curve):
     ``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``.
 
     ``scheduler`` (default: the pipeline's) is used for this call only. Under several processes (``accelerate
     launch`` / ``torchrun``) the batches are split across them (contiguous shares, each batch keeping its seed) and
     gathered in order, so every process returns the samples one process would draw, after sampling only its share.
+    Every process must then call it; ``split_across_processes=False`` samples every batch on the calling process
+    alone (the trainer's validation, which runs on the main process only), with the same seeds and result.
     """
     batches = list(enumerate(range(0, num_samples, batch_size)))
     if len(batches) > EVALUATION_SEED_STRIDE:
@@ -186,7 +189,7 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     if scheduler is not None:
         pipe.scheduler = scheduler
     try:
-        for batch_index, start in split_work(batches):
+        for batch_index, start in split_work(batches) if split_across_processes else batches:
             size = min(batch_size, num_samples - start)
             labels = None if class_labels is None else class_labels[start:start + size]
             generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
@@ -197,7 +200,8 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     finally:
         if scheduler is not None:
             pipe.scheduler = original
-    return all_gather_cat(torch.cat(chunks) if chunks else None), time.perf_counter() - start_time
+    samples = all_gather_cat(torch.cat(chunks) if chunks else None) if split_across_processes else torch.cat(chunks)
+    return samples, time.perf_counter() - start_time
 
 
 def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor | QualityReference,

@@ -50,13 +50,16 @@ def build_pipeline(model, noise_scheduler, data: TrainingData, reference: Neares
 
 
 def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num_classes: int | None = None,
-                       seed: int = 0, scheduler=None) -> tuple[torch.Tensor, MemorizationResult | None]:
+                       seed: int = 0, scheduler=None,
+                       split_across_processes: bool = True) -> tuple[torch.Tensor, MemorizationResult | None]:
     """Samples in ``[-1, 1]`` from the evaluation's sampler (:func:`~diffusers_memsep.evaluate.sample_pipeline`:
     labels of :func:`~diffusers_memsep.evaluate.balanced_labels`, batch ``b`` seeded ``seed + b``) and their
     memorization verdicts against the pipeline's reference (None without one). A non-finite sample is neither a
-    copy nor a non-copy: ``report.ratio`` leaves it out and ``report.num_nonfinite`` counts it."""
+    copy nor a non-copy: ``report.ratio`` leaves it out and ``report.num_nonfinite`` counts it.
+    ``split_across_processes=False``: sampled on the calling process alone (see ``sample_pipeline``)."""
     samples, _ = sample_pipeline(pipeline, num_samples, balanced_labels(num_samples, num_classes),
-                                 num_inference_steps, seed, scheduler=scheduler)
+                                 num_inference_steps, seed, scheduler=scheduler,
+                                 split_across_processes=split_across_processes)
     return samples, None if pipeline.reference is None else memorization_report(samples, pipeline.reference)
 
 
@@ -82,7 +85,9 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
         pipeline = MemSepPipeline(transformer=model, scheduler=validation_scheduler, vae=vae,
                                   reference=reference.to(model.device), label_dropout_prob=label_dropout)
         pipeline.set_progress_bar_config(disable=True)
-        samples, report = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed)
+        # train_dit validates on the main process alone: its samples must not wait for the other processes.
+        samples, report = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed,
+                                             split_across_processes=False)
         images01 = ((samples + 1) / 2).nan_to_num(0.0)
         if samples_dir is not None:
             rows = max(1, int(math.sqrt(num_samples)))
