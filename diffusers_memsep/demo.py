@@ -18,7 +18,7 @@ from pathlib import Path
 from .data import held_out_from_population, load_population, load_training_data, with_held_out
 from .memorization import resolve_feature_space
 from .study import PruningStudyConfig, StudyResult, prune_pipeline
-from .trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
+from .trainer import OutputConfig, TrainingConfig, ValidationConfig, make_dit, make_noise_scheduler, train_pipeline
 
 
 @dataclass
@@ -71,8 +71,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
                      **config.model)
     base_dir = output_dir / "base"
     # The demo is re-runnable: its own earlier base folder is replaced (atomically, entry by entry).
-    trained = train_pipeline(base_dir, data, model, make_noise_scheduler(), config.train, overwrite_output_dir=True,
-                             validation_inference_steps=config.study.num_inference_steps)
+    trained = train_pipeline(base_dir, data, model, make_noise_scheduler(), config.train,
+                             output=OutputConfig(overwrite_output_dir=True),
+                             validation=ValidationConfig(inference_steps=config.study.num_inference_steps))
     base_model_name = f"the demo DiT trained {config.train.max_train_steps} steps on {data.source}"
     study = prune_pipeline(trained.pipeline, data, population.images, config.study, output_dir,
                            base_model_name=base_model_name, feature_space=feature_space,

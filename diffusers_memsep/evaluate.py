@@ -136,10 +136,13 @@ def feature_space_for(images: torch.Tensor) -> FeatureSpace:
     return resolve_feature_space("trained", TrainingData(images, None, None, "population"))
 
 
-#: The seed scheme of every sampled number. Run seed ``s`` (``0 <= s < MAX_RUN_SEED``) evaluates with batch ``b``
-#: seeded ``EVALUATION_SEED_STRIDE * s + b`` (at most ``EVALUATION_SEED_STRIDE`` batches); the early-stop curve of
-#: ``memsep study`` samples batch ``b`` from ``CURVE_SEED + b``, above every evaluation seed, so the samples that
-#: choose a checkpoint are never the samples that score it.
+#: The seed scheme of every sampled number, here and nowhere else. Run seed ``s`` (``0 <= s < MAX_RUN_SEED``)
+#: evaluates with batch ``b`` seeded ``EVALUATION_SEED_STRIDE * s + b`` (at most ``EVALUATION_SEED_STRIDE`` batches),
+#: so evaluations use seeds below ``CURVE_SEED``. Samples that CHOOSE weights draw from the curve range instead:
+#: batch ``b`` of the early-stop curve of ``memsep study`` and of the trainer's validation under
+#: ``stop_at_memorization`` is seeded ``CURVE_SEED + b``, above every evaluation seed, so the samples that choose a
+#: checkpoint are never the samples that score it. A plain validation (no early stopping: it chooses nothing, its
+#: grids only show progress) seeds batch ``b`` with ``TrainingConfig.seed + b`` (:func:`validation_seed`).
 EVALUATION_SEED_STRIDE = 1000
 MAX_RUN_SEED = 10**6
 CURVE_SEED = EVALUATION_SEED_STRIDE * MAX_RUN_SEED
@@ -153,6 +156,12 @@ def evaluation_seed(seed: int) -> int:
     return EVALUATION_SEED_STRIDE * seed
 
 
+def validation_seed(seed: int, chooses_weights: bool) -> int:
+    """The first sampling seed of the trainer's validation of a run with seed ``seed``: :data:`CURVE_SEED` when the
+    validation chooses the weights (``stop_at_memorization``), else ``seed`` (see :data:`EVALUATION_SEED_STRIDE`)."""
+    return CURVE_SEED if chooses_weights else int(seed)
+
+
 def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor | None:
     """The one label rule: ``0, 1, ..., C-1, 0, 1, ...`` (same labels for every variant), None when unconditional."""
     return None if not num_classes else torch.arange(num_samples) % num_classes
@@ -160,13 +169,16 @@ def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor |
 
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, num_inference_steps: int, seed: int,
-                    batch_size: int = 256, scheduler=None, **call_kwargs) -> tuple[torch.Tensor, float]:
+                    batch_size: int = 256, scheduler=None, split_across_processes: bool = True,
+                    **call_kwargs) -> tuple[torch.Tensor, float]:
     """THE sampler of every memorization and quality number (evaluation, training validation, early-stop curve):
     ``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``.
 
     ``scheduler`` (default: the pipeline's) is used for this call only. Under several processes (``accelerate
     launch`` / ``torchrun``) the batches are split across them (contiguous shares, each batch keeping its seed) and
     gathered in order, so every process returns the samples one process would draw, after sampling only its share.
+    Every process must then call it; ``split_across_processes=False`` samples every batch on the calling process
+    alone (the trainer's validation, which runs on the main process only), with the same seeds and result.
     """
     batches = list(enumerate(range(0, num_samples, batch_size)))
     if len(batches) > EVALUATION_SEED_STRIDE:
@@ -177,7 +189,7 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     if scheduler is not None:
         pipe.scheduler = scheduler
     try:
-        for batch_index, start in split_work(batches):
+        for batch_index, start in split_work(batches) if split_across_processes else batches:
             size = min(batch_size, num_samples - start)
             labels = None if class_labels is None else class_labels[start:start + size]
             generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
@@ -188,7 +200,8 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     finally:
         if scheduler is not None:
             pipe.scheduler = original
-    return all_gather_cat(torch.cat(chunks) if chunks else None), time.perf_counter() - start_time
+    samples = all_gather_cat(torch.cat(chunks) if chunks else None) if split_across_processes else torch.cat(chunks)
+    return samples, time.perf_counter() - start_time
 
 
 def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor | QualityReference,

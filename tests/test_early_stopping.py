@@ -10,21 +10,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import diffusers_memsep.trainer.output
 from diffusers_memsep.data import load_training_data
-from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler, train_dit, train_pipeline
-from diffusers_memsep.trainer.early_stopping import (
-    CURVE_JSON,
-    CURVE_PNG,
-    VALIDATION_SEED_OFFSET,
-    EarlyStopping,
+from diffusers_memsep.evaluate import (
+    CURVE_SEED,
+    EVALUATION_SEED_STRIDE,
+    MAX_RUN_SEED,
+    evaluation_seed,
     validation_seed,
 )
+from diffusers_memsep.trainer import (
+    OutputConfig,
+    TrainingConfig,
+    ValidationConfig,
+    make_dit,
+    make_noise_scheduler,
+    train_dit,
+    train_pipeline,
+)
+from diffusers_memsep.trainer.early_stopping import CURVE_JSON, CURVE_PNG, EarlyStopping
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A run built to cross the threshold: 3 digits, a small DiT at a high learning rate; its validation ratio climbs
 #: from 0 to most samples within about a thousand steps.
 CROSSING = dict(max_train_steps=2000, train_batch_size=8, learning_rate=3e-3, lr_warmup_steps=5, ema_max_decay=0.9,
                 validation_steps=100, stop_at_memorization=0.1, show_progress=False, seed=0)
+CROSSING_VALIDATION = ValidationConfig(num_samples=16, inference_steps=50)
 CROSSING_MODEL = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16)
 
 
@@ -104,21 +115,44 @@ def test_bad_settings_name_the_flag(three_digits, tmp_path):
         train_dit(small_dit(), three_digits, make_noise_scheduler(), config, validation_fn=lambda m, s: {"x": 1.0})
     with pytest.raises(ValueError, match="--validation_num_samples > 0"):
         train_pipeline(tmp_path / "out", three_digits, small_dit(), make_noise_scheduler(), config,
-                       validation_num_samples=0, report_to="none")
+                       validation=ValidationConfig(num_samples=0), output=OutputConfig(report_to="none"))
     assert not (tmp_path / "out").exists()
 
 
 def test_validation_seed_never_collides_with_evaluation_seeds():
-    assert validation_seed(TrainingConfig(seed=3)) == 3  # plain validation: unchanged
-    seed = validation_seed(TrainingConfig(seed=3, stop_at_memorization=0.1, validation_steps=5))
-    assert seed == VALIDATION_SEED_OFFSET + 3 and seed > 1000 * 2**30 + 999  # above every 1000 * s + batch
+    assert validation_seed(3, chooses_weights=False) == 3  # plain validation: unchanged
+    assert validation_seed(3, chooses_weights=True) == CURVE_SEED  # the curve range, as the study's curve
+    assert evaluation_seed(MAX_RUN_SEED - 1) + EVALUATION_SEED_STRIDE - 1 < CURVE_SEED  # above every 1000 * s + b
+
+
+def test_the_validation_seeds_of_an_early_stopping_run_are_no_evaluation_seeds(tmp_path, three_digits, monkeypatch):
+    """Record every batch seed the trainer's validation samples from, with and without early stopping."""
+    original, drawn = diffusers_memsep.trainer.output.sample_pipeline, []
+
+    def recording(pipe, num_samples, class_labels, num_inference_steps, seed, batch_size=256, **kwargs):
+        drawn.extend(seed + b for b in range(-(-num_samples // batch_size)))
+        return original(pipe, num_samples, class_labels, num_inference_steps, seed, batch_size, **kwargs)
+
+    monkeypatch.setattr(diffusers_memsep.trainer.output, "sample_pipeline", recording)
+    common = dict(max_train_steps=2, train_batch_size=3, validation_steps=1, show_progress=False, seed=7)
+    for name, stop in (("early", 0.99), ("plain", None)):
+        drawn.clear()
+        train_pipeline(tmp_path / name, three_digits, small_dit(), make_noise_scheduler(20),
+                       TrainingConfig(**common, stop_at_memorization=stop), output=OutputConfig(report_to="none"),
+                       validation=ValidationConfig(num_samples=4, inference_steps=2))
+        assert len(drawn) == 2  # one batch per validation, at steps 1 and 2
+        if stop is not None:  # disjoint from every evaluation seed 1000 * s + b (s < MAX_RUN_SEED, b < 1000)
+            evaluation_seeds = range(evaluation_seed(MAX_RUN_SEED - 1) + EVALUATION_SEED_STRIDE)
+            assert set(drawn) == {CURVE_SEED} and all(seed not in evaluation_seeds for seed in drawn)
+        else:
+            assert set(drawn) == {7}  # plain validation: the run seed, as documented
 
 
 # ----------------------------------------------------------------------------------------- a real crossing run
 def crossing_run(output_dir, data, **kwargs):
     return train_pipeline(output_dir, data, small_dit(), make_noise_scheduler(),
-                          TrainingConfig(**{**CROSSING, "checkpointing_steps": 100}), report_to="none",
-                          validation_num_samples=16, validation_inference_steps=50, **kwargs)
+                          TrainingConfig(**{**CROSSING, "checkpointing_steps": 100}),
+                          output=OutputConfig(report_to="none", **kwargs), validation=CROSSING_VALIDATION)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +179,7 @@ def test_a_crossing_run_writes_the_last_safe_weights_the_curve_and_the_card(cros
     curve = json.loads((folder / CURVE_JSON).read_text())
     assert curve["kept_step"] == stop.kept_step and curve["stopped_step"] == stop.stopped_step
     assert [row["step"] for row in curve["curve"]] == list(range(100, stop.stopped_step + 1, 100))
-    assert curve["validation_seed"] == VALIDATION_SEED_OFFSET
+    assert curve["validation_seed"] == CURVE_SEED
     assert (folder / CURVE_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (folder / "README.md").read_text()
     assert f"stopped at step {stop.stopped_step}" in card and f"weights of step {stop.kept_step}" in card
@@ -166,11 +200,11 @@ def test_resume_ends_bit_identical_to_the_uninterrupted_run(crossing, three_digi
         for name in expected:
             assert torch.equal(weights[name], expected[name]), name
         assert json.loads((resumed.output_dir / CURVE_JSON).read_text())["curve"] == curve["curve"]
+    kept_checkpoint = crossing.output_dir / f"checkpoint-{stop.kept_step}"
     with pytest.raises(ValueError, match="resume with --stop_at_memorization 0.1"):
         train_pipeline(tmp_path / "other", three_digits, small_dit(), make_noise_scheduler(),
-                       TrainingConfig(**{**CROSSING, "stop_at_memorization": 0.5}), report_to="none",
-                       validation_num_samples=16, validation_inference_steps=50,
-                       resume_from_checkpoint=crossing.output_dir / f"checkpoint-{stop.kept_step}")
+                       TrainingConfig(**{**CROSSING, "stop_at_memorization": 0.5}), validation=CROSSING_VALIDATION,
+                       output=OutputConfig(report_to="none", resume_from_checkpoint=kept_checkpoint))
 
 
 def test_two_processes_stop_at_the_step_of_one_process(tmp_path):
@@ -215,7 +249,7 @@ def test_curve_files_hold_the_quality_metrics(tmp_path):
     stop = EarlyStopping(0.25)
     for step, ratio in ((10, 0.0), (20, 0.2), (30, 0.5)):
         stop.observe(step, ratio, {"precision": 0.5 + ratio, "recall": 0.4, "frechet_distance": 9.0}, {})
-    json_path, png_path = stop.write_curve(tmp_path, validation_seed=VALIDATION_SEED_OFFSET)
+    json_path, png_path = stop.write_curve(tmp_path, validation_seed=CURVE_SEED)
     record = json.loads(json_path.read_text())
     assert record["kept_step"] == 20 and record["stopped_step"] == 30 and record["num_validations"] == 3
     assert record["curve"][1] == {"precision": 0.7, "recall": 0.4, "frechet_distance": 9.0, "step": 20,

@@ -180,3 +180,23 @@ def test_bad_inputs_fail_before_any_step(tmp_path, digits):
         TrainingConfig(learning_rate=0)
     with pytest.raises(ValueError, match="lr_scheduler"):
         TrainingConfig(lr_scheduler="warp")
+
+
+def test_the_settings_around_the_run_are_checked_when_built():
+    """OutputConfig, ValidationConfig, HubConfig: each bad value names its flag and the fix."""
+    from diffusers_memsep.trainer import HubConfig, OutputConfig, ValidationConfig
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="--validation_num_samples"):
+            ValidationConfig(num_samples=bad)
+    for bad in (0, -3, 2.0):
+        with pytest.raises(ValueError, match="--validation_inference_steps"):
+            ValidationConfig(inference_steps=bad)
+    with pytest.raises(ValueError, match="--report_to none"):
+        OutputConfig(report_to="mlflow")
+    with pytest.raises(ValueError, match="--logging_dir logs"):
+        OutputConfig(logging_dir="")
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        HubConfig(push_to_hub=True, model_id=" ")
+    assert ValidationConfig().num_samples == 64 and ValidationConfig().inference_steps is None
+    assert OutputConfig(report_to=None).report_to is None and not HubConfig().push_to_hub

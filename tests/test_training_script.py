@@ -173,7 +173,14 @@ def test_validation_measures_quality_against_the_population(tmp_path):
     from diffusers_memsep.data import load_population, load_training_data
     from diffusers_memsep.evaluate import QualityReference
     from diffusers_memsep.memorization import resolve_feature_space
-    from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler, train_pipeline
+    from diffusers_memsep.trainer import (
+        OutputConfig,
+        TrainingConfig,
+        ValidationConfig,
+        make_dit,
+        make_noise_scheduler,
+        train_pipeline,
+    )
 
     data = load_training_data(max_train_samples=8)
     population = load_population()
@@ -182,7 +189,8 @@ def test_validation_measures_quality_against_the_population(tmp_path):
                                                                attention_head_dim=8),
                              make_noise_scheduler(20), TrainingConfig(max_train_steps=2, train_batch_size=4,
                                                                       show_progress=False),
-                             report_to="none", validation_num_samples=8, quality_reference=reference)
+                             output=OutputConfig(report_to="none"), validation=ValidationConfig(num_samples=8),
+                             quality_reference=reference)
     assert {"memorization_ratio", "precision", "recall", "frechet_distance", "kid", "kid_se"} <= set(trained.metrics)
     assert reference.num_real_images == 1797 and trained.metrics["frechet_distance"] > 0
     assert train("--output_dir", tmp_path / "cli", "--max_train_samples", "8", "--max_train_steps", "1",

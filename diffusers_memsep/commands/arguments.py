@@ -1,6 +1,8 @@
 """Groups of command-line flags defined once, each turned into the library's dataclass: the data flags
-(:class:`~diffusers_memsep.sources.DataSource`), the quality flags, and the pruning-study flags
-(:class:`~diffusers_memsep.study.PruningStudyConfig`)."""
+(:class:`~diffusers_memsep.sources.DataSource`), the quality flags, the pruning-study flags
+(:class:`~diffusers_memsep.study.PruningStudyConfig`), and the trainer's output, validation and Hub flags
+(:class:`~diffusers_memsep.trainer.OutputConfig`, :class:`~diffusers_memsep.trainer.ValidationConfig`,
+:class:`~diffusers_memsep.trainer.HubConfig`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from diffusers_memsep.memorization import FEATURE_SPACES
 from diffusers_memsep.pruning import METHODS
 from diffusers_memsep.sources import DataSource
 from diffusers_memsep.study import SAMPLERS, PruningStudyConfig
+from diffusers_memsep.trainer import REPORT_TO, HubConfig, OutputConfig, ValidationConfig
 
 
 def add_data_arguments(group, resolution_help: str = "Default: the pipeline's output resolution.") -> None:
@@ -107,3 +110,52 @@ def pruning_config(args: argparse.Namespace, default: PruningStudyConfig) -> Pru
                    importance_batch_size=args.importance_batch_size, num_samples=args.num_samples,
                    num_inference_steps=args.num_inference_steps, sampler=args.sampler,
                    small_t_switch=args.small_t_switch, num_quality_samples=args.num_quality_samples)
+
+
+def add_output_arguments(group) -> None:
+    """The flags of :class:`~diffusers_memsep.trainer.OutputConfig` (``memsep train``), with its defaults."""
+    d = OutputConfig()
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Replace a previous run in --output_dir (refused otherwise).")
+    group.add_argument("--resume_from_checkpoint", default=d.resume_from_checkpoint,
+                       help="A checkpoint-<step> folder or 'latest'.")
+    group.add_argument("--logging_dir", default=d.logging_dir, help="TensorBoard folder, inside --output_dir.")
+    group.add_argument("--report_to", default=d.report_to, choices=list(REPORT_TO))
+
+
+def output_config(args: argparse.Namespace) -> OutputConfig:
+    """The flags of :func:`add_output_arguments` as an :class:`~diffusers_memsep.trainer.OutputConfig`."""
+    return OutputConfig(overwrite_output_dir=args.overwrite_output_dir,
+                        resume_from_checkpoint=args.resume_from_checkpoint, report_to=args.report_to,
+                        logging_dir=args.logging_dir)
+
+
+def add_validation_arguments(group) -> None:
+    """The flags of :class:`~diffusers_memsep.trainer.ValidationConfig` (``memsep train``), with its defaults."""
+    d = ValidationConfig()
+    group.add_argument("--validation_num_samples", type=int, default=d.num_samples,
+                       help="Samples per validation (0: no validation, no ratio in the card).")
+    group.add_argument("--validation_inference_steps", type=int, default=d.inference_steps,
+                       help="DDPM steps per validation (default: --ddpm_num_steps).")
+
+
+def validation_config(args: argparse.Namespace) -> ValidationConfig:
+    """The flags of :func:`add_validation_arguments` as a :class:`~diffusers_memsep.trainer.ValidationConfig`."""
+    return ValidationConfig(num_samples=args.validation_num_samples, inference_steps=args.validation_inference_steps)
+
+
+def add_hub_arguments(group) -> None:
+    """The flags of :class:`~diffusers_memsep.trainer.HubConfig` (``memsep train``), with its defaults."""
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="Upload the output folder to the Hub at the end (the repo is created before training).")
+    group.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    group.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
+    group.add_argument("--push_reference", action="store_true",
+                       help="Also publish reference/ (the EXACT TRAINING IMAGES; left out of the push by default).")
+
+
+def hub_config(args: argparse.Namespace) -> HubConfig:
+    """The flags of :func:`add_hub_arguments` as a :class:`~diffusers_memsep.trainer.HubConfig`."""
+    return HubConfig(push_to_hub=args.push_to_hub, model_id=args.hub_model_id, private=args.hub_private_repo,
+                     token=args.hub_token, push_reference=args.push_reference)

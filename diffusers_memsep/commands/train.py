@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 
-from diffusers_memsep.commands.arguments import add_data_arguments
+from diffusers_memsep.commands.arguments import (
+    add_data_arguments,
+    add_hub_arguments,
+    add_output_arguments,
+    add_validation_arguments,
+    hub_config,
+    output_config,
+    validation_config,
+)
 from diffusers_memsep.data import TrainingData, all_images, load_population, load_training_data
 from diffusers_memsep.evaluate import QualityReference
 from diffusers_memsep.hub import require_templates
@@ -118,33 +126,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("checkpoints, logging, output")
     run.add_argument("--output_dir", default="outputs/dit-digits", help="Where the pipeline folder is written.")
-    run.add_argument("--overwrite_output_dir", action="store_true",
-                     help="Replace a previous run in --output_dir (refused otherwise).")
+    add_output_arguments(run)
     run.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps (0: off).")
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most N checkpoints.")
-    run.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint-<step> folder or 'latest'.")
-    run.add_argument("--logging_dir", default="logs", help="TensorBoard folder, inside --output_dir.")
-    run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
     run.add_argument("--validation_steps", type=int, default=2000,
                      help="Sample a grid and measure the memorization ratio every N steps (always at the end).")
     run.add_argument("--stop_at_memorization", type=float, default=None, metavar="R",
                      help="Stop at the first validation whose memorization ratio exceeds R (0 <= R < 1) and save the "
                           "weights of the last validation at or below R; writes memorization_curve.json/.png "
                           "(default: off).")
-    run.add_argument("--validation_num_samples", type=int, default=64,
-                     help="Samples per validation (0: no validation, no ratio in the card).")
+    add_validation_arguments(run)
     run.add_argument("--feature_space", default="none", choices=["none", "auto", "digits", "trained", "pixels",
                                                                     "inception"],
                      help="Also measure precision/recall, Frechet distance and KID at every validation, against ALL "
                           "images of the data source, in this space (as memsep prune does; default: none).")
     run.add_argument("--inception_weights", default=None, help="FID weights file for --feature_space inception.")
-    run.add_argument("--validation_inference_steps", type=int, default=None,
-                     help="DDPM steps per validation (default: --ddpm_num_steps).")
-    run.add_argument("--push_to_hub", action="store_true",
-                     help="Upload the output folder to the Hub at the end (the repo is created before training).")
-    run.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
-    run.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    run.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
+    add_hub_arguments(run)
     run.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
@@ -225,8 +222,9 @@ def validation_quality_reference(args: argparse.Namespace, data):
 def run(args: argparse.Namespace) -> int:
     # Cheap checks first, so bad input fails before data loading and long before any training step.
     require_templates("base_model")
-    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.logging_dir)
-    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    output, validation, hub = output_config(args), validation_config(args), hub_config(args)
+    check_output_dir(args.output_dir, output.overwrite_output_dir, output.resume_from_checkpoint, output.logging_dir)
+    resolve_checkpoint(output.resume_from_checkpoint, args.output_dir)
     if args.max_train_samples == 1:
         raise ValueError(ONE_IMAGE.format(what="--max_train_samples 1 trains on 1 image"))
     noise_scheduler = make_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
@@ -290,16 +288,10 @@ def run(args: argparse.Namespace) -> int:
     if args.feature_space != "none":
         quality_reference = validation_quality_reference(args, data)
     trained = train_pipeline(
-        args.output_dir, data, model, noise_scheduler, config,
-        overwrite_output_dir=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
-        report_to=args.report_to, logging_dir=args.logging_dir,
-        validation_num_samples=args.validation_num_samples,
-        validation_inference_steps=args.validation_inference_steps,
-        push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_private_repo=args.hub_private_repo,
-        hub_token=args.hub_token, vae=vae, id2label=pretrained.config.get("id2label") if pretrained else None,
-        base_model=args.pretrained_model_name_or_path, dataset_id=args.dataset_name,
-        card_fields=reference_card_fields(args, data),
-        quality_reference=quality_reference,
+        args.output_dir, data, model, noise_scheduler, config, output=output, validation=validation, hub=hub,
+        vae=vae, id2label=pretrained.config.get("id2label") if pretrained else None,
+        quality_reference=quality_reference, base_model=args.pretrained_model_name_or_path,
+        dataset_id=args.dataset_name, card_fields=reference_card_fields(args, data),
     )
     if not trained.is_main_process:
         return 0  # the main process reports for the whole data-parallel run

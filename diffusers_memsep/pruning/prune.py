@@ -166,6 +166,11 @@ def one_shot_prune(
             eta: Algorithm 1 ranks the heads once, so every eta of one score prunes a nested set of heads); the
             scoring is then skipped and ``method``, ``num_batches``, ``batch_size``, ``time_distribution`` and
             ``generator`` are not used.
+
+    Notes:
+        Keyword arguments, not a settings dataclass: they are Algorithm 1's inputs one for one (the fine-tuning
+        settings already are one, ``finetune_config``) and the scoring ones pass straight to
+        :func:`head_importance` under its own names, so a dataclass would only repeat that signature.
     """
     pruned = prunable_copy(model)
     number_of_heads_to_prune(eta, sum(pruned.heads_per_layer()))  # bad eta fails before any scoring work

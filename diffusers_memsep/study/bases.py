@@ -25,6 +25,8 @@ from ..evaluate import CURVE_SEED
 from ..models import PrunableDiTTransformer2DModel
 from ..pipelines import MemSepPipeline
 from ..trainer import (
+    OutputConfig,
+    ValidationConfig,
     build_pipeline,
     list_checkpoints,
     make_dit,
@@ -64,8 +66,9 @@ def prepare_base_model(config, setting, base: int, data: TrainingData) -> tuple[
                            checkpointing_steps=config.checkpoint_every, checkpoints_total_limit=None)
     start = time.perf_counter()
     # A half-trained base model (killed mid-run) continues from its latest checkpoint.
-    trained = train_pipeline(folder, data, model, scheduler, train_config, overwrite_output_dir=True,
-                             resume_from_checkpoint="latest", report_to="none", validation_num_samples=0)
+    trained = train_pipeline(folder, data, model, scheduler, train_config,
+                             output=OutputConfig(overwrite_output_dir=True, resume_from_checkpoint="latest",
+                                                 report_to="none"), validation=ValidationConfig(num_samples=0))
     train_seconds = time.perf_counter() - start
 
     start, steps, ratios = time.perf_counter(), [], []

@@ -1,12 +1,17 @@
-"""The trainer's settings (one dataclass; the flags of ``memsep train`` have the same names)."""
+"""The trainer's settings: :class:`TrainingConfig` (the run, recorded in every checkpoint) and the settings of
+:func:`~diffusers_memsep.trainer.train_pipeline` around it (:class:`OutputConfig`, :class:`ValidationConfig`,
+:class:`HubConfig`); the flags of ``memsep train`` have the same names."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 #: The learning-rate schedules of ``diffusers.optimization.get_scheduler`` the trainer accepts.
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+#: The trackers of ``OutputConfig.report_to`` (``--report_to``).
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 
 @dataclass
@@ -93,3 +98,66 @@ class TrainingConfig:
                                  "(--validation_steps N, N > 0).")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError("max_grad_norm must be a finite number > 0, or None for no clipping.")
+
+
+@dataclass
+class OutputConfig:
+    """What :func:`~diffusers_memsep.trainer.train_pipeline` does with its ``output_dir`` (flags of the same names).
+
+    None of these is a setting of the run itself: a resume may change any of them (a checkpoint records
+    :class:`TrainingConfig`, never these).
+    """
+
+    overwrite_output_dir: bool = False  # replace a previous run in output_dir (refused otherwise)
+    resume_from_checkpoint: str | os.PathLike | None = None  # a checkpoint-<step> folder, "latest", or None (new run)
+    report_to: str | None = "tensorboard"  # "tensorboard", "wandb", "all" or "none" (None: "none")
+    logging_dir: str = "logs"  # tracker folder, relative to (and inside) output_dir
+
+    def __post_init__(self):
+        if self.report_to is not None and self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}; pass e.g. "
+                             "--report_to none.")
+        if not isinstance(self.logging_dir, (str, os.PathLike)) or not str(self.logging_dir):
+            raise ValueError(f"logging_dir must be a folder name inside output_dir (e.g. 'logs'), got "
+                             f"{self.logging_dir!r}; pass --logging_dir logs.")
+
+
+@dataclass
+class ValidationConfig:
+    """What a validation samples (``memsep train --validation_*``); WHEN it runs is ``TrainingConfig``'s
+    ``validation_steps`` (and always at the last step), as the training loop schedules it.
+
+    Seeds (:data:`~diffusers_memsep.evaluate.EVALUATION_SEED_STRIDE`): batch ``b`` draws ``TrainingConfig.seed + b``;
+    with ``stop_at_memorization`` (the validation then chooses the weights) ``CURVE_SEED + b``, disjoint from every
+    evaluation seed.
+    """
+
+    num_samples: int = 64  # DDPM samples per validation; 0: no validation (no ratio in the card)
+    inference_steps: int | None = None  # DDPM steps per validation sample; None: the training schedule's length
+
+    def __post_init__(self):
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 0:
+            raise ValueError(f"validation num_samples must be an integer >= 0, got {self.num_samples!r}; pass "
+                             "--validation_num_samples N (0: off).")
+        steps = self.inference_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"validation inference_steps must be a positive integer or None (the training "
+                             f"schedule's length), got {steps!r}; pass --validation_inference_steps N (N >= 1).")
+
+
+@dataclass
+class HubConfig:
+    """Where :func:`~diffusers_memsep.trainer.train_pipeline` pushes the finished folder (``--push_to_hub``,
+    ``--hub_model_id``, ``--hub_private_repo``, ``--hub_token``, ``--push_reference``); the repo is checked (and
+    created) before the first training step, as diffusers' training scripts do."""
+
+    push_to_hub: bool = False  # upload the output folder at the end
+    model_id: str | None = None  # repo id, e.g. "me/dit-digits"; None: the output folder's name
+    private: bool = False  # create the repo as private
+    token: str | None = None  # Hub token; None: the logged-in one / HF_TOKEN
+    push_reference: bool = False  # also publish reference/ (the EXACT training images; left out by default)
+
+    def __post_init__(self):
+        if self.model_id is not None and (not isinstance(self.model_id, str) or not self.model_id.strip()):
+            raise ValueError(f"hub model_id must be a repo id such as 'me/dit-digits' or None, got "
+                             f"{self.model_id!r}; pass --hub_model_id me/dit-digits.")

@@ -7,10 +7,12 @@ exceeds ``R``, and hands back the weights (EMA weights when EMA is on) of the LA
 kept in memory as a CPU copy (checkpoints need not be on).
 
 Choices made here:
-- Validation noise never is evaluation noise: evaluations sample with seeds ``1000 * s + batch`` (``evaluate.py``,
-  ``mitigation.py``, ``study.py``), below ``1000 * 2**30 < 2**40`` for every seed ``s < 2**30``; a run that stops by
-  memorization validates with seed :data:`VALIDATION_SEED_OFFSET` ``+ seed`` (``2**40 + seed``), so the rule never
-  selects weights on the noise they are later evaluated on.
+- Validation noise never is evaluation noise: the seed scheme is :mod:`~diffusers_memsep.evaluate`'s (one scheme,
+  :data:`~diffusers_memsep.evaluate.EVALUATION_SEED_STRIDE`). Evaluations (``evaluate.py`` and the ``study/``
+  package) sample batch ``b`` of run seed ``s`` from ``1000 * s + b``, below
+  :data:`~diffusers_memsep.evaluate.CURVE_SEED`; a run that stops by memorization validates batch ``b`` from
+  ``CURVE_SEED + b`` (:func:`~diffusers_memsep.evaluate.validation_seed`), the range of the study's memorization
+  curve, so the rule never selects weights on the noise they are later evaluated on.
 - A ratio that is not finite (every validation sample diverged) counts as exceeding ``R``: it is no evidence of
   safety.
 - When the very first validation already exceeds ``R``, no validated weights were ever at or below it: the weights of
@@ -35,21 +37,12 @@ from safetensors.torch import load_file, save_file
 
 from ..utils import save_figure, write_text
 
-#: Added to ``TrainingConfig.seed`` for the validation samples of a run that stops by memorization (see above).
-VALIDATION_SEED_OFFSET = 2**40
 #: In a checkpoint folder: the curve and decisions (JSON) and the kept weights (safetensors).
 STATE_FILE, WEIGHTS_FILE = "early_stopping.json", "early_stopping.safetensors"
 #: In the output folder of ``memsep train``: the curve as JSON and as a plot.
 CURVE_JSON, CURVE_PNG = "memorization_curve.json", "memorization_curve.png"
 #: The quality metrics of a validation with a quality reference, plotted beside the ratio when present.
 QUALITY_CURVES = ("precision", "recall")
-
-
-def validation_seed(config) -> int:
-    """The seed of the validation samples: ``VALIDATION_SEED_OFFSET + seed`` when stopping by memorization."""
-    if config.stop_at_memorization is None:
-        return int(config.seed)
-    return VALIDATION_SEED_OFFSET + int(config.seed)
 
 
 class EarlyStopping:

@@ -21,15 +21,15 @@ from diffusers import DDPMScheduler
 from diffusers.utils import make_image_grid
 
 from ..data import TrainingData, all_images
-from ..evaluate import QualityReference, balanced_labels, quality_metrics, sample_pipeline
+from ..evaluate import QualityReference, balanced_labels, quality_metrics, sample_pipeline, validation_seed
 from ..hub import check_hub_repo, hub_repo_id, push_folder_to_hub, require_templates, save_model_card
 from ..latents import latent_training_data
 from ..memorization import MemorizationResult, NearestNeighborIndex, memorization_report
 from ..pipelines import MemSepPipeline
 from ..utils import CACHE_FOLDERS, WRITE_CHECK_PREFIX, atomic_path, check_writable_dir, replace_path, staging_folder
 from .checkpoints import list_checkpoints, resolve_checkpoint, resumes_own_checkpoint
-from .config import TrainingConfig
-from .early_stopping import CURVE_JSON, CURVE_PNG, validation_seed
+from .config import HubConfig, OutputConfig, TrainingConfig, ValidationConfig
+from .early_stopping import CURVE_JSON, CURVE_PNG
 from .loop import TrainResult, check_model_and_data, train_dit
 from .loss import model_config
 
@@ -50,13 +50,16 @@ def build_pipeline(model, noise_scheduler, data: TrainingData, reference: Neares
 
 
 def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num_classes: int | None = None,
-                       seed: int = 0, scheduler=None) -> tuple[torch.Tensor, MemorizationResult | None]:
+                       seed: int = 0, scheduler=None,
+                       split_across_processes: bool = True) -> tuple[torch.Tensor, MemorizationResult | None]:
     """Samples in ``[-1, 1]`` from the evaluation's sampler (:func:`~diffusers_memsep.evaluate.sample_pipeline`:
     labels of :func:`~diffusers_memsep.evaluate.balanced_labels`, batch ``b`` seeded ``seed + b``) and their
     memorization verdicts against the pipeline's reference (None without one). A non-finite sample is neither a
-    copy nor a non-copy: ``report.ratio`` leaves it out and ``report.num_nonfinite`` counts it."""
+    copy nor a non-copy: ``report.ratio`` leaves it out and ``report.num_nonfinite`` counts it.
+    ``split_across_processes=False``: sampled on the calling process alone (see ``sample_pipeline``)."""
     samples, _ = sample_pipeline(pipeline, num_samples, balanced_labels(num_samples, num_classes),
-                                 num_inference_steps, seed, scheduler=scheduler)
+                                 num_inference_steps, seed, scheduler=scheduler,
+                                 split_across_processes=split_across_processes)
     return samples, None if pipeline.reference is None else memorization_report(samples, pipeline.reference)
 
 
@@ -82,7 +85,9 @@ def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | o
         pipeline = MemSepPipeline(transformer=model, scheduler=validation_scheduler, vae=vae,
                                   reference=reference.to(model.device), label_dropout_prob=label_dropout)
         pipeline.set_progress_bar_config(disable=True)
-        samples, report = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed)
+        # train_dit validates on the main process alone: its samples must not wait for the other processes.
+        samples, report = sample_and_measure(pipeline, num_samples, num_inference_steps, data.num_classes, seed,
+                                             split_across_processes=False)
         images01 = ((samples + 1) / 2).nan_to_num(0.0)
         if samples_dir is not None:
             rows = max(1, int(math.sqrt(num_samples)))
@@ -177,22 +182,16 @@ def train_pipeline(
     model,
     noise_scheduler,
     config: TrainingConfig | None = None,
-    overwrite_output_dir: bool = False,
-    resume_from_checkpoint: str | os.PathLike | None = None,
-    report_to: str = "tensorboard",
-    logging_dir: str = "logs",
-    validation_num_samples: int = 64,
-    validation_inference_steps: int | None = None,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_private_repo: bool = False,
-    hub_token: str | None = None,
-    card_fields: dict | None = None,
+    *,
+    output: OutputConfig | None = None,
+    validation: ValidationConfig | None = None,
+    hub: HubConfig | None = None,
     vae=None,
     id2label: dict | None = None,
+    quality_reference: QualityReference | None = None,
     base_model: str | None = None,
     dataset_id: str | None = None,
-    quality_reference: QualityReference | None = None,
+    card_fields: dict | None = None,
 ) -> TrainedPipeline:
     """Train ``model`` with :func:`train_dit` and leave a ``MemSepPipeline`` folder in ``output_dir``.
 
@@ -200,13 +199,19 @@ def train_pipeline(
     scheduler, the training-set reference (exactly ``data.images``), a model card (``README.md`` from the
     ``base_model`` template), sample grids (``samples/``), TensorBoard logs (``logs/``) and checkpoints.
     The memorization ratio is measured every ``config.validation_steps`` and always at the last step
-    (``validation_num_samples`` DDPM samples of ``validation_inference_steps`` steps, default the training
-    schedule's length; fixed seed; 0 samples: off).
+    (``validation.num_samples`` DDPM samples of ``validation.inference_steps`` steps, default the training
+    schedule's length; fixed seeds, see :class:`ValidationConfig`; 0 samples: off).
+
+    The settings come in groups, each a dataclass with defaults (None: all defaults): ``config``
+    (:class:`TrainingConfig`, the run: recorded in checkpoints, checked on resume), ``output``
+    (:class:`OutputConfig`: overwrite, resume, trackers and their folder), ``validation`` (:class:`ValidationConfig`)
+    and ``hub`` (:class:`HubConfig`). The objects (data, model, scheduler, VAE, class names, quality reference) and
+    the model card's extras (``base_model``, ``dataset_id``, ``card_fields``) are arguments.
 
     Everything that can be checked is checked before the first step: the output folder (refused when it holds
-    another run, unless ``overwrite_output_dir`` or resuming a checkpoint of it; must be writable), model vs data,
-    the checkpoint and its run settings, the tracker, the model-card template, the process set-up, and with
-    ``push_to_hub`` the token and the Hub repo (created then, as diffusers' training scripts do). Under several
+    another run, unless ``output.overwrite_output_dir`` or resuming a checkpoint of it; must be writable), model vs
+    data, the checkpoint and its run settings, the tracker, the model-card template, the process set-up, and with
+    ``hub.push_to_hub`` the token and the Hub repo (created then, as diffusers' training scripts do). Under several
     processes only the main process writes files. A failed push raises ``HubPushError`` with the folder intact.
 
     Latent training (``vae`` given, e.g. fine-tuning a pretrained DiT-XL/2 on one's own images): ``data`` holds the
@@ -221,18 +226,18 @@ def train_pipeline(
     (:mod:`~diffusers_memsep.trainer.early_stopping`).
     """
     config = config or TrainingConfig()
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite_output_dir, resume_from_checkpoint, logging_dir)
+    output, validation, hub = output or OutputConfig(), validation or ValidationConfig(), hub or HubConfig()
+    output_dir, logging_dir = Path(output_dir), output.logging_dir
+    check_output_dir(output_dir, output.overwrite_output_dir, output.resume_from_checkpoint, logging_dir)
     if vae is None:
         check_model_and_data(model, data)
     else:
         check_latent_setup(model, vae, data, config)
-    checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
-    log_with = _trackers(report_to)
+    checkpoint = resolve_checkpoint(output.resume_from_checkpoint, output_dir)
+    log_with = _trackers(output.report_to)
     num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
-    validation_inference_steps = validation_inference_steps or num_train_timesteps
-    if validation_num_samples < 0 or validation_inference_steps < 1:
-        raise ValueError("validation_num_samples must be >= 0 and validation_inference_steps >= 1.")
+    validation_num_samples = validation.num_samples
+    validation_inference_steps = validation.inference_steps or num_train_timesteps
     if quality_reference is not None and 0 < validation_num_samples < 4:
         raise ValueError("quality metrics at validation need --validation_num_samples >= 4 (k = 3 neighbours).")
     if config.stop_at_memorization is not None and (validation_num_samples == 0 or len(data) < 2):
@@ -243,9 +248,9 @@ def train_pipeline(
                          f"training timesteps; pass --validation_inference_steps <= {num_train_timesteps}.")
     require_templates("base_model")
     repo_id = None
-    if push_to_hub:
-        repo_id = hub_model_id or output_dir.resolve().name
-        check_hub_repo(repo_id, private=hub_private_repo, token=hub_token)  # fails now, not after training
+    if hub.push_to_hub:
+        repo_id = hub.model_id or output_dir.resolve().name
+        check_hub_repo(repo_id, private=hub.private, token=hub.token)  # fails now, not after training
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
                               project_config=ProjectConfiguration(project_dir=str(output_dir),
@@ -253,7 +258,7 @@ def train_pipeline(
     check_process_setup(accelerator)
     if accelerator.is_main_process:
         check_writable_dir(output_dir)
-        if overwrite_output_dir and (checkpoint is None or not resumes_own_checkpoint(checkpoint, output_dir)):
+        if output.overwrite_output_dir and (checkpoint is None or not resumes_own_checkpoint(checkpoint, output_dir)):
             for old in list_checkpoints(output_dir):  # another run's checkpoints must never be resumed as ours
                 shutil.rmtree(old)
             for old in (output_dir / "samples", output_dir / logging_dir):  # nor its grids and curves shown as ours
@@ -272,9 +277,10 @@ def train_pipeline(
     validation_fn = None
     metrics: dict = {}
     reference = NearestNeighborIndex.from_images(all_images(data)) if len(data) >= 2 else None
+    seed = validation_seed(config.seed, config.stop_at_memorization is not None)
     if validation_num_samples > 0:
         measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
-                                     validation_inference_steps, seed=validation_seed(config), accelerator=accelerator,
+                                     validation_inference_steps, seed=seed, accelerator=accelerator,
                                      reference=reference, vae=vae, quality_reference=quality_reference)
 
         def validation_fn(model_with_ema, step):
@@ -302,19 +308,20 @@ def train_pipeline(
     if accelerator.is_main_process:
         save_pipeline_folder(pipeline, output_dir)
         if early_stopping is not None:
-            early_stopping.write_curve(output_dir, validation_seed(config))
+            early_stopping.write_curve(output_dir, seed)
         fields = base_model_card_fields(final_model, noise_scheduler, data, config, metrics, train_seconds,
                                         images_per_second, validation_num_samples, validation_inference_steps,
-                                        hub_model_id, latent=vae is not None, base_model=base_model,
+                                        hub.model_id, latent=vae is not None, base_model=base_model,
                                         dataset_id=dataset_id, local_folder=str(output_dir.resolve()),
                                         early_stopping=early_stopping.summary() if early_stopping else None)
         fields.update(card_fields or {})
         metadata, eval_results = fields.pop("metadata"), fields.pop("eval_results")
         save_model_card(output_dir, "base_model", metadata=metadata, eval_results=eval_results, **fields)
     accelerator.end_training()
-    if push_to_hub and accelerator.is_main_process:
-        hub_url = push_folder_to_hub(output_dir, repo_id, private=hub_private_repo,
-                                     token=hub_token, commit_message=f"Train DiT: {result.steps} steps")
+    if hub.push_to_hub and accelerator.is_main_process:
+        hub_url = push_folder_to_hub(output_dir, repo_id, private=hub.private, token=hub.token,
+                                     commit_message=f"Train DiT: {result.steps} steps",
+                                     push_reference=hub.push_reference)
     return TrainedPipeline(pipeline, output_dir, result, dict(metrics), train_seconds, images_per_second, hub_url,
                            is_main_process=accelerator.is_main_process)
 
