@@ -44,12 +44,15 @@ def data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(**{f.name: getattr(args, f.name) for f in fields(DataSource) if hasattr(args, f.name)})
 
 
-def add_hub_arguments(group, push_help: str | None = None) -> None:
-    """The Hub flags (``memsep push``; with ``push_help`` also ``--push_to_hub``, for ``memsep prune``): every push
-    goes through :func:`~diffusers_memsep.hub.push_folder_to_hub`, which leaves ``reference/`` out unless
-    ``--push_reference``."""
+def add_hub_arguments(group, push_help: str | None = None, model_id_help: str | None = None) -> None:
+    """The Hub flags (``memsep push``; with ``push_help`` also ``--push_to_hub``, for ``memsep prune`` and ``memsep
+    train``; with ``model_id_help`` also ``--hub_model_id``, for ``memsep train``, whose flags
+    :func:`hub_config` turns into a :class:`~diffusers_memsep.trainer.HubConfig`): every push goes through
+    :func:`~diffusers_memsep.hub.push_folder_to_hub`, which leaves ``reference/`` out unless ``--push_reference``."""
     if push_help is not None:
         group.add_argument("--push_to_hub", action="store_true", help=push_help)
+    if model_id_help is not None:
+        group.add_argument("--hub_model_id", default=None, help=model_id_help)
     group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo(s) as private.")
     group.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
     group.add_argument("--push_reference", action="store_true",
@@ -142,17 +145,6 @@ def add_validation_arguments(group) -> None:
 def validation_config(args: argparse.Namespace) -> ValidationConfig:
     """The flags of :func:`add_validation_arguments` as a :class:`~diffusers_memsep.trainer.ValidationConfig`."""
     return ValidationConfig(num_samples=args.validation_num_samples, inference_steps=args.validation_inference_steps)
-
-
-def add_hub_arguments(group) -> None:
-    """The flags of :class:`~diffusers_memsep.trainer.HubConfig` (``memsep train``), with its defaults."""
-    group.add_argument("--push_to_hub", action="store_true",
-                       help="Upload the output folder to the Hub at the end (the repo is created before training).")
-    group.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
-    group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    group.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
-    group.add_argument("--push_reference", action="store_true",
-                       help="Also publish reference/ (the EXACT TRAINING IMAGES; left out of the push by default).")
 
 
 def hub_config(args: argparse.Namespace) -> HubConfig:

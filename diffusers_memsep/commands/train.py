@@ -141,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="Also measure precision/recall, Frechet distance and KID at every validation, against ALL "
                           "images of the data source, in this space (as memsep prune does; default: none).")
     run.add_argument("--inception_weights", default=None, help="FID weights file for --feature_space inception.")
-    add_hub_arguments(run)
+    add_hub_arguments(run, "Upload the output folder to the Hub at the end (the repo is created before training).",
+                      "Repo id (default: the output folder's name).")
     run.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
