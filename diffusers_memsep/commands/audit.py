@@ -13,11 +13,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers_memsep.audit import audit_pipeline, write_audit
+from diffusers_memsep.commands.arguments import (
+    add_quality_arguments,
+    add_saved_model_data_arguments,
+    check_quality_arguments,
+    data_source,
+)
+from diffusers_memsep.memorization.model_score import METHODS
+from diffusers_memsep.sources import load_pipeline, load_pipeline_data, population_of, resolve_quality_space
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffusers_memsep.commands.prune import add_data_arguments, add_quality_arguments
-    from diffusers_memsep.memorization.model_score import METHODS
-
     parser.add_argument("--pipeline", required=True, help="A pipeline folder or Hub repo id (MemSep or DiT).")
     parser.add_argument("--output_dir", required=True, help="Where report.md, audit.json and gallery.png go.")
     parser.add_argument("--num_samples", type=int, default=64)
@@ -35,37 +42,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_quality", action="store_true", help="Skip the quality metrics.")
     add_quality_arguments(parser)
     data = parser.add_argument_group("training data (optional: the images to check the samples against)")
-    add_data_arguments(data)
+    add_saved_model_data_arguments(data)
     data.add_argument("--population_data_dir", default=None,
                       help="Folder of the population (default: every image of the data source above).")
     data.add_argument("--population_split", default="train")
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers_memsep.audit import audit_pipeline, write_audit
-    from diffusers_memsep.commands.prune import (
-        check_quality_arguments,
-        has_data_flags,
-        load_pipeline,
-        load_pipeline_data,
-        load_population_of,
-        resolve_quality_space,
-    )
-    from diffusers_memsep.data import load_population
-
     if args.num_samples < 4 or args.num_inference_steps < 1 or args.gallery_size < 0 or args.copy_steps < 1:
         raise ValueError("--num_samples must be >= 4, --num_inference_steps >= 1, --gallery_size >= 0 and "
                          "--copy_steps >= 1.")
     check_quality_arguments(args)
+    source = data_source(args)
     pipe = load_pipeline(args.pipeline)
     train_images = population = quality_space = None
-    if has_data_flags(args):
-        data = load_pipeline_data(pipe, args)
+    if source.given:
+        data = load_pipeline_data(pipe, source)
         train_images = data.images
-        population_data = load_population_of(args, data, load_population)
-        population = pipe.match_image_shape(population_data.images)
+        population_data = population_of(source, data, pipe)
+        population = population_data.images
         if not args.no_quality:
-            quality_space = resolve_quality_space(args, population_data)
+            quality_space = resolve_quality_space(args.feature_space, population_data, args.output_dir,
+                                                  args.inception_weights)
     elif args.population_data_dir:
         raise ValueError("--population_data_dir needs the training images too (--train_data_dir, --dataset_name or "
                          "--embedded_digits): the population's other images calibrate the copy rule.")
