@@ -205,7 +205,7 @@ def _disk_full_loss_gap(tmp, pipe, mp):
             "--num_times", "2", "--num_noise_samples", "8", "--no_fisher"]
 
 
-# --------------------------------------------------------------- issue 22: general rules, configs, no-op flags
+# --------------------------------------------------------------- general rules, configs, no-op flags
 def _config_set(**values):
     """Edit transformer/config.json of the pipeline (hand-edited configs that contradict the weights)."""
     def setup(tmp, pipe, mp):
@@ -362,7 +362,7 @@ COMMAND_CASES = {
     "gmm-level-nan": (_plain("gmm", "--scale", "tiny", "--level", "nan"), "--level must lie in (0, 1)"),
     "gmm-unknown-sweep-parameter": (_plain("gmm", "--sweep", "heads=1,2"), "heads"),
     "gmm-replot-nothing": (_plain("gmm", "--replot"), "gmm_runs.csv"),
-    # issue 22: the general rule (outputs inside --output_dir, never among the inputs, one writer at a time)
+    # the general rule (outputs inside --output_dir, never among the inputs, one writer at a time)
     "study-setting-name-is-a-path": (_study("--train_data_dir", "imgs", "--setting_name", "../../my_project"),
                                      "is not a plain name"),
     "study-setting-name-dot-dot": (_study("--train_data_dir", "imgs", "--setting_name", ".."),
@@ -381,7 +381,7 @@ COMMAND_CASES = {
     "demo-second-writer-locked-out": (_locked("demo"), "is being written by process"),
     "study-second-writer-locked-out": (_locked("study"), "is being written by process"),
     "reference-second-writer-locked-out": (_locked("reference"), "is being written by process"),
-    # issue 22: configs that contradict their weights, JSON that is not an object
+    # configs that contradict their weights, JSON that is not an object
     "prune-config-heads-relaid-1x16": (_config_set(num_attention_heads=1, attention_head_dim=16),
                                        "were saved with 2 heads x 8"),
     "prune-config-head-dim-doubled": (_config_set(attention_head_dim=16), "do not match the config.json"),
@@ -390,7 +390,7 @@ COMMAND_CASES = {
                                             _prune()(tmp, pipe, mp), "num_train_timesteps is '100' (str)"),
     "prune-model-index-not-an-object": (_model_index_not_an_object, "holds a JSON list, not an object"),
     "prune-corrupt-scheduler-config-named": (_scheduler_config_corrupt, "scheduler_config.json' is not a valid JSON"),
-    # issue 22: values that make a method a no-op or out of range, checked before any work
+    # values that make a method a no-op or out of range, checked before any work
     "prune-duplicate-etas": (_prune("--etas", "0.5", "0.5"), "--etas lists 0.5 more than once"),
     "prune-duplicate-seeds": (_prune("--seeds", "0", "0"), "--seeds lists 0 more than once"),
     "prune-negative-data-seed": (_prune("--data_seed=-1"), "--data_seed must be an integer in [0"),
@@ -647,7 +647,7 @@ API_CASES = {
     "data-32-bit-values-beyond-16-bits": (_load_from(lambda folder: _deep_tiff(folder, 70000)), ValueError,
                                           "outside the 65535 range"),
     "study-eta-nan": (_api(lambda: PruningStudyConfig(etas=(float("nan"),))), ValueError, "eta must lie in"),
-    # issue 22: scales, configs, JSON, general rules, no-op values
+    # scales, configs, JSON, general rules, no-op values
     "index-copies-on-the-0-1-scale": (lambda tmp: lambda: memorization_report(*_copies_first("0-1")), ValueError,
                                       "look like [0, 1] images"),
     "index-copies-on-the-0-255-scale": (lambda tmp: lambda: _reference_and_copies("0-255")[0].search(
@@ -819,7 +819,7 @@ def test_precision_recall_count_nonfinite_fakes_as_off_the_real_manifold():
         precision_recall(fake, real, k=3)
 
 
-# ------------------------------------------------------------------------------- issue 22: private by default
+# ------------------------------------------------------------------------------- private by default
 def _fake_hub(monkeypatch):
     """upload_folder replaced by a recorder of the files it would upload (same pattern filter as the Hub client)."""
     import huggingface_hub
@@ -867,7 +867,7 @@ def test_push_api_leaves_the_reference_out_by_default(saved_pipeline, monkeypatc
     assert any(n.startswith("reference/") for n in uploads[1])
 
 
-# ------------------------------------------------------------------------------------------ issue 22: threads
+# ------------------------------------------------------------------------------------------ threads
 def test_thread_default_is_one_and_the_user_setting_wins(monkeypatch):
     from diffusers_memsep.cli import set_num_threads
 
@@ -892,7 +892,7 @@ def test_every_command_takes_num_threads():
         assert "--num_threads" in flags, name
 
 
-# ------------------------------------------------------------------- issue 22: the scale check lets good data pass
+# ------------------------------------------------------------------- the scale check lets good data pass
 def test_copies_on_the_reference_scale_are_found_and_features_are_not_scale_checked():
     index, _ = _reference_and_copies("0-1")
     assert memorization_ratio(index.images[:3].clone(), index) == 1.0

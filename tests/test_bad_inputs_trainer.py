@@ -104,7 +104,7 @@ CASES = {
     "output_dir_is_a_file": (lambda tmp, runs: ["--output_dir", _file(tmp / "run")], "is a file"),
     "occupied_output_dir": (lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run")],
                             "already holds another run"),
-    # issue 22, data loss: a checkpoint of ANOTHER folder never licenses writing over the run in --output_dir
+    # data loss: a checkpoint of ANOTHER folder never licenses writing over the run in --output_dir
     "resume_foreign_checkpoint_over_finished_run": (
         lambda tmp, runs: ["--output_dir", _copy(runs / "without_checkpoints", tmp / "run"), "--max_train_steps", "3",
                            "--resume_from_checkpoint", runs / "with_checkpoints" / "checkpoint-2", "--seed", "1"],
@@ -122,7 +122,7 @@ CASES = {
                                       "is the input pipeline folder"),
     "second_writer_locked_out": (lambda tmp, runs: ["--output_dir", _locked(tmp / "run")],
                                  "is being written by process"),
-    # issue 22: a resume refuses every setting it cannot apply, naming it
+    # a resume refuses every setting it cannot apply, naming it
     "resume_other_learning_rate": (lambda tmp, runs: [*_resume(tmp, runs), "--learning_rate", "1e-3"],
                                    "optimizer.learning_rate (checkpoint 0.0005, now 0.001)"),
     "resume_other_lr_scheduler": (lambda tmp, runs: [*_resume(tmp, runs), "--lr_scheduler", "cosine"],
@@ -135,7 +135,7 @@ CASES = {
                                "optimizer.ema_max_decay (checkpoint 0.999, now 0.99)"),
     "resume_other_batch": (lambda tmp, runs: [*_resume(tmp, runs), "--train_batch_size", "4"],
                            "train_batch_size (checkpoint 8, now 4)"),
-    # issue 22: inputs checked before any work
+    # inputs checked before any work
     "one_training_image": (lambda tmp, runs: ["--output_dir", tmp / "run", "--max_train_samples", "1"],
                            "needs at least 2"),
     "one_image_in_the_folder": (lambda tmp, runs: ["--output_dir", tmp / "run", "--train_data_dir",
@@ -318,7 +318,7 @@ def test_two_process_data_parallel_training_equals_one_process_on_the_same_globa
     assert json.loads((tmp_path / "two" / "model_index.json").read_text())["_class_name"] == "MemSepPipeline"
 
 
-# ---------------------------------------------------------------------------------------------- issue 22 extras
+# ------------------------------------------------------------------------------------------------------- more cases
 def _full_disk_safetensors(monkeypatch):
     """A full disk as safetensors reports it: SafetensorError (not an OSError) from save_file."""
     import safetensors.torch
@@ -426,7 +426,7 @@ def test_foreign_checkpoint_with_overwrite_replaces_the_run_and_its_checkpoints(
 
 
 def test_two_train_runs_into_one_empty_folder_second_is_refused(tmp_path, capsys):
-    """The issue's repro: two `memsep train` into one empty folder both reported success. Now the second is refused
+    """Two `memsep train` runs into one empty folder: the second is refused
     while the first runs; after the first is killed its lock is stale and is taken over."""
     import time
 

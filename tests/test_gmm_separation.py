@@ -1,4 +1,4 @@
-"""Tests of the Gaussian-mixture approximation-separation experiments (issue 7)."""
+"""Tests of the Gaussian-mixture approximation-separation experiments."""
 
 import csv
 import json

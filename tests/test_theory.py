@@ -1,5 +1,5 @@
 """Tests of diffusers_memsep.theory against independent computations (autograd, brute-force loops, closed forms,
-torch.distributions), plus the bad inputs of issue 3."""
+torch.distributions), plus their bad inputs."""
 
 import csv
 import math
