@@ -165,6 +165,7 @@ def load_training_data(
     cache_dir: str | None = None,
     split: str = "train",
     streaming: bool = False,
+    revision: str | None = None,
 ) -> TrainingData | StreamingTrainingData:
     """Load a training set as one tensor in ``[-1, 1]``.
 
@@ -181,6 +182,8 @@ def load_training_data(
             share it). Without ``center_crop`` images are resized to ``resolution x resolution`` (aspect ratio
             not kept); with it the shorter side is resized to ``resolution`` and the centre cropped. There is no
             random crop: the stored images must be exactly the images trained on.
+        revision: the Hub dataset's revision (a branch, tag or commit; ``datasets.load_dataset(revision=...)``), so a
+            training set can be rebuilt exactly; ignored for ``train_data_dir`` and the embedded digits.
         max_train_samples: keep this many images, chosen uniformly without replacement by ``seed``
             (``torch.randperm``), in their original order. ``n`` is the variable of every memorization study.
         seed: seed of the subset choice (same seed, same subset, on every machine).
@@ -216,7 +219,8 @@ def load_training_data(
         dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir, split=split)
         name = str(folder)
     else:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split,
+                                        revision=revision)
         name = dataset_name + (f"/{dataset_config_name}" if dataset_config_name else "")
 
     columns = list(dataset.column_names)
@@ -401,6 +405,7 @@ def load_population(
     center_crop: bool = False,
     split: str = "train",
     cache_dir: str | None = None,
+    revision: str | None = None,
 ) -> TrainingData:
     """Every image of a data source (all of a folder, all of a dataset split, all 1,797 embedded digits): the
     population that quality metrics compare samples with, never a training subset.
@@ -411,7 +416,7 @@ def load_population(
     """
     load = lambda column: load_training_data(  # noqa: E731
         dataset_name, dataset_config_name, data_dir, image_column, column, resolution, center_crop,
-        max_train_samples=None, cache_dir=cache_dir, split=split)
+        max_train_samples=None, cache_dir=cache_dir, split=split, revision=revision)
     if label_column is not None:
         return load(label_column)
     try:

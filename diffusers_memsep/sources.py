@@ -30,6 +30,7 @@ class DataSource:
 
     dataset_name: str | None = None  # Hub dataset
     dataset_config_name: str | None = None  # its config
+    dataset_revision: str | None = None  # its revision (branch, tag or commit)
     train_data_dir: str | None = None  # a folder of images (sub-folders are classes)
     image_column: str = "image"  # column holding the images
     label_column: str | None = None  # column holding the class labels (class-conditional models)
@@ -61,7 +62,8 @@ def load_pipeline_data(pipe: MemSepPipeline, source: DataSource) -> TrainingData
     """The training data of ``source``, as the pipeline sees images: at its output resolution and channels."""
     data = load_training_data(source.dataset_name, source.dataset_config_name, source.train_data_dir,
                               source.image_column, source.label_column, source.resolution or pipe.image_shape[-1],
-                              source.center_crop, source.max_train_samples, source.data_seed)
+                              source.center_crop, source.max_train_samples, source.data_seed,
+                              revision=source.dataset_revision)
     return replace(data, images=pipe.match_image_shape(data.images))
 
 
@@ -97,7 +99,7 @@ def population_of(source: DataSource, data: TrainingData, pipe: MemSepPipeline) 
         population = load_population(data_dir=source.population_data_dir, **common)
     elif source.train_data_dir or source.dataset_name:
         population = load_population(source.dataset_name, source.dataset_config_name, source.train_data_dir,
-                                     split=source.population_split, **common)
+                                     split=source.population_split, revision=source.dataset_revision, **common)
     elif data.source.startswith(EMBEDDED_DATASET) or tuple(data.images.shape[1:]) == (1, 8, 8):
         population = load_population(resolution=source.resolution)  # all 1,797 digits
     else:

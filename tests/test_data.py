@@ -102,3 +102,32 @@ def test_mixed_sizes_need_a_resolution(tmp_path):
     _write_pngs(tmp_path / "a", classes=("y",), per_class=1, size=(10, 10))
     with pytest.raises(ValueError, match="resolution"):
         load_training_data(train_data_dir=tmp_path / "a")
+
+
+def test_a_hub_dataset_revision_reaches_load_dataset_and_the_rebuild_command(monkeypatch):
+    """The revision of a Hub data set is passed to ``datasets.load_dataset`` and written into the card's command
+    that rebuilds ``reference/``, so the exact training set can be loaded again."""
+    import argparse
+
+    import datasets
+    from PIL import Image
+
+    from diffusers_memsep.commands.train import reference_card_fields
+
+    calls = []
+    images = [Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)) for i in range(4)]
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        calls.append((name, config, kwargs.get("revision")))
+        return datasets.Dataset.from_dict({"image": images})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_training_data(dataset_name="someone/digits", revision="0123abcd", max_train_samples=2)
+    assert calls == [("someone/digits", None, "0123abcd")] and len(data) == 2
+    args = argparse.Namespace(hub_model_id=None, output_dir="out/run", dataset_name="someone/digits",
+                              dataset_config_name=None, dataset_revision="0123abcd", train_data_dir=None,
+                              image_column="image", label_column=None, resolution=None, center_crop=False,
+                              max_train_samples=2, seed=0)
+    fields = reference_card_fields(args, data)
+    assert "--dataset_revision 0123abcd" in fields["reference_rebuild"]
+    assert fields["dataset_revision"] == "0123abcd" and fields["dataset_indices"] == list(data.indices)

@@ -21,6 +21,8 @@ def add_data_arguments(group, resolution_help: str = "Default: the pipeline's ou
     group.add_argument("--dataset_name", default=None,
                        help="Hub dataset name (datasets.load_dataset). Default: the embedded digits (offline).")
     group.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
+    group.add_argument("--dataset_revision", default=None,
+                       help="Revision of --dataset_name (branch, tag or commit), recorded on the model card.")
     group.add_argument("--train_data_dir", default=None,
                        help="Local folder of images (imagefolder; sub-folders are classes, column 'label').")
     group.add_argument("--image_column", default="image", help="Column holding the images.")

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if extra:
         settings.append(StudySetting(args.setting_name, dataset_name=args.dataset_name,
                                      dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
+                                     dataset_revision=args.dataset_revision,
                                      validation_data_dir=args.validation_data_dir, image_column=args.image_column,
                                      label_column=args.label_column, resolution=args.resolution,
                                      num_train_samples=args.num_train_samples, model=model))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,7 +151,6 @@ def reference_card_fields(args: argparse.Namespace, data) -> dict:
     """Card fields that let anyone rebuild ``reference/`` (left out of Hub pushes by default) exactly: the
     ``memsep reference`` command with this run's data flags, the Hub data set's id and revision, the subset's
     positions."""
-    import shlex
 
     where = args.hub_model_id or args.output_dir
     flags = ["memsep", "reference", "--pipeline", str(where),
@@ -159,6 +159,8 @@ def reference_card_fields(args: argparse.Namespace, data) -> dict:
         flags += ["--dataset_name", args.dataset_name]
         if args.dataset_config_name:
             flags += ["--dataset_config_name", args.dataset_config_name]
+        if args.dataset_revision:
+            flags += ["--dataset_revision", args.dataset_revision]
     elif args.train_data_dir:
         flags += ["--train_data_dir", str(args.train_data_dir)]
     else:
@@ -177,7 +179,7 @@ def reference_card_fields(args: argparse.Namespace, data) -> dict:
     flags += ["--data_seed", str(args.seed)]
     indices = getattr(data, "indices", None)
     return {"reference_rebuild": " ".join(shlex.quote(flag) for flag in flags), "dataset_id": args.dataset_name,
-            "dataset_revision": getattr(args, "dataset_revision", None),
+            "dataset_revision": args.dataset_revision,
             "dataset_indices": list(indices) if indices is not None and len(indices) <= 10000 else None}
 
 
@@ -207,7 +209,8 @@ def load_pretrained(args: argparse.Namespace):
 def validation_quality_reference(args: argparse.Namespace, data):
     """The population (every image of the data source, not the training subset) in ``--feature_space``."""
     population = load_population(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
-                                 resolution=data.resolution, center_crop=args.center_crop, cache_dir=args.cache_dir)
+                                 resolution=data.resolution, center_crop=args.center_crop, cache_dir=args.cache_dir,
+                                 revision=args.dataset_revision)
     try:
         space = resolve_feature_space(args.feature_space, population, Path(args.output_dir) / "feature_network",
                                       args.inception_weights, progress=True)
@@ -268,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         train_data_dir=args.train_data_dir, image_column=args.image_column, label_column=args.label_column,
         resolution=args.resolution or (pretrained.image_shape[-1] if pretrained is not None else None),
         center_crop=args.center_crop, max_train_samples=_num_train_images(args), seed=args.seed,
-        cache_dir=args.cache_dir, streaming=args.streaming,
+        cache_dir=args.cache_dir, streaming=args.streaming, revision=args.dataset_revision,
     )
     if len(data) < 2:
         raise ValueError(ONE_IMAGE.format(what=f"the training set {data.source} holds {len(data)} image"))

@@ -35,6 +35,7 @@ class StudySetting:
     builtin: str | None = None
     dataset_name: str | None = None
     dataset_config_name: str | None = None
+    dataset_revision: str | None = None
     train_data_dir: str | None = None
     validation_data_dir: str | None = None
     image_column: str = "image"
@@ -50,6 +51,7 @@ class StudySetting:
     def data_kwargs(self, output_dir: Path) -> dict:
         folder = BUILTIN_FOLDERS[self.builtin](output_dir) if self.builtin else self.train_data_dir
         return dict(dataset_name=self.dataset_name, dataset_config_name=self.dataset_config_name,
+                    revision=self.dataset_revision,
                     train_data_dir=folder, image_column=self.image_column, label_column=self.label_column,
                     resolution=self.resolution)
 
