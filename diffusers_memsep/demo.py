@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .data import held_out_from_population, load_population, load_training_data, with_held_out
 from .memorization import resolve_feature_space
 from .study import PruningStudyConfig, StudyResult, prune_pipeline
@@ -67,6 +69,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         raise ValueError(str(error)) from error
     data = with_held_out(data, held_out_from_population(population, data))  # for --methods memorization_gap
 
+    torch.manual_seed(config.train.seed)  # the initial weights: torch's own starting seed differs per process
     model = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
                      **config.model)
     base_dir = output_dir / "base"

@@ -3,6 +3,8 @@ wiring, not results)."""
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,3 +138,20 @@ def test_prune_memorization_gap_needs_and_takes_held_out_images(demo_dir, tmp_pa
     summary = list(csv.DictReader((output / "summary.csv").open()))
     assert [row["method"] for row in summary] == ["original", "finetune_only", "memorization_gap"]
     assert (output / "variants" / "memorization_gap-eta0.5" / "model_index.json").is_file()
+
+
+def test_the_demo_base_model_starts_from_the_same_weights_in_every_process(tmp_path):
+    """torch seeds its default generator differently in every process, so the demo seeds the initial weights
+    itself (as `memsep train` does): two processes build the same base model before training."""
+    script = (
+        "import sys, torch\n"
+        "import diffusers_memsep.demo as demo\n"
+        "class Stop(Exception): pass\n"
+        "def capture(output_dir, data, model, *args, **kwargs):\n"
+        "    print(float(sum(p.double().sum() for p in model.parameters()))); raise Stop\n"
+        "demo.train_pipeline = capture\n"
+        "try: demo.run_demo(demo.DemoConfig(output_dir=sys.argv[1]))\n"
+        "except Stop: pass\n")
+    sums = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"run{i}")], capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1] for i in range(2)]
+    assert sums[0] == sums[1]
