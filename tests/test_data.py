@@ -131,3 +131,18 @@ def test_a_hub_dataset_revision_reaches_load_dataset_and_the_rebuild_command(mon
     fields = reference_card_fields(args, data)
     assert "--dataset_revision 0123abcd" in fields["reference_rebuild"]
     assert fields["dataset_revision"] == "0123abcd" and fields["dataset_indices"] == list(data.indices)
+
+
+def test_the_rebuild_command_names_a_local_folder_without_its_path():
+    """The card (pushed to the Hub) names the training folder, never the user's local path to it."""
+    import argparse
+
+    from diffusers_memsep.commands.train import reference_card_fields
+
+    args = argparse.Namespace(hub_model_id="me/model", output_dir="out/run", dataset_name=None,
+                              dataset_config_name=None, dataset_revision=None,
+                              train_data_dir="/home/someone/private/faces", image_column="image", label_column=None,
+                              resolution=None, center_crop=False, max_train_samples=None, seed=0)
+    data = TrainingData(torch.zeros(2, 1, 8, 8), None, None, "faces")
+    command = reference_card_fields(args, data)["reference_rebuild"]
+    assert "--train_data_dir faces" in command and "/home/someone" not in command

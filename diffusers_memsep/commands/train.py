@@ -161,8 +161,8 @@ def reference_card_fields(args: argparse.Namespace, data) -> dict:
             flags += ["--dataset_config_name", args.dataset_config_name]
         if args.dataset_revision:
             flags += ["--dataset_revision", args.dataset_revision]
-    elif args.train_data_dir:
-        flags += ["--train_data_dir", str(args.train_data_dir)]
+    elif args.train_data_dir:  # the folder's name only: a pushed card never carries a local path
+        flags += ["--train_data_dir", Path(args.train_data_dir).name]
     else:
         flags += ["--embedded_digits"]
     if args.image_column != "image":
