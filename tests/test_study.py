@@ -9,6 +9,7 @@ from scipy.stats import ttest_rel
 
 from diffusers_memsep.builtin_data import colour_digits_folder
 from diffusers_memsep.cli import main
+from diffusers_memsep.data import load_training_data
 from diffusers_memsep.study import StudyConfig, builtin_setting, run_study
 from diffusers_memsep.study.bases import early_stop_choice
 from diffusers_memsep.study.plan import planned_runs
@@ -246,3 +247,14 @@ def test_setting_name_must_be_a_plain_name():
     for name in ("../x", "a/b", ".."):
         with pytest.raises(ValueError, match="--setting_name .* is not a plain name"):
             StudySetting(name=name)
+
+
+def test_patches32_is_a_builtin_setting_outside_the_default_profile(tmp_path):
+    """``patches32`` loads the natural-image patches as a study setting (32x32 RGB), is accepted by the study's
+    checks, and stays out of the default settings."""
+    setting = builtin_setting("patches32")
+    assert "patches32" not in [s.name for s in StudyConfig().settings]
+    StudyConfig(output_dir=str(tmp_path), settings=(setting,))  # etas and the time switch checked against its DiT
+    data = load_training_data(**setting.data_kwargs(tmp_path), max_train_samples=setting.num_train_samples)
+    assert tuple(data.images.shape) == (4, 3, 32, 32)
+    assert data.images.min() >= -1 and data.images.max() <= 1
