@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import matplotlib
 import torch
@@ -75,6 +76,7 @@ class EvaluationResult(BaseOutput):
     num_nonfinite: int = 0  # samples with NaN/Inf values: left out of both memorization ratios, never "not copies"
     num_quality_samples: int = 0
     num_real_images: int = 0
+    denoising_steps_per_sample: float = float("nan")  # sampler steps per returned sample (copy-free: above plain's)
     extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -83,7 +85,7 @@ class EvaluationResult(BaseOutput):
                 "feature_space": self.feature_space,
                 "num_samples": self.num_samples, "num_nonfinite": self.num_nonfinite,
                 "num_quality_samples": self.num_quality_samples, "num_real_images": self.num_real_images,
-                "num_parameters": self.num_parameters,
+                "num_parameters": self.num_parameters, "denoising_steps_per_sample": self.denoising_steps_per_sample,
                 "sampling_seconds": round(self.sampling_seconds, 3), **self.extra}
 
 
@@ -167,12 +169,22 @@ def balanced_labels(num_samples: int, num_classes: int | None) -> torch.Tensor |
     return None if not num_classes else torch.arange(num_samples) % num_classes
 
 
+class Samples(NamedTuple):
+    """What :func:`sample_pipeline` returns."""
+
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    seconds: float  # wall time of the sampling
+    denoising_steps: torch.Tensor  # [N] sampler steps spent per sample (MemSepPipelineOutput.denoising_steps)
+
+
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, num_inference_steps: int, seed: int,
                     batch_size: int = 256, scheduler=None, split_across_processes: bool = True,
-                    **call_kwargs) -> tuple[torch.Tensor, float]:
+                    **call_kwargs) -> Samples:
     """THE sampler of every memorization and quality number (evaluation, training validation, early-stop curve):
-    ``num_samples`` images in ``[-1, 1]`` and the seconds it took; batch ``i`` uses seed ``seed + i``.
+    ``num_samples`` images in ``[-1, 1]``, the seconds it took and the sampler steps each sample cost (more than
+    ``num_inference_steps`` under copy-free sampling, ``call_kwargs`` ``avoid_copies=True``); batch ``i`` uses seed
+    ``seed + i``.
 
     ``scheduler`` (default: the pipeline's) is used for this call only. Under several processes (``accelerate
     launch`` / ``torchrun``) the batches are split across them (contiguous shares, each batch keeping its seed) and
@@ -184,7 +196,7 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     if len(batches) > EVALUATION_SEED_STRIDE:
         raise ValueError(f"{num_samples} samples in batches of {batch_size} need more than {EVALUATION_SEED_STRIDE} "
                          "seeds and would reuse another run's noise; raise batch_size.")
-    chunks, start_time = [], time.perf_counter()
+    chunks, steps, start_time = [], [], time.perf_counter()
     original = pipe.scheduler if scheduler is not None else None
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -195,13 +207,20 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
             generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
             output = pipe(class_labels=labels, batch_size=None if labels is not None else size,
                           num_inference_steps=num_inference_steps, generator=generator, output_type="pt",
-                          check_memorization=False, **call_kwargs)
+                          check_memorization=bool(call_kwargs.get("avoid_copies")
+                                                  or call_kwargs.get("copy_check_at") is not None), **call_kwargs)
             chunks.append(output.images.cpu() * 2 - 1)
+            steps.append(output.denoising_steps.cpu() if output.denoising_steps is not None
+                         else torch.full((size,), num_inference_steps, dtype=torch.long))  # a stock pipeline
     finally:
         if scheduler is not None:
             pipe.scheduler = original
-    samples = all_gather_cat(torch.cat(chunks) if chunks else None) if split_across_processes else torch.cat(chunks)
-    return samples, time.perf_counter() - start_time
+    if split_across_processes:
+        samples = all_gather_cat(torch.cat(chunks) if chunks else None)
+        spent = all_gather_cat(torch.cat(steps) if steps else None)
+    else:
+        samples, spent = torch.cat(chunks), torch.cat(steps)
+    return Samples(samples, time.perf_counter() - start_time, spent)
 
 
 def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor | QualityReference,
@@ -232,8 +251,8 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
         if isinstance(feature_space, str):
             feature_space = resolve_feature_space(feature_space, TrainingData(real_images, None, None, "population"))
         reference = QualityReference.build(feature_space or feature_space_for(real_images), real_images, train_images)
-    samples, seconds = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size,
-                                       **call_kwargs)
+    samples, seconds, steps_spent = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size,
+                                                    **call_kwargs)
     report = memorization_report(samples[:num_samples], pipe.reference if pipe.reference is not None else train_images)
     quality = quality_metrics(samples[:num_quality_samples], reference, kid_subsets=kid_subsets, seed=seed)
     in_features = memorization_report(reference.feature_space(samples[:num_samples]), reference.train_features)
@@ -246,6 +265,7 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
         memorization_ratio_features=in_features.ratio, num_nonfinite=report.num_nonfinite,
         memorized_features=in_features.memorized.cpu(), kid=quality["kid"], kid_se=quality["kid_se"],
         num_quality_samples=num_quality_samples, num_real_images=reference.num_real_images,
+        denoising_steps_per_sample=float(steps_spent.float().mean()),
     )
 
 

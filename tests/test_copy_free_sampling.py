@@ -73,6 +73,7 @@ def test_a_reference_of_its_own_samples_is_escaped_and_the_redraws_counted():
     assert torch.equal(again.images, free.images) and torch.equal(again.num_resamples, free.num_resamples)
     plain = sample(pipe, class_labels=[1, 2, 3], check_memorization=True)
     assert plain.num_resamples is None and torch.equal(plain.images, own.images)  # the plain path is unchanged
+    assert plain.denoising_steps.tolist() == [4, 4, 4] and free.denoising_steps.tolist() == [8, 8, 8]
 
 
 def test_per_sample_generators_give_each_sample_its_own_redraws():
@@ -94,11 +95,13 @@ def test_a_model_that_only_makes_copies_spends_its_redraws_and_says_so():
     out = sample(pipe, class_labels=[0, 0, 0], num_inference_steps=20, avoid_copies=True, max_resamples=2)
     assert out.memorized.all() and out.num_resamples.tolist() == [2, 2, 2]
     assert sum(rows) == 3 * 3 * 20  # three full trajectories per sample, then it stops
+    assert out.denoising_steps.tolist() == [60, 60, 60]  # the cost the output reports is the steps that ran
     rows.clear()
     early = sample(pipe, class_labels=[0, 0, 0], num_inference_steps=20, avoid_copies=True, max_resamples=2,
                    copy_check_at=0.5)
     assert early.memorized.all() and early.num_resamples.tolist() == [2, 2, 2]
     assert sum(rows) == 3 * (10 + 10 + 20)  # two restarts at half-way, the last trajectory runs to the end
+    assert early.denoising_steps.tolist() == [40, 40, 40]
     assert (early.early_distance_ratio <= 1 / 9).all()
     none_allowed = sample(pipe, class_labels=[0], num_inference_steps=20, avoid_copies=True, max_resamples=0)
     assert none_allowed.memorized.all() and none_allowed.num_resamples.tolist() == [0]
@@ -120,6 +123,7 @@ def test_early_check_restarts_only_the_trajectories_headed_for_a_copy(scheduler_
     assert (distance < 0.05).all(), distance
     assert torch.isfinite(out.early_distance_ratio).all()
     assert sum(rows) < 10 * (6 + int(out.num_resamples.sum()))  # restarts at half-way saved steps
+    assert int(out.denoising_steps.sum()) == sum(rows)  # per sample, the steps of all its trajectories
     again = sample(pipe, copy_check_at=0.5, **kwargs)
     assert torch.equal(again.images, out.images) and torch.equal(again.num_resamples, out.num_resamples)
     end_only = sample(pipe, **kwargs)

@@ -62,9 +62,9 @@ def evaluation_samples() -> torch.Tensor:
 
     pipe = MemSepPipeline(transformer=scored_dit(), scheduler=DDPMScheduler(num_train_timesteps=10))
     pipe.set_progress_bar_config(disable=True)
-    samples, _ = sample_pipeline(pipe, 5, torch.tensor([0, 1, 2, 3, 4]), num_inference_steps=3, seed=7,
-                                 batch_size=2)
-    return samples
+    samples = sample_pipeline(pipe, 5, torch.tensor([0, 1, 2, 3, 4]), num_inference_steps=3, seed=7, batch_size=2)
+    assert samples.denoising_steps.tolist() == [3] * 5  # gathered like the images
+    return samples.images
 
 
 def run_worker(output: str) -> None:

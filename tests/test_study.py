@@ -4,17 +4,29 @@ import json
 import math
 
 import pytest
+import torch
 from scipy.stats import t as student_t
 from scipy.stats import ttest_rel
 
+import diffusers_memsep.trainer.output as trainer_output
 from diffusers_memsep.builtin_data import colour_digits_folder
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
+from diffusers_memsep.models import PrunableDiTTransformer2DModel
 from diffusers_memsep.study import StudyConfig, builtin_setting, run_study
-from diffusers_memsep.study.bases import early_stop_choice
+from diffusers_memsep.study.bases import prepare_base_model
+from diffusers_memsep.study.frontier import best_within_budgets, dominates, frontier
 from diffusers_memsep.study.plan import planned_runs
+from diffusers_memsep.study.settings import base_training_data, load_setting
 from diffusers_memsep.study.statistics import compare, holm_bonferroni, metric_columns, t_interval, verdict
-from diffusers_memsep.trainer import TrainingConfig
+from diffusers_memsep.trainer import (
+    OutputConfig,
+    TrainingConfig,
+    ValidationConfig,
+    make_dit,
+    make_noise_scheduler,
+    train_pipeline,
+)
 
 
 def test_t_interval_by_hand():
@@ -107,12 +119,6 @@ def test_precision_is_not_called_better_where_the_row_copies_more():
     assert entry["vs_random_precision_verdict"] == "higher, with more copies"
 
 
-def test_early_stop_choice():
-    assert early_stop_choice([10, 20, 30, 40], [0.0, 0.05, 0.2, 0.05], 0.1) == (20, "")
-    assert early_stop_choice([10, 20], [0.3, 0.5], 0.1)[0] == 10
-    assert early_stop_choice([10, 20], [0.0, 0.1], 0.1)[0] == 20  # never ABOVE the threshold: the final model
-
-
 def tiny_config(output_dir, **overrides):
     tiny = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8)
     config = StudyConfig(
@@ -121,13 +127,64 @@ def tiny_config(output_dir, **overrides):
         base_train=TrainingConfig(max_train_steps=4, train_batch_size=8, lr_warmup_steps=0, show_progress=False),
         checkpoint_every=2, curve_num_samples=4,
         finetune=TrainingConfig(max_train_steps=1, train_batch_size=4, lr_warmup_steps=0, show_progress=False),
-        importance_batches=1, importance_batch_size=4, num_samples=4, num_inference_steps=2, show_progress=False)
+        importance_batches=1, importance_batch_size=4, num_samples=4, num_inference_steps=2, show_progress=False,
+        weight_decays=(), copy_free=False)  # the remedies' rows: test_study_remedies_*
     return StudyConfig(**{**config.__dict__, **overrides})
+
+
+def _weights(pipe):
+    return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+
+def _scripted_validation(ratios):
+    """A stand-in for the trainer's validation whose memorization ratio follows ``ratios`` (step -> ratio)."""
+    def make_validation_fn(*args, **kwargs):
+        return lambda model, step: {"memorization_ratio": ratios(step)}
+    return make_validation_fn
+
+
+def test_early_stop_base_is_the_trainer_flag_and_the_original_an_uninterrupted_run(tmp_path, monkeypatch):
+    """One code path: the early_stop row's weights are those `memsep train --stop_at_memorization` keeps (the EMA of
+    the last validation at or below the threshold), and the original continues that run bit-identically."""
+    monkeypatch.setattr(trainer_output, "make_validation_fn", _scripted_validation(lambda step: 0.5 * (step > 4)))
+    config = tiny_config(tmp_path / "study", base_train=TrainingConfig(max_train_steps=10, train_batch_size=8,
+                                                                       lr_warmup_steps=0, show_progress=False),
+                         early_stop_threshold=0.1, weight_decays=(1.0,))
+    setting = config.settings[0]
+    data = base_training_data(setting, tmp_path / "study", 0, load_setting(setting, tmp_path / "study"))
+    model, trained = prepare_base_model(config, setting, 0, data)
+    assert trained and model.curve["steps"] == [2, 4, 6] and model.curve["early_stop_step"] == 4
+    assert model.curve["stopped_step"] == 6 and model.train_steps("early_stop") == 6
+    assert model.train_steps("original") == model.train_steps("weight_decay=1") == 10
+
+    def straight(folder, **changes):  # the same base trained in one go, checkpoints every 2 steps
+        torch.manual_seed(0)
+        dit = make_dit(sample_size=data.resolution, in_channels=data.num_channels, num_classes=data.num_classes,
+                       **setting.model)
+        run = TrainingConfig(**{**config.base_train.__dict__, "seed": 0, "checkpointing_steps": 2,
+                                "checkpoints_total_limit": None, **changes})
+        return train_pipeline(folder, data, dit, make_noise_scheduler(), run, output=OutputConfig(report_to="none"),
+                              validation=ValidationConfig(num_samples=0))
+
+    uninterrupted = straight(tmp_path / "straight")
+    for name, value in _weights(uninterrupted.pipeline).items():
+        assert torch.equal(value, _weights(model.pipeline)[name]), name
+    ema_folder = tmp_path / "straight" / "checkpoint-4" / "transformer_ema"
+    ema_at_4 = PrunableDiTTransformer2DModel.from_pretrained(ema_folder,
+                                                             use_safetensors=True)
+    for name, value in ema_at_4.state_dict().items():
+        assert torch.equal(value, _weights(model.early_stop)[name]), name
+    decayed = straight(tmp_path / "decayed", adam_weight_decay=1.0)
+    assert all(torch.equal(v, _weights(model.weight_decay[1.0])[k]) for k, v in _weights(decayed.pipeline).items())
+    assert not all(torch.equal(v, _weights(model.pipeline)[k]) for k, v in _weights(decayed.pipeline).items())
+    again, trained_again = prepare_base_model(config, setting, 0, data)  # reloaded, not retrained
+    assert not trained_again and all(torch.equal(v, _weights(again.early_stop)[k])
+                                     for k, v in _weights(model.early_stop).items())
 
 
 def test_study_resumes_only_the_missing_runs(tmp_path):
     config = tiny_config(tmp_path)
-    # 1 base x 2 seeds x (original, early_stop, finetune_only, 2 methods)
+    # 1 base x 2 seeds x (original, early_stop, finetune_only, 2 methods); no remedies
     assert len(planned_runs(config, ["digits8"], 1, early_stop=True)) == 10
     first = run_study(StudyConfig(**{**config.__dict__, "max_runs": 3}))
     assert (first.executed_runs, first.skipped_runs, first.missing_runs, first.trained_base_models) == (3, 0, 7, 1)
@@ -258,3 +315,46 @@ def test_patches32_is_a_builtin_setting_outside_the_default_profile(tmp_path):
     data = load_training_data(**setting.data_kwargs(tmp_path), max_train_samples=setting.num_train_samples)
     assert tuple(data.images.shape) == (4, 3, 32, 32)
     assert data.images.min() >= -1 and data.images.max() <= 1
+
+
+def test_study_remedies_rows_and_their_costs(tmp_path):
+    """Every remedy a user applies with one flag is a row of the study, on the same seeds, with its costs."""
+    config = tiny_config(tmp_path, weight_decays=(1.0,), copy_free=True, seeds=(0,), max_resamples=3,
+                         copy_check_at=0.5)
+    result = run_study(config)
+    rows = {row["method"]: row for row in result.rows}
+    assert set(rows) == {"original", "early_stop", "finetune_only", "weight_decay=1", "original+copy_free",
+                         "original+copy_free(check)", "early_stop+copy_free", "random", "memorization_gap"}
+    assert rows["original"]["train_steps"] == rows["weight_decay=1"]["train_steps"] == 4
+    assert rows["early_stop"]["train_steps"] == rows["early_stop+copy_free"]["train_steps"] <= 4
+    assert rows["random"]["finetune_steps"] == rows["finetune_only"]["finetune_steps"] == 1
+    assert rows["original+copy_free"]["finetune_steps"] == 0
+    assert rows["original"]["denoising_steps_per_sample"] == 2  # plain sampling: the sampler's step count
+    for name in ("original+copy_free", "original+copy_free(check)", "early_stop+copy_free"):
+        assert 1 <= rows[name]["denoising_steps_per_sample"] <= 2 * (1 + 3)
+        assert rows[name]["memorization_ratio"] <= rows[name.split("+")[0]]["memorization_ratio"]
+    frontier = (tmp_path / "frontier.csv").read_text()
+    assert "within_interval" in frontier and "chosen_fd+10%" in frontier
+    assert "### Remedies: effect and cost" in result.report_path.read_text()
+
+
+def _pair_rows(method, memorization, fd, pairs=4):
+    return [{"setting": "s", "method": method, "eta": 0.0, "base": i, "seed": 0, "memorization_ratio": m,
+             "frechet_distance": f, "recall": 0.5, "kid": 1.0} for i, (m, f) in enumerate(zip(memorization, fd))]
+
+
+def test_frontier_and_budgets_by_hand():
+    rows = (_pair_rows("original", [0.5, 0.6, 0.55, 0.5], [100, 101, 99, 100])
+            + _pair_rows("a", [0.0, 0.01, 0.0, 0.0], [100, 101, 99, 100])  # fewer copies, same quality
+            + _pair_rows("b", [0.1, 0.2, 0.1, 0.15], [130, 140, 135, 131])  # dominated by a
+            + _pair_rows("c", [0.0, 0.0, 0.0, 0.0], [300, 320, 310, 305]))  # copies least, far worse quality
+    summary = compare(rows)
+    entry = {e["method"]: e for e in summary}
+    assert dominates(rows, entry["a"], entry["original"], "s", "frechet_distance")
+    assert dominates(rows, entry["a"], entry["b"], "s", "frechet_distance")
+    assert not dominates(rows, entry["a"], entry["c"], "s", "frechet_distance")  # c copies less (0 vs 0.0025)
+    assert not dominates(rows, entry["b"], entry["a"], "s", "frechet_distance")
+    assert [e["method"] for e in frontier(rows, summary, "s", "frechet_distance")] == ["a", "c"]
+    choices = best_within_budgets(summary, "s")
+    assert choices["fd+10%"]["method"] == "a" and choices["interval"]["method"] == "a"
+    assert choices["kid+10%"]["method"] == "c"  # KID is equal everywhere: the one that copies least

@@ -14,6 +14,7 @@ from diffusers_memsep.pruning import METHODS
 from diffusers_memsep.sources import DataSource
 from diffusers_memsep.study import SAMPLERS, PruningStudyConfig
 from diffusers_memsep.trainer import REPORT_TO, HubConfig, OutputConfig, ValidationConfig
+from diffusers_memsep.trainer.config import VALIDATION_SAMPLERS
 
 
 def add_data_arguments(group, resolution_help: str = "Default: the pipeline's output resolution.") -> None:
@@ -141,12 +142,15 @@ def add_validation_arguments(group) -> None:
     group.add_argument("--validation_num_samples", type=int, default=d.num_samples,
                        help="Samples per validation (0: no validation, no ratio in the card).")
     group.add_argument("--validation_inference_steps", type=int, default=d.inference_steps,
-                       help="DDPM steps per validation (default: --ddpm_num_steps).")
+                       help="Sampler steps per validation (default: --ddpm_num_steps).")
+    group.add_argument("--validation_sampler", choices=VALIDATION_SAMPLERS, default=d.sampler,
+                       help="The validation's sampler: ddpm (default) or ddim (fewer steps).")
 
 
 def validation_config(args: argparse.Namespace) -> ValidationConfig:
     """The flags of :func:`add_validation_arguments` as a :class:`~diffusers_memsep.trainer.ValidationConfig`."""
-    return ValidationConfig(num_samples=args.validation_num_samples, inference_steps=args.validation_inference_steps)
+    return ValidationConfig(num_samples=args.validation_num_samples, inference_steps=args.validation_inference_steps,
+                            sampler=args.validation_sampler)
 
 
 def hub_config(args: argparse.Namespace) -> HubConfig:

@@ -42,6 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune_steps", type=int, default=None, help="Fine-tuning steps of every pruned row.")
     parser.add_argument("--early_stop_threshold", type=float, default=default.early_stop_threshold,
                         help="Memorization ratio above which training counts as memorizing (early_stop row).")
+    remedies = parser.add_argument_group("remedies (rows beside the pruning methods)")
+    remedies.add_argument("--weight_decays", nargs="*", type=float, default=None,
+                          help=f"AdamW weight decays of extra base models (default {list(default.weight_decays)}; "
+                               "none: --weight_decays with no value).")
+    remedies.add_argument("--no_copy_free", action="store_true",
+                          help="Leave out the copy-free sampling rows (original, original with the early check, "
+                               "early_stop).")
+    remedies.add_argument("--max_resamples", type=int, default=None,
+                          help=f"Redraws per sample of copy-free sampling (default {default.max_resamples}).")
+    remedies.add_argument("--copy_check_at", type=float, default=None,
+                          help=f"Early check of the (check) row, a fraction of the denoising steps (default "
+                               f"{default.copy_check_at:g}).")
     parser.add_argument("--quality_metric", default=default.quality_metric,
                         help="Metric column on the y axis of pareto.png (e.g. frechet_distance, kid).")
     parser.add_argument("--max_runs", type=int, default=None, help="Stop after this many new runs (rerun continues).")
@@ -74,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
                          "with it.")
     overrides = {key: (tuple(value) if isinstance(value, list) else value) for key, value in (
         ("output_dir", args.output_dir), ("num_base_models", args.num_base_models), ("methods", args.methods),
-        ("etas", args.etas), ("seeds", args.seeds)) if value is not None}
+        ("etas", args.etas), ("seeds", args.seeds), ("weight_decays", args.weight_decays),
+        ("max_resamples", args.max_resamples), ("copy_check_at", args.copy_check_at)) if value is not None}
+    if args.no_copy_free:
+        overrides["copy_free"] = False
     if args.base_train_steps is not None:
         overrides["base_train"] = replace(config.base_train, max_train_steps=args.base_train_steps)
         settings = [replace(s, base_train={k: v for k, v in s.base_train.items() if k != "max_train_steps"})

@@ -69,6 +69,10 @@ class MemSepPipelineOutput(BaseOutput):
             flagged after ``max_resamples`` redraws has ``memorized`` True.
         early_distance_ratio (`torch.Tensor` `[B]`, *optional*): with ``copy_check_at``, the ``distance_ratio`` of the
             predicted clean image at the early check, for the trajectory that was returned; None otherwise.
+        denoising_steps (`torch.LongTensor` `[B]`): the sampler steps spent on each sample over all its trajectories
+            (a trajectory stopped at the early check counts the steps it ran), so ``denoising_steps.float().mean()
+            / num_inference_steps`` is the cost of copy-free sampling relative to plain sampling (1 without
+            ``avoid_copies``). With classifier-free guidance each step runs the transformer on two rows.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -78,6 +82,7 @@ class MemSepPipelineOutput(BaseOutput):
     finite: torch.Tensor | None = None
     num_resamples: torch.Tensor | None = None
     early_distance_ratio: torch.Tensor | None = None
+    denoising_steps: torch.Tensor | None = None
 
 
 class MemSepPipeline(DiffusionPipeline):
@@ -448,7 +453,7 @@ class MemSepPipeline(DiffusionPipeline):
                                     guidance_scale=guidance_scale, switch=switch)
         checking = check_memorization and self.reference is not None
         with _eval_mode(self.transformer, self.small_t_transformer):
-            samples, report, num_resamples, early_ratio = self._sample(
+            samples, report, num_resamples, early_ratio, steps_spent = self._sample(
                 denoise, latents, labels, generator, checking, avoid_copies, max_resamples, copy_check_at)
 
         memorized = distance_ratio = nearest_index = finite = None
@@ -462,7 +467,7 @@ class MemSepPipeline(DiffusionPipeline):
             return (images, memorized, distance_ratio, nearest_index)
         return MemSepPipelineOutput(
             images=images, memorized=memorized, distance_ratio=distance_ratio, nearest_index=nearest_index,
-            finite=finite, num_resamples=num_resamples, early_distance_ratio=early_ratio,
+            finite=finite, num_resamples=num_resamples, early_distance_ratio=early_ratio, denoising_steps=steps_spent,
         )
 
     # --------------------------------------------------------------------------------- denoising and checks
@@ -559,7 +564,7 @@ class MemSepPipeline(DiffusionPipeline):
 
         Returns the images in ``[-1, 1]``, the final :class:`MemorizationResult` of every sample (None without
         ``checking``), the redraws per sample (None without ``avoid_copies``) and the early distance ratio of the
-        returned trajectories (None without ``copy_check_at``).
+        returned trajectories (None without ``copy_check_at``), and the sampler steps spent on each sample.
         """
         num_samples, device = noise.shape[0], noise.device
         images = torch.empty((num_samples, *self.image_shape), device=device)
@@ -571,6 +576,7 @@ class MemSepPipeline(DiffusionPipeline):
                                         nearest_distance=torch.full((num_samples,), math.nan),
                                         finite=torch.ones(num_samples, dtype=torch.bool))
         num_resamples = torch.zeros(num_samples, dtype=torch.long)
+        steps_spent = torch.zeros(num_samples, dtype=torch.long)
         early_ratio = torch.full((num_samples,), math.nan) if copy_check_at is not None else None
         todo, latents = torch.arange(num_samples), noise
         while todo.numel():
@@ -587,6 +593,11 @@ class MemSepPipeline(DiffusionPipeline):
             if rows is not None:
                 went_on[:] = False
                 went_on[rows.cpu()] = True
+            # _denoise set the schedule: a full trajectory ran all of its steps, a stopped one those up to the check.
+            schedule_length = len(self.scheduler.timesteps)
+            steps_spent[todo[went_on]] += schedule_length
+            if copy_check_at is not None:
+                steps_spent[todo[~went_on]] += max(1, math.ceil(copy_check_at * schedule_length))
             finished, restart = todo[went_on], todo[~went_on]
             if finished.numel():
                 images[finished.to(device)] = self._decode(final).to(device)
@@ -601,7 +612,7 @@ class MemSepPipeline(DiffusionPipeline):
             if todo.numel():
                 latents = randn_tensor((todo.numel(), *noise.shape[1:]), generator=_generators_of(generator, todo),
                                        device=device, dtype=noise.dtype)
-        return images, report, num_resamples if avoid_copies else None, early_ratio
+        return images, report, num_resamples if avoid_copies else None, early_ratio, steps_spent
 
     def _check_copy_free_arguments(self, avoid_copies, max_resamples, copy_check_at, check_memorization) -> None:
         if not isinstance(avoid_copies, bool):

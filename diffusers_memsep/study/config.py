@@ -79,24 +79,30 @@ class PruningStudyConfig:
 @dataclass
 class StudyConfig(PruningStudyConfig):
     """Everything :func:`~diffusers_memsep.study.run_study` does: the runs of :class:`PruningStudyConfig` on
-    ``num_base_models`` base models per setting, plus the ``early_stop`` baseline. Defaults: the full profile."""
+    ``num_base_models`` base models per setting, plus the ``early_stop`` baseline and the remedies a user applies
+    with one flag (weight decay while training, copy-free sampling). Defaults: the full profile, whose budget and
+    what it cuts are in ``docs/study.md``."""
 
     output_dir: str = "outputs/study"  # the study folder (resumable: rerun to continue)
     settings: tuple = field(default_factory=lambda: (builtin_setting("digits8"), builtin_setting("colour16")))
-    num_base_models: int = 4  # independently trained base models per setting (subset seed = training seed = index)
-    methods: tuple = METHODS
-    etas: tuple = (0.25, 0.5, 0.75)
+    num_base_models: int = 3  # independently trained base models per setting (subset seed = training seed = index)
+    methods: tuple = ("small_t", "random", "memorization_gap")  # the paper's method, its control, the best other
+    etas: tuple = (0.25, 0.5)
     base_train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=100, ema_max_decay=0.995,
         show_progress=False))  # the base models' training (a setting may change some fields)
     checkpoint_every: int = 500  # steps between the checkpoints of the memorization curve
     early_stop_threshold: float = 0.1  # memorization ratio above which a checkpoint counts as memorizing
-    curve_num_samples: int = 64  # samples per checkpoint of the curve (seeds from evaluate.CURVE_SEED)
+    curve_num_samples: int = 64  # samples per validation of the early-stopped run (seeds from evaluate.CURVE_SEED)
+    weight_decays: tuple = (1.0, 3.0)  # AdamW weight decays of the extra base models (rows weight_decay=<w>)
+    copy_free: bool = True  # the copy-free sampling rows (original, original with the early check, early_stop)
+    max_resamples: int = 20  # redraws per sample of copy-free sampling (MemSepPipeline's max_resamples)
+    copy_check_at: float = 0.75  # the early check of the original+copy_free(check) row (MemSepPipeline's)
     finetune: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         max_train_steps=40, train_batch_size=16, lr_warmup_steps=0, show_progress=False))
     importance_batches: int = 4
     importance_batch_size: int = 32
-    num_samples: int = 64
+    num_samples: int = 256  # enough that 1% memorized is resolvable (2-3 copies per run)
     num_inference_steps: int = 25
     sampler: str = "ddim"
     save_variants: bool = False  # a study keeps rows, not models
@@ -124,6 +130,15 @@ class StudyConfig(PruningStudyConfig):
                              f"{self.early_stop_threshold}.")
         if self.curve_num_samples < 1:
             raise ValueError(f"curve_num_samples must be >= 1, got {self.curve_num_samples}.")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w for w in self.weight_decays) or \
+                len(set(self.weight_decays)) != len(self.weight_decays):
+            raise ValueError(f"weight_decays must be distinct AdamW weight decays > 0 (0 is the original model), "
+                             f"got {list(self.weight_decays)}; e.g. --weight_decays 0.1 1.")
+        if isinstance(self.max_resamples, bool) or not isinstance(self.max_resamples, int) or self.max_resamples < 0:
+            raise ValueError(f"max_resamples must be an integer >= 0, got {self.max_resamples!r}.")
+        if not 0 < self.copy_check_at < 1:
+            raise ValueError(f"copy_check_at is a fraction of the denoising steps in (0, 1), got "
+                             f"{self.copy_check_at!r}; e.g. --copy_check_at 0.75.")
         if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 or None (one per core), got {self.num_workers}.")
         if self.max_runs is not None and self.max_runs < 0:
@@ -140,7 +155,8 @@ class StudyConfig(PruningStudyConfig):
     def signature(self) -> dict:
         """What a finished run depends on (a rerun with another signature is refused)."""
         keep = ("settings", "base_train", "checkpoint_every", "early_stop_threshold", "curve_num_samples", "finetune",
-                "importance_batches", "importance_batch_size", "num_samples", "num_inference_steps", "sampler")
+                "importance_batches", "importance_batch_size", "num_samples", "num_inference_steps", "sampler",
+                "max_resamples", "copy_check_at")
         return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k in keep}, default=str))
 
 

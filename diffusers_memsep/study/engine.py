@@ -36,6 +36,8 @@ from ..utils import (
 )
 from .bases import BaseModel, base_dir
 from .config import PruningStudyConfig, StudyConfig
+from .frontier import frontier as frontier_of
+from .frontier import frontier_lines, frontier_record
 from .plan import planned_runs
 from .report import plot_pareto, settings_lines, study_report, write_variant_card
 from .run import BaseContext, save_variants
@@ -44,8 +46,8 @@ from .statistics import compare, metric_columns
 from .workers import number_of_workers, run_runs, run_unit, run_units_in_workers
 
 #: Everything a study writes into its output folder; overwriting an earlier study replaces exactly these.
-STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "pareto.png", "samples_nearest.png", "variants", "runs",
-                 "prune.json")
+STUDY_OUTPUTS = ("report.md", "runs.csv", "summary.csv", "frontier.csv", "pareto.png", "samples_nearest.png",
+                 "variants", "runs", "prune.json")
 #: What :func:`prune_pipeline` records of its input (the content fingerprint of the training set).
 PRUNE_RECORD = "prune.json"
 #: The key of ``study.json`` holding each setting's content fingerprint (``settings.setting_fingerprint``).
@@ -265,24 +267,39 @@ def _run_study(config: StudyConfig) -> StudyResult:
                                         "models per setting (subset seed = training seed = base index).")
         header.append(f"Base training: {config.base_train.max_train_steps} steps, batch "
                       f"{config.base_train.train_batch_size}, lr {config.base_train.learning_rate:g} (unless a "
-                      f"setting says otherwise); checkpoint and memorization measured every {config.checkpoint_every} "
-                      f"steps ({config.curve_num_samples} samples from seeds disjoint from every evaluation); "
-                      f"early-stop threshold {config.early_stop_threshold:g}.")
+                      f"setting says otherwise). early_stop: `memsep train --stop_at_memorization "
+                      f"{config.early_stop_threshold:g}` validating every {config.checkpoint_every} steps "
+                      f"({config.curve_num_samples} samples from seeds disjoint from every evaluation); the original "
+                      "continues that run to the last step. Remedies: "
+                      + ", ".join([f"weight decay {w:g} while training" for w in config.weight_decays]
+                                  + ([f"copy-free sampling (`avoid_copies=True, max_resamples="
+                                      f"{config.max_resamples}`; `(check)`: `copy_check_at={config.copy_check_at:g}`)"]
+                                     if config.copy_free else [])) + ".")
+        setting_lines = _setting_lines(config, output_dir)
+        for setting in config.settings:
+            setting_lines.setdefault(setting.name, []).extend(frontier_lines(
+                rows, summary, setting.name, config.quality_metric, config.num_inference_steps))
         _write_outputs(output_dir, rows, summary, config.quality_metric, study_report(
-            "Replicated pruning study", header, rows, summary, _setting_lines(config, output_dir),
-            "Figure: `pareto.png`. Per-run rows: `runs.csv` (one JSON per run under `runs/`); this analysis: "
-            "`summary.csv`."))
+            "Replicated pruning study and remedies", header, rows, summary, setting_lines,
+            "Figure: `pareto.png` (frontier conditions ringed). Per-run rows: `runs.csv` (one JSON per run under "
+            "`runs/`); this analysis: `summary.csv`; the frontier and budgets: `frontier.csv`."), frontier=True)
     return StudyResult(rows, summary, report_path, executed, len(runs) - len(pending), len(runs) - len(rows),
                        trained_bases, time.perf_counter() - start)
 
 
-def _write_outputs(output_dir: Path, rows: list[dict], summary: list[dict], quality_metric: str, report: str) -> Path:
+def _write_outputs(output_dir: Path, rows: list[dict], summary: list[dict], quality_metric: str, report: str,
+                   frontier: bool = False) -> Path:
     if quality_metric not in metric_columns(rows):
         raise ValueError(f"quality_metric {quality_metric!r} is not a metric column of the runs "
                          f"({', '.join(metric_columns(rows))}); rerun with one of them (finished runs are kept).")
     write_csv(rows, output_dir / "runs.csv")
     write_csv(summary, output_dir / "summary.csv")
-    plot_pareto(summary, output_dir / "pareto.png", quality_metric)
+    marked = None
+    if frontier:
+        write_csv(frontier_record(rows, summary, quality_metric), output_dir / "frontier.csv")
+        marked = {(e["setting"], e["method"], e["eta"]) for setting in dict.fromkeys(e["setting"] for e in summary)
+                  for e in frontier_of(rows, summary, setting, quality_metric)}
+    plot_pareto(summary, output_dir / "pareto.png", quality_metric, frontier=marked)
     return write_text(output_dir / "report.md", report)
 
 

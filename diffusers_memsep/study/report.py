@@ -102,12 +102,16 @@ def study_report(title: str, header: list[str], rows: list[dict], summary: list[
     return "\n".join([*lines, footer, ""])
 
 
-def plot_pareto(summary: list[dict], path, quality_metric: str = "frechet_distance") -> None:
+def plot_pareto(summary: list[dict], path, quality_metric: str = "frechet_distance",
+                frontier: set | None = None) -> None:
     """Per setting: memorization ratio (x) against quality (y), each method a curve over eta with 95% interval
-    bars; ``original``, ``finetune_only`` and ``early_stop`` as single points."""
+    bars; every condition without an eta (baselines, remedies) a single point; the ``frontier`` entries
+    ``(setting, method, eta)`` ringed."""
     settings = list(dict.fromkeys(row["setting"] for row in summary))
     figure, axes = plt.subplots(1, len(settings), figsize=(6.2 * len(settings), 4.8), squeeze=False)
-    markers = {"original": "*", "finetune_only": "s", "early_stop": "D"}
+    single = ["*", "s", "D", "P", "X", "v", "^", "<", ">", "h", "p"]
+    points = list(dict.fromkeys(r["method"] for r in summary if not r["eta"]))
+    markers = {method: single[i % len(single)] for i, method in enumerate(points)}
     for axis, setting in zip(axes[0], settings):
         rows = [r for r in summary if r["setting"] == setting and quality_metric in r]
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -122,6 +126,10 @@ def plot_pareto(summary: list[dict], path, quality_metric: str = "frechet_distan
                 for r in curve:
                     axis.annotate(f"{r['eta']:g}", (r["memorization_ratio"], r[quality_metric]), fontsize=7,
                                   xytext=(3, 3), textcoords="offset points")
+        ringed = [r for r in rows if frontier and (setting, r["method"], r["eta"]) in frontier]
+        if ringed:
+            axis.scatter([r["memorization_ratio"] for r in ringed], [r[quality_metric] for r in ringed], s=220,
+                         facecolors="none", edgecolors="black", linewidths=1.2, label="frontier", zorder=5)
         axis.set_xlabel("memorization ratio (lower: less copying)")
         direction = "higher" if quality_metric in HIGHER_IS_BETTER else "lower"
         axis.set_ylabel(f"{quality_metric} ({direction} is better)")

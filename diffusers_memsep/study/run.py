@@ -65,14 +65,14 @@ def execute_run(config, run, context: BaseContext) -> RunOutput:
     """One row: make the condition's model, then evaluate it from evaluation seed ``1000 * run.seed``."""
     start = time.perf_counter()
     base = context.model
-    pipe = base.early_stop if run.condition == "early_stop" else base.pipeline
+    pipe = base.pipeline_of(run.condition)
     finetune = replace(config.finetune, seed=run.seed)
     pruned, components, pruned_heads = None, {}, 0
     transformer = pipe.transformer
     if run.condition == "finetune_only":
         transformer = finetuned_model(fine_tune_only(pipe.transformer, context.train_data, training_scheduler(pipe),
                                                      finetune))
-    elif run.condition not in ("original", "early_stop"):
+    elif run.is_pruned:
         key = (run.condition, run.eta, run.seed)
         pruned = None if run.small_t_switch is None else context.pruned.pop(key, None)
         if pruned is None:
@@ -92,16 +92,34 @@ def execute_run(config, run, context: BaseContext) -> RunOutput:
     variant = variant_pipeline(pipe, transformer, sampling_scheduler(pipe, config.sampler), **components)
     variant.set_progress_bar_config(disable=True)
     data = context.data
+    sampling = {}
+    if run.sampling != "plain":  # copy-free: every sample the reference flags is drawn again (MemSepPipeline)
+        sampling = dict(avoid_copies=True, max_resamples=config.max_resamples,
+                        copy_check_at=config.copy_check_at if run.sampling == "copy_free_check" else None)
     result = evaluate_pipeline(
         variant, run.variant_name, data.images, context.quality, num_samples=config.num_samples,
         num_quality_samples=config.quality_samples, num_inference_steps=config.num_inference_steps,
         seed=evaluation_seed(run.seed),
-        class_labels=balanced_labels(max(config.num_samples, config.quality_samples), data.num_classes))
+        class_labels=balanced_labels(max(config.num_samples, config.quality_samples), data.num_classes), **sampling)
     row = {"setting": run.setting, "base": run.base, "method": run.method, "eta": run.eta, "seed": run.seed,
-           **result.row(), "pruned_heads": pruned_heads, "run_seconds": round(time.perf_counter() - start, 3)}
+           **result.row(), "pruned_heads": pruned_heads, **run_costs(config, run, base),
+           "run_seconds": round(time.perf_counter() - start, 3)}
     if run.condition == "early_stop":
         row["step"] = base.curve["early_stop_step"]
     return RunOutput(row, result, pruned if run.small_t_switch is None else None)
+
+
+def run_costs(config, run, base) -> dict:
+    """What a row's remedy costs the user, beside what it does: the base training steps spent to get its model
+    (an early-stopped run stops when it first validates above the threshold), the fine-tuning steps after it, and
+    (in the row already) the sampler steps per returned sample, ``denoising_steps_per_sample``. Without a recorded
+    training (``memsep prune`` on a given pipeline) only the fine-tuning steps are known."""
+    train_steps = base.train_steps(run.condition)
+    finetuned = run.condition == "finetune_only" or run.is_pruned
+    costs = {"finetune_steps": config.finetune.max_train_steps if finetuned else 0}
+    if train_steps is not None:
+        costs["train_steps"] = train_steps
+    return costs
 
 
 def save_variants(pipe: MemSepPipeline, pruned: dict, output_dir: Path, write_card) -> dict[str, Path]:

@@ -32,7 +32,9 @@ from .plan import BASELINES
 
 HIGHER_IS_BETTER = {"precision", "recall"}
 #: Numeric row fields that are bookkeeping, not metrics.
-NOT_METRICS = {"eta", "seed", "base", "sampling_seconds", "pruned_heads", "run_seconds", "step"}
+#: What a row's remedy costs (study.run.run_costs and the sampler's steps): averaged per condition, never compared.
+COST_COLUMNS = ("train_steps", "finetune_steps", "denoising_steps_per_sample")
+NOT_METRICS = {"eta", "seed", "base", "sampling_seconds", "pruned_heads", "run_seconds", "step", *COST_COLUMNS}
 #: The controls every row is compared with, in the report's order; ``random`` at the row's own eta.
 CONTROLS = ("random", "finetune_only", "early_stop")
 FAMILY_WISE_LEVEL = 0.05
@@ -107,7 +109,7 @@ def compare(rows: list[dict]) -> list[dict]:
     for setting, method, eta in groups:
         members = [r for r in rows if (r["setting"], r["method"], float(r["eta"])) == (setting, method, eta)]
         entry = {"setting": setting, "method": method, "eta": eta, "runs": len(members)}
-        for column in ("num_parameters", "sampling_seconds"):  # descriptions of the runs, not compared
+        for column in ("num_parameters", "sampling_seconds", *COST_COLUMNS):  # descriptions of the runs, not compared
             if all(isinstance(m.get(column), (int, float)) for m in members):
                 entry[column] = sum(m[column] for m in members) / len(members)
         for metric in metrics:
@@ -115,7 +117,9 @@ def compare(rows: list[dict]) -> list[dict]:
             entry[metric], entry[f"{metric}_low"], entry[f"{metric}_high"] = t_interval(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         for control in CONTROLS:
-            if method == control or (control == "random" and method in BASELINES):
+            if method == control or (control == "random" and eta == 0):  # random is a pruning control
+                continue
+            if control == "finetune_only" and eta == 0 and method not in BASELINES:  # a remedy: no fine-tuning
                 continue
             for metric in metrics:
                 differences = paired_differences(rows, method, eta, control, eta if control == "random" else 0.0,

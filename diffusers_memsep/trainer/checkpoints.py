@@ -6,11 +6,13 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 
 from ..utils import data_fingerprint, read_json_object, replace_path, staging_folder
@@ -125,8 +127,17 @@ def load_ema(ema, folder: Path) -> None:
     if not path.is_dir():
         raise ValueError(f"checkpoint {str(folder)!r} has no EMA weights ({TRANSFORMER_EMA}/) but use_ema is on; "
                          "resume with --no-use_ema or from a checkpoint saved with EMA.")
-    with _global_rng_kept():
-        loaded = EMAModel.from_pretrained(str(path), model_cls=ema.model_cls, foreach=ema.foreach)
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers' EMAModel.from_pretrained passes its folder to from_config (a deprecation warning) and the EMA's own
+    # fields (decay, ...) in config.json to the model (an "unexpected attributes" warning): both are expected here.
+    diffusers_logging.set_verbosity_error()
+    try:
+        with _global_rng_kept(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="It is deprecated to pass a pretrained model name or path",
+                                    category=FutureWarning)
+            loaded = EMAModel.from_pretrained(str(path), model_cls=ema.model_cls, foreach=ema.foreach)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     ema.load_state_dict(loaded.state_dict())
 
 

@@ -122,6 +122,9 @@ class OutputConfig:
                              f"{self.logging_dir!r}; pass --logging_dir logs.")
 
 
+VALIDATION_SAMPLERS = ("ddpm", "ddim")
+
+
 @dataclass
 class ValidationConfig:
     """What a validation samples (``memsep train --validation_*``); WHEN it runs is ``TrainingConfig``'s
@@ -132,10 +135,14 @@ class ValidationConfig:
     evaluation seed.
     """
 
-    num_samples: int = 64  # DDPM samples per validation; 0: no validation (no ratio in the card)
-    inference_steps: int | None = None  # DDPM steps per validation sample; None: the training schedule's length
+    num_samples: int = 64  # samples per validation; 0: no validation (no ratio in the card)
+    inference_steps: int | None = None  # sampler steps per validation sample; None: the training schedule's length
+    sampler: str = "ddpm"  # "ddpm" or "ddim" (fewer steps for the same ratio; the study validates as it evaluates)
 
     def __post_init__(self):
+        if self.sampler not in VALIDATION_SAMPLERS:
+            raise ValueError(f"validation sampler must be one of {VALIDATION_SAMPLERS}, got {self.sampler!r}; pass "
+                             "--validation_sampler ddpm or ddim.")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 0:
             raise ValueError(f"validation num_samples must be an integer >= 0, got {self.num_samples!r}; pass "
                              "--validation_num_samples N (0: off).")

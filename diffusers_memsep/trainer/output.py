@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import make_image_grid
 
 from ..data import TrainingData, all_images
@@ -57,27 +57,27 @@ def sample_and_measure(pipeline, num_samples: int, num_inference_steps: int, num
     memorization verdicts against the pipeline's reference (None without one). A non-finite sample is neither a
     copy nor a non-copy: ``report.ratio`` leaves it out and ``report.num_nonfinite`` counts it.
     ``split_across_processes=False``: sampled on the calling process alone (see ``sample_pipeline``)."""
-    samples, _ = sample_pipeline(pipeline, num_samples, balanced_labels(num_samples, num_classes),
-                                 num_inference_steps, seed, scheduler=scheduler,
-                                 split_across_processes=split_across_processes)
+    samples = sample_pipeline(pipeline, num_samples, balanced_labels(num_samples, num_classes), num_inference_steps,
+                              seed, scheduler=scheduler, split_across_processes=split_across_processes).images
     return samples, None if pipeline.reference is None else memorization_report(samples, pipeline.reference)
 
 
 def make_validation_fn(noise_scheduler, data: TrainingData, samples_dir: str | os.PathLike | None = None,
                        num_samples: int = 64, num_inference_steps: int = 1000, seed: int = 0, accelerator=None,
                        reference: NearestNeighborIndex | None = None, vae=None,
-                       quality_reference: QualityReference | None = None):
+                       quality_reference: QualityReference | None = None, sampler: str = "ddpm"):
     """A ``validation_fn`` for :func:`train_dit`: sample a grid, save it, return the memorization ratio.
 
-    Samples come from the model being trained (EMA weights when on) with a DDPM sampler of
-    ``num_inference_steps`` steps built from the training scheduler's config, drawn by :func:`sample_and_measure`
-    (the evaluation's sampler) always from the same noise (``seed``), so grids of successive steps are comparable.
+    Samples come from the model being trained (EMA weights when on) with a DDPM (or, ``sampler="ddim"``, DDIM)
+    sampler of ``num_inference_steps`` steps built from the training scheduler's config, drawn by
+    :func:`sample_and_measure` (the evaluation's sampler) always from the same noise (``seed``), so grids of
+    successive steps are comparable.
     The grid goes to ``<samples_dir>/step-<step>.png`` (atomically) and, when the accelerator logs to TensorBoard,
     to TensorBoard. With ``vae`` (a latent DiT) samples are decoded and judged against ``data``'s pixel images. With
     ``quality_reference`` (the population in a feature space, :class:`~diffusers_memsep.evaluate.QualityReference`)
     the same samples also give precision, recall, the Frechet distance and the KID formula.
     """
-    validation_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+    validation_scheduler = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(noise_scheduler.config)
     reference = reference if reference is not None else NearestNeighborIndex.from_images(all_images(data))
     label_dropout = DIT_LABEL_DROPOUT if data.labels is not None else 1.0
 
@@ -199,8 +199,8 @@ def train_pipeline(
     scheduler, the training-set reference (exactly ``data.images``), a model card (``README.md`` from the
     ``base_model`` template), sample grids (``samples/``), TensorBoard logs (``logs/``) and checkpoints.
     The memorization ratio is measured every ``config.validation_steps`` and always at the last step
-    (``validation.num_samples`` DDPM samples of ``validation.inference_steps`` steps, default the training
-    schedule's length; fixed seeds, see :class:`ValidationConfig`; 0 samples: off).
+    (``validation.num_samples`` samples of ``validation.inference_steps`` steps of ``validation.sampler``, default
+    the training schedule's length; fixed seeds, see :class:`ValidationConfig`; 0 samples: off).
 
     The settings come in groups, each a dataclass with defaults (None: all defaults): ``config``
     (:class:`TrainingConfig`, the run: recorded in checkpoints, checked on resume), ``output``
@@ -281,7 +281,8 @@ def train_pipeline(
     if validation_num_samples > 0:
         measure = make_validation_fn(noise_scheduler, data, output_dir / "samples", validation_num_samples,
                                      validation_inference_steps, seed=seed, accelerator=accelerator,
-                                     reference=reference, vae=vae, quality_reference=quality_reference)
+                                     reference=reference, vae=vae, quality_reference=quality_reference,
+                                     sampler=validation.sampler)
 
         def validation_fn(model_with_ema, step):
             metrics.clear()
@@ -313,7 +314,8 @@ def train_pipeline(
                                         images_per_second, validation_num_samples, validation_inference_steps,
                                         hub.model_id, latent=vae is not None, base_model=base_model,
                                         dataset_id=dataset_id, local_folder=str(output_dir.resolve()),
-                                        early_stopping=early_stopping.summary() if early_stopping else None)
+                                        early_stopping=early_stopping.summary() if early_stopping else None,
+                                        validation_sampler=validation.sampler)
         fields.update(card_fields or {})
         metadata, eval_results = fields.pop("metadata"), fields.pop("eval_results")
         save_model_card(output_dir, "base_model", metadata=metadata, eval_results=eval_results, **fields)
@@ -363,7 +365,7 @@ def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: T
                            train_seconds: float, images_per_second: float, num_samples: int, inference_steps: int,
                            hub_model_id: str | None = None, latent: bool = False, base_model: str | None = None,
                            dataset_id: str | None = None, local_folder: str | None = None,
-                           early_stopping: dict | None = None) -> dict:
+                           early_stopping: dict | None = None, validation_sampler: str = "ddpm") -> dict:
     """The variables of ``model_cards/base_model.md`` (plus ``metadata`` and ``eval_results`` for the header).
 
     ``early_stopping`` is :meth:`~diffusers_memsep.trainer.early_stopping.EarlyStopping.summary` of a run with
@@ -376,7 +378,7 @@ def base_model_card_fields(model, noise_scheduler, data: TrainingData, config: T
     eval_results = []
     memorization = []
     if "memorization_ratio" in metrics:
-        sampler = f"DDPM-{inference_steps}"
+        sampler = f"{validation_sampler.upper()}-{inference_steps}"
         memorization.append({"sampler": sampler, "ratio": metrics["memorization_ratio"], "num_samples": num_samples})
         eval_results.append({"metric_type": "memorization_ratio",
                              "metric_value": round(metrics["memorization_ratio"], 4),
