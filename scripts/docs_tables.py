@@ -2,7 +2,8 @@
 
 - the demo tables, from ``docs/demo_summary.csv`` (the ``summary.csv`` of the ``memsep demo`` run the docs
   describe: copy a new run's file there and rerun this script);
-- the study tables, from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run).
+- the study tables (remedies, frontier, budgets, pruning against random) and the README's table of quality budgets,
+  from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run).
 
 Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; run ``python scripts/docs_tables.py``
 after replacing a report. ``tests/test_engine_rules.py`` checks that the committed tables equal what this prints.
@@ -61,11 +62,13 @@ def demo_results_table(rows: list[dict]) -> str:
 
 
 def _report_tables(report: str) -> dict[str, dict]:
-    """Per setting of a study report: the base-model curves, the table of means and the table against random."""
+    """Per setting of a study report: the base-model lines, the table of means, the table against random, the
+    remedies table (effect, frontier, costs) and the quality budgets."""
     settings, current, table = {}, None, None
     for line in report.splitlines():
         if line.startswith("## "):
-            current = settings.setdefault(line[3:], {"curves": [], "means": [], "random": []})
+            current = settings.setdefault(line[3:], {"curves": [], "means": [], "random": [], "remedies": [],
+                                                     "budgets": []})
             table = "means"
         elif current is None:
             continue
@@ -73,7 +76,11 @@ def _report_tables(report: str) -> dict[str, dict]:
             current["curves"].append(line)
         elif line.startswith("Paired difference (method - "):
             table = "random" if line.startswith("Paired difference (method - random)") else None
-        elif line.startswith("| ") and not line.startswith("| method") and table:
+        elif line.startswith("### Remedies"):
+            table = "remedies"
+        elif line.startswith("Quality budgets"):
+            table = "budgets"
+        elif line.startswith("| ") and not line.startswith(("| method", "| condition", "| budget")) and table:
             current[table].append([cell.strip() for cell in line.strip("|").split("|")])
         elif line.startswith("Verdicts"):
             table = None
@@ -83,6 +90,8 @@ def _report_tables(report: str) -> dict[str, dict]:
 def _short(cell: str, digits: int | None) -> str:
     """``497.841 [428.426, 567.256] verdict`` -> the same rounded to ``digits`` (None: kept), verdict shortened."""
     match = re.match(r"([-+]?[\d.]+) \[([-+]?[\d.]+), ([-+]?[\d.]+)\]\s*(.*)", cell)
+    if match is None:  # a mean without interval (fewer than 2 runs)
+        return cell
     values, verdict = match.groups()[:3], match.group(4)
     if digits is not None:
         sign = "+" if values[0][0] in "+-" else ""  # differences are signed, means are not
@@ -91,29 +100,53 @@ def _short(cell: str, digits: int | None) -> str:
     return f"{text} {VERDICTS[verdict]}" if verdict else text
 
 
+def _curve_summary(settings: dict) -> str:
+    parts = []
+    for name, tables in settings.items():
+        stops = [int(re.search(r"early stop at step (\d+)", line).group(1)) for line in tables["curves"]]
+        original = next(cells for cells in tables["means"] if cells[0] == "original")
+        parts.append(f"{name}: the original copies {_short(original[3], None)}, the trainer's early stop keeps the "
+                     f"weights of step {min(stops):,}-{max(stops):,}")
+    return "Base models: " + "; ".join(parts) + "."
+
+
+REMEDY_TITLES = ("| condition | eta | frontier | memorized | precision | recall | Frechet distance | KID formula | "
+                 "train steps | fine-tune steps | denoising steps / sample |")
+BUDGET_TITLES = "| budget | condition | memorized | Frechet distance | train steps | denoising steps / sample |"
+
+
 def study_tables(report: str) -> str:
     settings = _report_tables(report)
-    finals, firsts, stops = {}, {}, {}
+    lines = [_curve_summary(settings)]
     for name, tables in settings.items():
-        curves = [re.findall(r"(\d+): ([\d.]+)", line.split(": ", 1)[1].split(";")[0]) for line in tables["curves"]]
-        finals[name] = [float(points[-1][1]) for points in curves]
-        firsts[name] = [int(next(s for s, r in points if float(r) > 0)) for points in curves]
-        stops[name] = [int(re.search(r"early stop at step (\d+)", line).group(1)) for line in tables["curves"]]
-    lines = ["Base models (final checkpoint): " + "; ".join(
-        f"{name} memorize {100 * min(finals[name]):.0f}-{100 * max(finals[name]):.0f}% (first copies at "
-        f"{min(firsts[name]):,}-{max(firsts[name]):,} steps, early stop at {min(stops[name]):,}-{max(stops[name]):,})"
-        for name in settings) + "."]
-    columns = [3, 5, 6, 7, 8]  # of the report's cells: memorization_ratio, precision, recall, frechet_distance, kid
-    for name, tables in settings.items():
-        lines += ["", f"### {name}", "", STUDY_TITLES.format(first="condition"), "|---|---|---|---|---|---|---|"]
-        for cells in tables["means"]:
-            lines.append(f"| {cells[0]} | {cells[1]} | " + " | ".join(
-                _short(cells[c], 0 if c == 7 else None) for c in columns) + " |")
+        lines += ["", f"### {name}", "", REMEDY_TITLES, "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for cells in tables["remedies"]:
+            lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | " + " | ".join(
+                _short(cells[c], 0 if c == 7 else None) for c in (3, 5, 6, 7, 8)) + f" | {' | '.join(cells[9:12])} |")
+        lines += ["", "The condition that copies least within each quality budget:", "", BUDGET_TITLES,
+                  "|---|---|---|---|---|---|"]
+        lines += [_budget_row(cells) for cells in tables["budgets"]]
         lines += ["", "Paired difference, method - random (same eta), mean [95% t-interval] and verdict:", "",
                   STUDY_TITLES.format(first="method"), "|---|---|---|---|---|---|---|"]
         for cells in tables["random"]:
             lines.append(f"| {cells[0]} | {cells[1]} | " + " | ".join(
-                _short(cells[c], 0 if c == 7 else None) for c in columns) + " |")
+                _short(cells[c], 0 if c == 7 else None) for c in (3, 5, 6, 7, 8)) + " |")
+    return "\n".join(lines)
+
+
+def _budget_row(cells: list[str]) -> str:
+    if cells[1] == "none":
+        return f"| {cells[0]} | none | | | | |"
+    eta = "" if cells[2] == "0" else f" (eta {cells[2]})"
+    return (f"| {cells[0]} | {cells[1]}{eta} | {_short(cells[3], None)} | {_short(cells[4], 0)} | {cells[6]} | "
+            f"{cells[8]} |")
+
+
+def budget_table(report: str) -> str:
+    """The README's table: per setting and quality budget, the condition that copies least and its cost."""
+    lines = ["| setting | " + BUDGET_TITLES[2:], "|---|---|---|---|---|---|---|"]
+    for name, tables in _report_tables(report).items():
+        lines += [f"| {name} {row}" for row in (_budget_row(cells) for cells in tables["budgets"])]
     return "\n".join(lines)
 
 
@@ -130,7 +163,8 @@ def render_all(root: Path) -> dict[Path, str]:
     demo = list(csv.DictReader((root / "docs" / "demo_summary.csv").open()))
     study = (root / "docs" / "study_report.md").read_text()
     readme, results = root / "README.md", root / "docs" / "results.md"
-    return {readme: replace_block(readme.read_text(), "demo table", demo_readme_table(demo)),
+    readme_text = replace_block(readme.read_text(), "demo table", demo_readme_table(demo))
+    return {readme: replace_block(readme_text, "study budgets", budget_table(study)),
             results: replace_block(replace_block(results.read_text(), "demo table", demo_results_table(demo)),
                                    "study tables", study_tables(study))}
 

@@ -275,14 +275,13 @@ def _run_study(config: StudyConfig) -> StudyResult:
                                   + ([f"copy-free sampling (`avoid_copies=True, max_resamples="
                                       f"{config.max_resamples}`; `(check)`: `copy_check_at={config.copy_check_at:g}`)"]
                                      if config.copy_free else [])) + ".")
-        setting_lines = _setting_lines(config, output_dir)
-        for setting in config.settings:
-            setting_lines.setdefault(setting.name, []).extend(frontier_lines(
-                rows, summary, setting.name, config.quality_metric, config.num_inference_steps))
+        remedies = {setting.name: frontier_lines(rows, summary, setting.name, config.quality_metric,
+                                                 config.num_inference_steps) for setting in config.settings}
         _write_outputs(output_dir, rows, summary, config.quality_metric, study_report(
-            "Replicated pruning study and remedies", header, rows, summary, setting_lines,
+            "Replicated pruning study and remedies", header, rows, summary, _setting_lines(config, output_dir),
             "Figure: `pareto.png` (frontier conditions ringed). Per-run rows: `runs.csv` (one JSON per run under "
-            "`runs/`); this analysis: `summary.csv`; the frontier and budgets: `frontier.csv`."), frontier=True)
+            "`runs/`); this analysis: `summary.csv`; the frontier and budgets: `frontier.csv`.", remedies),
+            frontier=True)
     return StudyResult(rows, summary, report_path, executed, len(runs) - len(pending), len(runs) - len(rows),
                        trained_bases, time.perf_counter() - start)
 
@@ -304,22 +303,29 @@ def _write_outputs(output_dir: Path, rows: list[dict], summary: list[dict], qual
 
 
 def _setting_lines(config: StudyConfig, output_dir: Path) -> dict[str, list[str]]:
-    """Per setting: its training recipe and each base model's memorization curve and early-stop step."""
+    """Per setting: its training recipe and each base model's early-stopped run (its validations, the kept step and
+    the step it stopped at) and training times."""
     lines = {}
     for setting in config.settings:
         train = {**{"max_train_steps": config.base_train.max_train_steps,
                     "learning_rate": config.base_train.learning_rate}, **setting.base_train}
         lines[setting.name] = [f"{setting.num_train_samples} training images per base model; base training "
                                f"{train['max_train_steps']} steps, lr {train['learning_rate']:g}.", "",
-                               "Base models (memorization ratio per checkpoint; early-stop step):", ""]
+                               "Base models (memorization ratio at each validation of the early-stopped run; the "
+                               "step whose weights it kept; where it stopped):", ""]
         for base in range(config.num_base_models):
             curve_path = base_dir(output_dir, setting, base) / "memorization_curve.json"
             if curve_path.is_file():
                 curve = read_json_object(curve_path)
                 points = ", ".join(f"{s}: {r:.2f}" for s, r in zip(curve["steps"], curve["memorization_ratio"]))
                 note = f" ({curve['note']})" if curve.get("note") else ""
-                lines[setting.name].append(f"- base {base}: {points}; early stop at step {curve['early_stop_step']}"
-                                           f"{note}; trained in {curve['train_seconds']:.0f} s.")
+                stopped = f", stopped at step {curve['stopped_step']}" if curve.get("stopped_step") else ""
+                decays = "; ".join(f"weight decay {w}: {d['train_seconds']:.0f} s"
+                                   for w, d in curve.get("weight_decays", {}).items())
+                lines[setting.name].append(
+                    f"- base {base}: {points}; early stop at step {curve['early_stop_step']}{stopped}{note}; "
+                    f"trained in {curve['train_seconds']:.0f} s (early-stopped run and its continuation)"
+                    + (f"; {decays}" if decays else "") + ".")
     return lines
 
 

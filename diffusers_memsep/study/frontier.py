@@ -27,9 +27,9 @@ from .statistics import HIGHER_IS_BETTER, paired_differences, t_interval
 
 #: The quality budgets, in the report's order: name -> description.
 BUDGETS = {
-    "interval": "recall, Frechet distance and KID inside (or better than) the original's 95% interval",
-    "fd+10%": "Frechet distance at most 10% above the original's mean",
-    "kid+10%": "KID at most 10% above the original's mean",
+    "interval": "recall, FD and KID within the original's 95% interval (or better)",
+    "fd+10%": "FD at most 10% above the original's",
+    "kid+10%": "KID at most 10% above the original's",
 }
 #: The quality metrics of the ``interval`` budget.
 INTERVAL_METRICS = ("recall", "frechet_distance", "kid")

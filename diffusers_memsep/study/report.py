@@ -62,9 +62,11 @@ def _interval(entry, key, sign: str = "+") -> str:
 
 
 def study_report(title: str, header: list[str], rows: list[dict], summary: list[dict],
-                 setting_lines: dict[str, list[str]], footer: str) -> str:
+                 setting_lines: dict[str, list[str]], footer: str,
+                 setting_footers: dict[str, list[str]] | None = None) -> str:
     """``report.md``: ``header``; per setting its ``setting_lines``, the table of means, one table of paired
-    differences per control (with K, the number of its comparisons) and the verdicts."""
+    differences per control (with K, the number of its comparisons), the verdicts and its ``setting_footers``
+    (a study's remedies and frontier)."""
     metrics = metric_columns(rows)
     means = sum(not math.isnan(entry[f"{m}_low"]) for entry in summary for m in metrics)
     paired = sum(table_size(summary, setting, control) for setting in dict.fromkeys(r["setting"] for r in summary)
@@ -98,7 +100,7 @@ def study_report(title: str, header: list[str], rows: list[dict], summary: list[
                      for control in CONTROLS if f"vs_{control}_memorization_ratio" in entry]
             if parts:
                 lines.append(f"- {entry['method']} (eta {entry['eta']:g}): " + " | ".join(parts))
-        lines.append("")
+        lines += [*(setting_footers or {}).get(setting, []), ""]
     return "\n".join([*lines, footer, ""])
 
 
