@@ -14,6 +14,12 @@ reports, with 95% intervals:
 
 :func:`write_audit` writes ``report.md``, ``audit.json`` (every number) and the figures atomically.
 
+Data-parallel (``torchrun`` / ``accelerate launch``, every process calling :func:`audit_pipeline`): the sampling
+batches and their model-only scores are split across the processes (contiguous shares, each batch keeping its seed)
+and gathered in order, the measures that follow run on the main process alone (the copy-space network is trained
+and cached once), and every process returns the same numbers, those of one process; :func:`write_audit` writes on
+the main process only.
+
 Choices the paper leaves open, and why:
 - the held-out images that calibrate the copy-space threshold are the population images the copy network never
   saw (its recipe's held-out share; the whole population for a pretrained network), minus the training images
@@ -22,7 +28,10 @@ Choices the paper leaves open, and why:
   and cached in ``<output_dir>/feature_network/copy_space``, reused while the images are the same;
 - intervals: Wilson score intervals for shares (samples are independent draws of the model), bootstrap for AUC;
 - the gallery shows the samples most similar to a training image in the copy space (pixel distance ratio without
-  one), worst first.
+  one), worst first;
+- sampling batch ``b`` (of ``batch_size`` samples) is seeded ``seed + b * batch_size`` and the model-only score of
+  its samples is computed with it, by the pipeline (``memorization_score=``, seeded from the batch's generator): the
+  numbers depend on the seed and the batch size, not on how many processes share the batches.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import all_gather_cat, is_main_process, main_process_result, split_work
 from .memorization.copy_detection import (
     SSCD_THRESHOLD,
     calibrate_copy_threshold,
@@ -45,7 +55,7 @@ from .memorization.copy_detection import (
     wilson_interval,
 )
 from .memorization.metrics import memorization_report
-from .memorization.model_score import THRESHOLDS, memorization_score
+from .memorization.model_score import THRESHOLDS
 from .utils import save_figure, write_text
 
 __all__ = ["AuditResult", "audit_pipeline", "write_audit"]
@@ -67,19 +77,25 @@ def _share(count: int, total: int) -> dict:
             "total": total}
 
 
-def _sample(pipe, num_samples: int, num_inference_steps: int, seed: int, batch_size: int, progress: bool):
+def _sample(pipe, num_samples: int, num_inference_steps: int, seed: int, batch_size: int, progress: bool,
+            score_method: str):
+    """The samples in ``[0, 1]``, their model-only scores and labels; the batches split across processes (each
+    keeping its seed) and gathered in order on every process."""
     conditional = pipe.config.get("label_dropout_prob") != 1 and pipe.num_classes > 1
     labels = torch.arange(num_samples) % pipe.num_classes if conditional else None
     pipe.set_progress_bar_config(disable=True)
-    chunks = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
+    images, scores = [], []
+    for start in tqdm(split_work(range(0, num_samples, batch_size)), desc="sampling",
+                      disable=not progress or not is_main_process()):
         count = min(batch_size, num_samples - start)
         output = pipe(class_labels=None if labels is None else labels[start:start + count],
                       batch_size=None if labels is not None else count, num_inference_steps=num_inference_steps,
-                      output_type="pt", check_memorization=False,
+                      output_type="pt", check_memorization=False, memorization_score=score_method,
                       generator=torch.Generator().manual_seed(seed + start))
-        chunks.append(output.images)
-    return torch.cat(chunks), labels
+        images.append(output.images.cpu())
+        scores.append(output.memorization_score.cpu())
+    gather = lambda parts: all_gather_cat(torch.cat(parts) if parts else None)  # noqa: E731
+    return gather(images), gather(scores), labels
 
 
 def _held_out(population: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
@@ -104,30 +120,46 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
             contrastive network trained on the population for ``copy_steps`` steps).
         quality_space: a :class:`~diffusers_memsep.memorization.FeatureSpace` for the quality metrics (with
             ``population``; None: no quality).
+        batch_size: samples per pipeline call; each batch has its own seed (see "Choices"), and the batches are
+            what several processes share.
+
+    Under several processes every process must call it (with the same arguments); see the module docstring.
     """
-    if num_samples < 4 or num_inference_steps < 1 or gallery_size < 0:
-        raise ValueError("num_samples must be >= 4, num_inference_steps >= 1 and gallery_size >= 0.")
+    if num_samples < 4 or num_inference_steps < 1 or gallery_size < 0 or batch_size < 1:
+        raise ValueError("num_samples must be >= 4, num_inference_steps >= 1, gallery_size >= 0 and batch_size >= 1.")
     if train_images is None and pipe.reference is not None:
         train_images = pipe.reference.images.float().cpu()
-    images01, labels = _sample(pipe, num_samples, num_inference_steps, seed, batch_size, progress)
+    images01, scores, labels = _sample(pipe, num_samples, num_inference_steps, seed, batch_size, progress,
+                                       score_method)
     samples = images01 * 2 - 1
+    if train_images is not None:
+        train_images = pipe.match_image_shape(train_images)
+    numbers, gallery = main_process_result(lambda: _measure(
+        pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,
+        copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress))
+    return AuditResult(numbers, samples, train_images, gallery)
+
+
+def _measure(pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,
+             copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress) -> tuple[dict, list]:
+    """Every number of the audit and its gallery, from the gathered samples and scores (main process only)."""
+    num_samples = len(samples)
     numbers = {"pipeline": {"image_shape": list(pipe.image_shape), "num_classes": pipe.num_classes,
                             "latent": pipe.vae is not None},
                "sampling": {"num_samples": num_samples, "num_inference_steps": num_inference_steps, "seed": seed,
-                            "scheduler": type(pipe.scheduler).__name__}}
+                            "batch_size": batch_size, "scheduler": type(pipe.scheduler).__name__}}
 
-    score = memorization_score(pipe, images01, class_labels=labels, method=score_method)
-    numbers["model_score"] = {"method": score_method, "threshold": score.threshold,
-                              "flagged": _share(int(score.memorized.sum()), num_samples),
-                              "scores": score.score.tolist()}
+    threshold = THRESHOLDS[score_method]
+    numbers["model_score"] = {"method": score_method, "threshold": threshold,
+                              "flagged": _share(int((scores >= threshold).sum()), num_samples),
+                              "scores": scores.tolist()}
     gallery = []
     if train_images is None:
         numbers["training_images"] = None
-        order = score.score.argsort(descending=True)[:gallery_size].tolist()
-        gallery = [(row, None, f"score {score.score[row]:.4f}") for row in order]
-        return AuditResult(numbers, samples, None, gallery)
+        order = scores.argsort(descending=True)[:gallery_size].tolist()
+        gallery = [(row, None, f"score {scores[row]:.4f}") for row in order]
+        return numbers, gallery
 
-    train_images = pipe.match_image_shape(train_images)
     numbers["training_images"] = len(train_images)
     pixel = memorization_report(samples, train_images)
     numbers["pixel"] = {"rule": "paper's 1/3 rule, pixel space",
@@ -166,7 +198,7 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
     if truth.any() and (~truth).any():
         from sklearn.metrics import roc_auc_score  # only when both classes occur
 
-        values = score.score.numpy()
+        values = scores.numpy()
         rng = np.random.default_rng(0)
         boot = []
         for _ in range(500):
@@ -198,7 +230,7 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
 
         reference = QualityReference.build(quality_space, population, train_images)
         numbers["quality"] = quality_metrics(samples, reference)
-    return AuditResult(numbers, samples, train_images, gallery)
+    return numbers, gallery
 
 
 def _gallery_figure(result: AuditResult):
@@ -273,8 +305,11 @@ def audit_markdown(numbers: dict, title: str) -> str:
 
 
 def write_audit(result: AuditResult, output_dir: str | os.PathLike, title: str) -> Path:
-    """``report.md``, ``audit.json`` and ``gallery.png`` in ``output_dir``, each written atomically."""
+    """``report.md``, ``audit.json`` and ``gallery.png`` in ``output_dir``, each written atomically; returns the
+    report's path. Under several processes only the main process writes (the others hold the same numbers)."""
     output_dir = Path(output_dir)
+    if not is_main_process():
+        return output_dir / "report.md"
     save_figure(_gallery_figure(result), output_dir / "gallery.png")
     write_text(output_dir / "audit.json", json.dumps(result.numbers, indent=2, default=float) + "\n")
     return write_text(output_dir / "report.md", audit_markdown(result.numbers, title))

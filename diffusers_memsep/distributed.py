@@ -9,18 +9,22 @@ Work is split in contiguous shards (:func:`shard_bounds`, :func:`split_work`): p
 order (:func:`gather_on_main`, :func:`all_gather_cat`). Where each item's randomness comes from one shared stream
 (head scoring), every process draws the items before its shard and skips them.
 
+Work that only the main process does (e.g. what follows a split sampling pass, which writes caches) runs there
+with :func:`main_process_result`, which hands its result to every process.
+
 Collectives run on the device the backend needs (CUDA for NCCL, CPU otherwise); results come back on the input's
 device.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world_size", "is_main_process", "all_gather_cat", "gather_on_main", "shard_bounds", "split_work"]
+__all__ = ["rank_and_world_size", "is_main_process", "all_gather_cat", "gather_on_main", "main_process_result",
+           "shard_bounds", "split_work"]
 
 T = TypeVar("T")
 
@@ -115,3 +119,27 @@ def gather_on_main(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None
     device = tensor.device if tensor is not None else torch.device("cpu")
     return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(device)
+
+
+def main_process_result(function: Callable[[], T]) -> T:
+    """``function()`` run on the main process only, its result (picklable) returned on every process.
+
+    For work that must not run N times (it writes a cache, or is cheap next to what was split): the others wait for
+    it. When it raises on the main process, the main process re-raises and every other process raises a
+    RuntimeError naming the error, instead of waiting for a result that never comes.
+    """
+    if not _distributed():
+        return function()
+    payload = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [(function(), None)]
+        except Exception as error:
+            dist.broadcast_object_list([(None, f"{type(error).__name__}: {error}")], src=0,
+                                       device=_communication_device())
+            raise
+    dist.broadcast_object_list(payload, src=0, device=_communication_device())
+    result, failure = payload[0]
+    if failure is not None:
+        raise RuntimeError(f"the main process failed ({failure}); its own error output has the traceback.")
+    return result

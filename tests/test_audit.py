@@ -1,6 +1,13 @@
-"""``memsep audit`` offline on a tiny stock DiTPipeline folder (latent DiT with learned sigma, as on the Hub)."""
+"""``memsep audit`` offline on a tiny stock DiTPipeline folder (latent DiT with learned sigma, as on the Hub).
+
+The data-parallel test runs this file as a script: under ``torchrun`` (2 processes, gloo on CPU) and alone, each
+process recording the numbers it returned and how many sampling batches it ran."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +17,8 @@ from PIL import Image
 
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +84,73 @@ def test_audit_bad_input(stock_folder, tmp_path, capsys):
     assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(tmp_path / "a"),
                  "--num_samples", "2"]) == 2
     assert "--num_samples must be >= 4" in capsys.readouterr().err
+
+
+def test_write_audit_writes_on_the_main_process_only(tmp_path, monkeypatch):
+    import diffusers_memsep.audit as audit
+
+    result = audit.AuditResult({"any": 1}, torch.zeros(1, 1, 8, 8))
+    monkeypatch.setattr(audit, "is_main_process", lambda: False)
+    assert audit.write_audit(result, tmp_path / "out", "title") == tmp_path / "out" / "report.md"
+    assert not (tmp_path / "out").exists()
+
+
+def run_audit_worker(records: Path, argv: list[str]) -> int:
+    """``memsep audit`` as every process runs it, recording per rank the numbers it returned and its pipeline calls."""
+    import diffusers_memsep.commands.audit as command
+    from diffusers_memsep import MemSepPipeline
+    from diffusers_memsep.distributed import rank_and_world_size
+
+    calls, call, write = [], MemSepPipeline.__call__, command.write_audit
+    MemSepPipeline.__call__ = lambda self, *args, **kwargs: calls.append(1) or call(self, *args, **kwargs)
+
+    def recording_write(result, output_dir, title):
+        rank, world_size = rank_and_world_size()
+        (records / f"rank{rank}-of-{world_size}.json").write_text(
+            json.dumps({"numbers": result.numbers, "pipeline_calls": len(calls)}, sort_keys=True))
+        return write(result, output_dir, title)
+
+    command.write_audit = recording_write
+    return main(argv)
+
+
+def comparable(numbers: dict) -> str:
+    """The numbers as JSON text (NaN included), without the copy network's training time and its cache folder."""
+    numbers = json.loads(json.dumps(numbers))
+    details = numbers.get("copy_space", {}).get("details", {})
+    for key in ("train_seconds", "cache"):
+        details.pop(key, None)
+    return json.dumps(numbers, sort_keys=True)
+
+
+def test_two_processes_audit_like_one(stock_folder, image_folder, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    outputs = {}
+    for processes in (1, 2):
+        out, records = tmp_path / f"audit-{processes}", tmp_path / f"records-{processes}"
+        records.mkdir()
+        # 5 samples in batches of 2: 3 batches, split 1 + 2
+        argv = ["audit", "--pipeline", str(stock_folder), "--output_dir", str(out), "--train_data_dir",
+                str(image_folder), "--max_train_samples", "6", "--num_samples", "5", "--batch_size", "2",
+                "--num_inference_steps", "2", "--copy_steps", "5", "--gallery_size", "3", "--no_quality"]
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                  if processes == 2 else [sys.executable])
+        done = subprocess.run([*launch, __file__, str(records), *argv], capture_output=True, text=True, timeout=300,
+                              env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert done.stdout.count("# Memorization audit") == 1  # the report is printed by the main process alone
+        outputs[processes] = (json.loads((out / "audit.json").read_text()), records)
+        assert (out / "report.md").is_file() and (out / "gallery.png").stat().st_size > 0
+        assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary file
+    one, records_one = outputs[1]
+    two, records_two = outputs[2]
+    assert len(one["model_score"]["scores"]) == 5 and one["training_images"] == 6
+    assert comparable(two) == comparable(one)  # every number, per-sample scores and copy space included
+    ranks = [json.loads((records_two / f"rank{rank}-of-2.json").read_text()) for rank in (0, 1)]
+    assert [rank["pipeline_calls"] for rank in ranks] == [1, 2]  # each process sampled its share of the batches
+    assert comparable(ranks[1]["numbers"]) == comparable(ranks[0]["numbers"]) == comparable(one)
+    assert json.loads((records_one / "rank0-of-1.json").read_text())["pipeline_calls"] == 3
+
+
+if __name__ == "__main__":
+    sys.exit(run_audit_worker(Path(sys.argv[1]), sys.argv[2:]))

@@ -14,7 +14,14 @@ import torch
 
 from diffusers_memsep import PrunableDiTTransformer2DModel
 from diffusers_memsep.data import TrainingData, with_held_out
-from diffusers_memsep.distributed import all_gather_cat, gather_on_main, shard_bounds, split_work
+from diffusers_memsep.distributed import (
+    all_gather_cat,
+    gather_on_main,
+    main_process_result,
+    rank_and_world_size,
+    shard_bounds,
+    split_work,
+)
 from diffusers_memsep.memorization import NearestNeighborIndex, sharded_search
 from diffusers_memsep.pruning import METHODS, SMALL_TIME, head_importance
 from diffusers_memsep.pruning.importance import _batches
@@ -87,6 +94,13 @@ def run_worker(output: str) -> None:
     only = split_work(range(1))
     results["all_gather_one_item"] = all_gather_cat(torch.cat([sample_for_seed(s) for s in only]) if only else None)
     results["evaluation_samples"] = evaluation_samples()
+    results["main_process_result"] = main_process_result(lambda: {"rank": rank_and_world_size()[0]})
+    try:  # an error on the main process reaches every process instead of leaving them waiting
+        main_process_result(lambda: 1 // 0)
+    except ZeroDivisionError:
+        results["main_process_error"] = "raised on the main process"
+    except RuntimeError as error:
+        assert "ZeroDivisionError" in str(error) and not state.is_main_process, error
     if state.is_main_process:
         torch.save(results, output)
     else:
@@ -139,6 +153,12 @@ def test_two_processes_sample_an_evaluation_like_one(two_process_results):
     torch.testing.assert_close(two_process_results["evaluation_samples"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_two_processes_share_the_main_process_result(two_process_results):
+    # rank 1 received rank 0's result and its error (asserted in the worker)
+    assert two_process_results["main_process_result"] == {"rank": 0}
+    assert two_process_results["main_process_error"] == "raised on the main process"
+
+
 def test_one_process_helpers_are_the_identity():
     assert shard_bounds(10) == (0, 10) and list(split_work(range(5))) == [0, 1, 2, 3, 4]
     assert [shard_bounds(10, rank, 3) for rank in range(3)] == [(0, 3), (3, 6), (6, 10)]
@@ -148,6 +168,7 @@ def test_one_process_helpers_are_the_identity():
     distances, indices = sharded_search(NearestNeighborIndex(train[40:]), 40, queries, k=2)
     expected = NearestNeighborIndex(train[40:]).search(queries, k=2)
     assert torch.equal(indices, expected[1] + 40) and torch.equal(distances, expected[0])
+    assert main_process_result(lambda: "result") == "result"
     with pytest.raises(ValueError, match="rank=3"):
         shard_bounds(10, 3, 3)
     with pytest.raises(ValueError, match="offset"):

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from diffusers_memsep import MemSepPipeline
 from diffusers_memsep.memorization.features import load_digits_dataset
-from diffusers_memsep.memorization.model_score import memorization_score
+from diffusers_memsep.memorization.model_score import memorization_score, score_generator
 from diffusers_memsep.trainer import make_dit
 
 
@@ -77,3 +77,20 @@ def test_score_on_pipeline_output():
         memorization_score(pipe, output.images, method="cond_gap")
     with pytest.raises(ValueError, match="method must be one of"):
         memorization_score(pipe, output.images, method="nope")
+
+
+def test_one_generator_per_image_and_the_derived_generator():
+    images = load_digits_dataset()[0][:3]
+    pipe = MemorizingPipe(images[:2])
+    per_image = lambda seeds: [torch.Generator().manual_seed(seed) for seed in seeds]  # noqa: E731
+    batch = memorization_score(pipe, images, value_range="-11", generator=per_image([0, 1, 2])).score
+    alone = memorization_score(pipe, images[2:], value_range="-11", generator=per_image([2])).score
+    torch.testing.assert_close(batch[2:], alone)  # each image's score depends on its own generator only
+    with pytest.raises(ValueError, match="one generator per image"):
+        memorization_score(pipe, images, value_range="-11", generator=per_image([0, 1]))
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    derived = score_generator(generator)
+    assert torch.equal(generator.get_state(), state)  # read, not advanced
+    assert torch.equal(derived.get_state(), score_generator(torch.Generator().manual_seed(0)).get_state())
+    assert derived.initial_seed() != generator.initial_seed() and score_generator(None) is None

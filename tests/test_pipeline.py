@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from diffusers_memsep import MemSepPipeline, MemSepPipelineOutput, NearestNeighborIndex
+from diffusers_memsep.memorization.model_score import THRESHOLDS, memorization_score, score_generator
 
 from conftest import tiny_dit
 
@@ -233,6 +234,59 @@ def test_guidance_refused_without_a_learned_null_class():
         sample(make_pipe(label_dropout_prob=1.0), class_labels=[1])
 
 
+# ------------------------------------------------------------------------------------ model-only memorization score
+def test_memorization_score_fields_with_and_without_reference():
+    for reference in (False, True):
+        pipe = make_pipe(reference=reference)
+        out = sample(pipe, batch_size=3, memorization_score=True)
+        assert out.memorization_score.shape == (3,) and out.memorization_score.dtype == torch.float32
+        assert torch.isfinite(out.memorization_score).all()
+        assert out.score_memorized.dtype == torch.bool and out.score_memorized.shape == (3,)
+        assert torch.equal(out.score_memorized, out.memorization_score >= THRESHOLDS["renoise"])
+        assert (out.memorized is None) == (not reference)  # the score needs no training images
+    plain = sample(make_pipe(), class_labels=[1, 2])
+    assert plain.memorization_score is None and plain.score_memorized is None
+
+
+def test_memorization_score_leaves_the_images_bit_identical():
+    pipe = make_pipe()
+    for generators in (lambda: torch.Generator().manual_seed(3),
+                       lambda: [torch.Generator().manual_seed(seed) for seed in (4, 5)]):
+        kwargs = {"class_labels": [1, 7], "num_inference_steps": 4, "output_type": "pt"}
+        off = pipe(generator=generators(), **kwargs)
+        on = pipe(generator=generators(), memorization_score="denoise_loss", **kwargs)
+        assert torch.equal(off.images, on.images) and torch.equal(off.distance_ratio, on.distance_ratio)
+        again = pipe(generator=generators(), memorization_score="denoise_loss", **kwargs)
+        assert torch.equal(on.memorization_score, again.memorization_score)  # reproducible from the seed
+
+
+@pytest.mark.parametrize("method", ["renoise", "cond_gap"])
+def test_memorization_score_equals_the_function_on_the_returned_images(method):
+    pipe = make_pipe()
+    out = sample(pipe, seed=2, class_labels=[1, 5, 8], memorization_score=method)
+    expected = memorization_score(pipe, out.images, class_labels=[1, 5, 8], method=method,
+                                  generator=score_generator(torch.Generator().manual_seed(2)))
+    assert torch.equal(out.memorization_score, expected.score)
+    assert torch.equal(out.score_memorized, expected.memorized)
+    # a generator per sample: each sample's score depends on its own generator only
+    pair = pipe(class_labels=[1, 5], num_inference_steps=4, output_type="pt", memorization_score=method,
+                generator=[torch.Generator().manual_seed(seed) for seed in (6, 7)])
+    alone = pipe(class_labels=[5], num_inference_steps=4, output_type="pt", memorization_score=method,
+                 generator=[torch.Generator().manual_seed(7)])
+    torch.testing.assert_close(pair.memorization_score[1:], alone.memorization_score, rtol=1e-4, atol=1e-6)
+
+
+def test_memorization_score_bad_options():
+    pipe = make_pipe()
+    for option in ("nope", 1, "RENOISE"):
+        with pytest.raises(ValueError, match="memorization_score=.*pass True .* renoise, renoise_spread"):
+            sample(pipe, class_labels=[1], memorization_score=option)
+    with pytest.raises(ValueError, match="cond_gap.*pass class_labels"):
+        sample(pipe, batch_size=2, memorization_score="cond_gap")
+    with pytest.raises(ValueError, match="never learned"):
+        sample(make_pipe(label_dropout_prob=0.0), class_labels=[1], memorization_score="cond_gap")
+
+
 # ------------------------------------------------------------------------------------------------- save and load
 def test_save_load_round_trip_gives_identical_images(tmp_path):
     pipe = make_pipe(scheduler=DDPMScheduler(num_train_timesteps=100), label_dropout_prob=0.1)
@@ -281,7 +335,14 @@ RESAVE_WITH_STOCK_DIFFUSERS = textwrap.dedent(
     load = lambda folder: DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_memsep",
                                                             trust_remote_code=True)
     load(sys.argv[1]).save_pretrained(sys.argv[2])
-    assert type(load(sys.argv[2]).transformer).__name__ == "PrunableDiTTransformer2DModel"
+    pipe = load(sys.argv[2])
+    assert type(pipe.transformer).__name__ == "PrunableDiTTransformer2DModel"
+    import torch
+    from safetensors.torch import save_file
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=2, output_type="pt", memorization_score=True,
+               generator=torch.Generator().manual_seed(0))
+    save_file({"images": out.images, "score": out.memorization_score, "flags": out.score_memorized}, sys.argv[3])
     """
 )
 
@@ -293,10 +354,21 @@ def test_shipped_code_saves_a_folder_that_loads_again(tmp_path):
     saved, again = tmp_path / "saved", tmp_path / "again"
     pipe.save_pretrained(saved)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", RESAVE_WITH_STOCK_DIFFUSERS, str(saved), str(again)], env=env, check=True,
-                   timeout=300, cwd=tmp_path)
+    shipped = tmp_path / "shipped.safetensors"
+    subprocess.run([sys.executable, "-c", RESAVE_WITH_STOCK_DIFFUSERS, str(saved), str(again), str(shipped)], env=env,
+                   check=True, timeout=300, cwd=tmp_path)
     # the shipped bundle re-ships itself, byte for byte
     assert (again / "pipeline_memsep.py").read_text() == (saved / "pipeline_memsep.py").read_text()
+    # and computes the model-only score offline, as the installed package does
+    from safetensors.torch import load_file
+
+    result, pipe = load_file(shipped), MemSepPipeline.from_pretrained(saved)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(batch_size=2, num_inference_steps=2, output_type="pt", memorization_score=True,
+                    generator=torch.Generator().manual_seed(0))
+    assert result["score"].shape == (2,) and result["flags"].dtype == torch.bool
+    torch.testing.assert_close(result["images"], expected.images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(result["score"], expected.memorization_score, rtol=1e-5, atol=1e-7)
 
 
 LOAD_BY_REPO_ID = textwrap.dedent(

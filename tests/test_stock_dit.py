@@ -273,8 +273,9 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained({source!r}, custom_pipeline="pipeline_memsep", trust_remote_code=True)
 assert type(pipe).__name__ == "MemSepPipeline", type(pipe)
 assert type(pipe.transformer).__name__ == "PrunableDiTTransformer2DModel"
-out = pipe(class_labels=["cat", "bird"], num_inference_steps=2, output_type="pt")
+out = pipe(class_labels=["cat", "bird"], num_inference_steps=2, output_type="pt", memorization_score=True)
 assert out.images.shape == (2, 3, 8, 8) and out.memorized.shape == (2,)
+assert out.memorization_score.shape == (2,) and torch.isfinite(out.memorization_score).all()  # latent, offline
 print("stock ok", sum(pipe.transformer.heads_per_layer()))
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",

@@ -6,11 +6,17 @@ in the copy-detection space (with 95% intervals), the model-only score, copies p
 beside their training images, and quality against the population. The training images come from the data flags of
 ``memsep train`` (or the pipeline's own reference); without any, only the model-only score is reported. The library
 call is :func:`diffusers_memsep.audit.audit_pipeline`.
+
+Data-parallel: ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m diffusers_memsep.cli audit ...`` (CPU) or
+``accelerate launch -m diffusers_memsep.cli audit ...`` (GPUs) splits the sampling batches and their model-only
+scores across the N processes; the main process alone measures the rest and writes the files, with the numbers of
+one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from diffusers_memsep.audit import audit_pipeline, write_audit
@@ -20,6 +26,7 @@ from diffusers_memsep.commands.arguments import (
     check_quality_arguments,
     data_source,
 )
+from diffusers_memsep.distributed import is_main_process
 from diffusers_memsep.memorization.model_score import METHODS
 from diffusers_memsep.sources import load_pipeline, load_pipeline_data, population_of, resolve_quality_space
 
@@ -30,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the samples.")
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="Samples per pipeline call; batch b is seeded seed + b * batch_size, so the numbers "
+                             "depend on it (not on the number of processes, which share the batches).")
     parser.add_argument("--score_method", default="renoise", choices=METHODS,
                         help="Model-only score (renoise: stability under re-noising; cond_gap needs a conditional "
                              "model).")
@@ -49,12 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_samples < 4 or args.num_inference_steps < 1 or args.gallery_size < 0 or args.copy_steps < 1:
-        raise ValueError("--num_samples must be >= 4, --num_inference_steps >= 1, --gallery_size >= 0 and "
-                         "--copy_steps >= 1.")
+    if (args.num_samples < 4 or args.num_inference_steps < 1 or args.gallery_size < 0 or args.copy_steps < 1
+            or args.batch_size < 1):
+        raise ValueError("--num_samples must be >= 4, --num_inference_steps >= 1, --gallery_size >= 0, "
+                         "--copy_steps >= 1 and --batch_size >= 1.")
     check_quality_arguments(args)
     source = data_source(args)
+    device = join_processes()
     pipe = load_pipeline(args.pipeline)
+    if device is not None and device.type != "cpu":  # each GPU process on its own device; CPU pipelines stay as loaded
+        pipe.to(device)
     train_images = population = quality_space = None
     if source.given:
         data = load_pipeline_data(pipe, source)
@@ -70,7 +84,30 @@ def run(args: argparse.Namespace) -> int:
     result = audit_pipeline(pipe, train_images, population, args.num_samples, args.num_inference_steps, args.seed,
                             args.score_method, args.copy_model,
                             Path(args.output_dir) / "feature_network" / "copy_space", quality_space,
-                            args.gallery_size, copy_steps=args.copy_steps)
+                            args.gallery_size, batch_size=args.batch_size, copy_steps=args.copy_steps)
     report = write_audit(result, args.output_dir, args.pipeline)
-    print(report.read_text())
+    if is_main_process():
+        print(report.read_text())
     return 0
+
+
+def join_processes():
+    """Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1): join the process group through Accelerate
+    and return this process's device; None for one process.
+
+    Processes that cannot form one group (``torchrun`` on a CPU-only machine without ``ACCELERATE_USE_CPU=true``)
+    are refused: each would audit alone and write the same files.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size == 1:
+        return None
+    from accelerate import PartialState  # only data-parallel runs need it
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # the flag Accelerator reads (gloo on CPU)
+    if state.num_processes != world_size:
+        raise ValueError(f"{world_size} processes were started (WORLD_SIZE={world_size}) but Accelerate joined "
+                         f"{state.num_processes}: each would audit alone and write the same files. On CPU run "
+                         f"`ACCELERATE_USE_CPU=true torchrun --nproc_per_node {world_size} -m diffusers_memsep.cli "
+                         "audit ...`; on GPUs use `accelerate launch -m diffusers_memsep.cli audit ...`.")
+    return state.device

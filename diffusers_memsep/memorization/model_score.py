@@ -36,19 +36,25 @@ Choices the paper leaves open, and why:
   point: calibrate on the model's own non-copies when some are known;
 - latent models are scored in latent space (the VAE encoder's mean, times ``scaling_factor``), where the model
   memorizes; pixel-space distances would mix in the VAE's reconstruction error;
-- all noise is seeded (``generator``), so a score is reproducible.
+- all noise is seeded (``generator``), so a score is reproducible; with one generator per image, each image's score
+  depends on its own generator only (as ``MemSepPipeline``'s per-sample generators make each sample depend on its
+  own), so a batch split across processes scores as in one process. ``MemSepPipeline(..., memorization_score=...)``
+  seeds the score with :func:`score_generator` of the call's generator: a new stream, derived from the generator's
+  state, that leaves the sampling noise untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import BaseOutput
 
-__all__ = ["METHODS", "THRESHOLDS", "MemorizationScoreOutput", "memorization_score", "to_model_space"]
+__all__ = ["METHODS", "THRESHOLDS", "MemorizationScoreOutput", "memorization_score", "score_generator",
+           "to_model_space"]
 
 METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap")
 #: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
@@ -111,13 +117,22 @@ def _eps(pipe, x_t, t, labels):
 
 
 def _alphas(pipe):
-    from ..trainer import make_noise_scheduler  # the training schedule of this project's models
-
     config = pipe.scheduler.config
-    if "alphas_cumprod" not in dir(pipe.scheduler):
-        scheduler = make_noise_scheduler(int(config.num_train_timesteps), config.get("beta_schedule", "linear"))
+    if "alphas_cumprod" not in dir(pipe.scheduler):  # the DDPM training schedule the sampling scheduler was made from
+        scheduler = DDPMScheduler(num_train_timesteps=int(config.num_train_timesteps),
+                                  beta_schedule=config.get("beta_schedule", "linear"),
+                                  beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02))
         return scheduler.alphas_cumprod
     return pipe.scheduler.alphas_cumprod
+
+
+def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``: from one generator, or row ``i`` from ``generator[i]``."""
+    if isinstance(generator, list):
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generator])
+    else:
+        noise = torch.randn(x.shape, generator=generator)
+    return noise.to(x.device, x.dtype)
 
 
 @torch.no_grad()
@@ -133,7 +148,7 @@ def _renoise(pipe, x, labels, generator, level=0.2, steps=10, repeats=4, spread=
     alpha = scheduler.alphas_cumprod[timesteps[0]].item()
     distances = []
     for _ in range(repeats):
-        noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        noise = _noise(x, generator)
         sample = alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise
         for t in timesteps:
             sample = scheduler.step(_eps(pipe, sample, t, labels).to(x.dtype), t, sample).prev_sample
@@ -152,7 +167,7 @@ def _denoise_loss(pipe, x, labels, generator, levels=(0.02, 0.05, 0.1), draws=4)
         t = max(1, int(level * num_train))
         alpha = alphas[t].item()
         for _ in range(draws):
-            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            noise = _noise(x, generator)
             prediction = _eps(pipe, alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise, t, labels)
             losses.append((prediction - noise.float()).square().flatten(1).mean(1))
     return -torch.stack(losses).mean(0)
@@ -171,7 +186,7 @@ def _cond_gap(pipe, x, labels, generator, levels=(0.1, 0.3, 0.5), draws=2):
         t = int(level * len(alphas))
         alpha = alphas[t].item()
         for _ in range(draws):
-            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            noise = _noise(x, generator)
             x_t = alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise
             gaps.append((_eps(pipe, x_t, t, labels) - _eps(pipe, x_t, t, null)).square().flatten(1).mean(1))
     return torch.stack(gaps).mean(0)
@@ -185,9 +200,27 @@ _FUNCTIONS = {"renoise": _renoise, "renoise_spread": _renoise_spread, "denoise_l
               "cond_gap": _cond_gap}
 
 
+def score_generator(generator: torch.Generator | list[torch.Generator] | None):
+    """The generator(s) of the score that goes with a sampling ``generator``: a new CPU generator seeded from a hash
+    of ``generator``'s current state (one per generator of a list; None stays None, the score's default seed).
+
+    ``generator`` is only read, never advanced, so sampling draws the same noise whether or not a score is computed;
+    the derived stream is not the sampling stream (re-noising a sample with its own initial noise would bias the
+    score). ``MemSepPipeline(..., memorization_score=...)`` derives it at the start of the call: pass
+    ``score_generator(g)`` of a generator in the state given to the pipeline to reproduce the score.
+    """
+    if generator is None:
+        return None
+    if isinstance(generator, (list, tuple)):
+        return [score_generator(g) for g in generator]
+    state = generator.get_state().cpu().numpy().tobytes()
+    digest = hashlib.sha256(b"diffusers_memsep.memorization_score\0" + state).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def memorization_score(pipe, images, class_labels=None, method: str = "renoise", threshold: float | None = None,
-                       generator: torch.Generator | None = None, value_range: str = "01", batch_size: int = 256,
-                       **method_kwargs) -> MemorizationScoreOutput:
+                       generator: torch.Generator | list[torch.Generator] | None = None, value_range: str = "01",
+                       batch_size: int = 256, **method_kwargs) -> MemorizationScoreOutput:
     """Score ``images`` for memorization with ``pipe``'s model alone (no training images).
 
     Args:
@@ -198,7 +231,8 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
             ``"cond_gap"``.
         method: one of :data:`METHODS` (see the module docstring).
         threshold: flag ``score >= threshold`` (default :data:`THRESHOLDS` of the method).
-        generator: seeds the noise (default seed 0).
+        generator: seeds the noise (default seed 0); a list gives one CPU generator per image, so each image's score
+            depends on its own generator only.
         method_kwargs: e.g. ``level``, ``steps``, ``repeats`` for ``"renoise"``; ``levels``, ``draws`` otherwise.
     """
     if method not in METHODS:
@@ -211,6 +245,11 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
         labels = labels.expand(len(x)) if labels.numel() == 1 else labels
         if labels.numel() != len(x):
             raise ValueError(f"{labels.numel()} class labels for {len(x)} images; pass one label per image.")
+    if isinstance(generator, (list, tuple)):
+        generator = list(generator)
+        if len(generator) != len(x):
+            raise ValueError(f"{len(generator)} generators for {len(x)} images; pass one generator per image, or a "
+                             "single torch.Generator.")
     generator = generator or torch.Generator().manual_seed(0)
     function = _FUNCTIONS[method]
     was_training = pipe.transformer.training
@@ -223,7 +262,8 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
                 (len(x[chunk]),), pipe.null_class, dtype=torch.long, device=device)
             if method == "cond_gap":
                 batch_labels = labels[chunk] if labels is not None else None
-            scores.append(function(pipe, x[chunk], batch_labels, generator, **method_kwargs).cpu())
+            chunk_generator = generator[chunk] if isinstance(generator, list) else generator
+            scores.append(function(pipe, x[chunk], batch_labels, chunk_generator, **method_kwargs).cpu())
     finally:
         pipe.transformer.train(was_training)
     score = torch.cat(scores)

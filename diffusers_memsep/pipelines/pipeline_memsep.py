@@ -31,6 +31,7 @@ from huggingface_hub import constants
 
 from ..memorization import NearestNeighborIndex, memorization_report
 from ..memorization.metrics import MemorizationResult
+from ..memorization.model_score import METHODS, THRESHOLDS, memorization_score, score_generator
 from ..utils import check_pipeline_json
 from .remote_code import SHIPPED_COMPONENTS, write_remote_code
 
@@ -69,10 +70,15 @@ class MemSepPipelineOutput(BaseOutput):
             flagged after ``max_resamples`` redraws has ``memorized`` True.
         early_distance_ratio (`torch.Tensor` `[B]`, *optional*): with ``copy_check_at``, the ``distance_ratio`` of the
             predicted clean image at the early check, for the trajectory that was returned; None otherwise.
-        denoising_steps (`torch.LongTensor` `[B]`): the sampler steps spent on each sample over all its trajectories
+        denoising_steps (`torch.LongTensor` `[B]`, *optional*): the sampler steps spent on each sample over all its trajectories
             (a trajectory stopped at the early check counts the steps it ran), so ``denoising_steps.float().mean()
             / num_inference_steps`` is the cost of copy-free sampling relative to plain sampling (1 without
             ``avoid_copies``). With classifier-free guidance each step runs the transformer on two rows.
+        memorization_score (`torch.Tensor` `[B]`, *optional*): with ``memorization_score``, the model-only score
+            of each returned sample (:func:`~diffusers_memsep.memorization.model_score.memorization_score`; higher =
+            more likely a copy); needs no ``reference``. NaN for a sample that is not finite. None otherwise.
+        score_memorized (`torch.BoolTensor` `[B]`, *optional*): ``memorization_score`` at or above the method's
+            documented threshold (``model_score.THRESHOLDS``); None without ``memorization_score``.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -83,6 +89,8 @@ class MemSepPipelineOutput(BaseOutput):
     num_resamples: torch.Tensor | None = None
     early_distance_ratio: torch.Tensor | None = None
     denoising_steps: torch.Tensor | None = None
+    memorization_score: torch.Tensor | None = None
+    score_memorized: torch.Tensor | None = None
 
 
 class MemSepPipeline(DiffusionPipeline):
@@ -374,6 +382,7 @@ class MemSepPipeline(DiffusionPipeline):
         avoid_copies: bool = False,
         max_resamples: int = 8,
         copy_check_at: float | None = None,
+        memorization_score: bool | str = False,
     ) -> MemSepPipelineOutput | tuple:
         r"""
         Generate images and, when the pipeline has a ``reference``, flag those that copy a training image.
@@ -405,6 +414,15 @@ class MemSepPipeline(DiffusionPipeline):
                 decoded by the VAE in latent space) is checked against the reference: with ``avoid_copies`` a
                 trajectory flagged then restarts at once instead of at the end (the final check still applies; the
                 last allowed trajectory always runs to the end). Its ratio is returned as ``early_distance_ratio``.
+            memorization_score: also score every returned sample with the model alone, no training images needed
+                (``output.memorization_score`` and ``output.score_memorized``): True for the default method
+                ``"renoise"``, or a method name of ``model_score.METHODS`` (``"cond_gap"`` needs class labels and a
+                learned null class). The score is that of
+                :func:`~diffusers_memsep.memorization.model_score.memorization_score` on the images as
+                ``output_type="pt"`` returns them (before the 8-bit rounding of ``"pil"``), with the sample's class
+                labels, seeded by :func:`~diffusers_memsep.memorization.model_score.score_generator` of
+                ``generator`` as it was passed: the score is reproducible from the same seed, and the images are the
+                same whether it is on or off (the sampling noise is drawn as without it).
 
         Restarts draw their noise from ``generator`` after the pass that flagged them: a single generator continues
         its stream (redrawn samples in batch order), a list of generators gives each sample its redraws from its own
@@ -424,6 +442,9 @@ class MemSepPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'pt'.")
         self._check_copy_free_arguments(avoid_copies, max_resamples, copy_check_at, check_memorization)
+        score_method = _score_method(self, memorization_score, class_labels)
+        # derived before sampling draws from `generator`, which it only reads: the sampling noise is unchanged
+        score_generators = score_generator(generator) if score_method is not None else None
         device = self._execution_device
         labels = self._prepare_labels(class_labels, batch_size, device)
         if guidance_scale > 1:
@@ -461,6 +482,11 @@ class MemSepPipeline(DiffusionPipeline):
             memorized, distance_ratio = report.memorized.cpu(), report.distance_ratio.cpu()
             nearest_index, finite = report.nearest_index.cpu(), report.finite.cpu()
 
+        score = score_memorized = None
+        if score_method is not None:
+            score, score_memorized = self._memorization_score(samples, labels if class_labels is not None else None,
+                                                              score_method, score_generators)
+
         images = self._to_output(samples, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -468,7 +494,15 @@ class MemSepPipeline(DiffusionPipeline):
         return MemSepPipelineOutput(
             images=images, memorized=memorized, distance_ratio=distance_ratio, nearest_index=nearest_index,
             finite=finite, num_resamples=num_resamples, early_distance_ratio=early_ratio, denoising_steps=steps_spent,
+            memorization_score=score, score_memorized=score_memorized,
         )
+
+    def _memorization_score(self, samples: torch.Tensor, labels: torch.Tensor | None, method: str, generator):
+        """The model-only score of ``samples`` (``[-1, 1]``) and its flags, as ``memorization_score`` gives them for
+        the ``output_type="pt"`` images, so a user can recompute them from the output (see ``__call__``)."""
+        result = memorization_score(self, self._to_output(samples, "pt"), class_labels=labels, method=method,
+                                    generator=generator)
+        return result.score, result.memorized
 
     # --------------------------------------------------------------------------------- denoising and checks
     def _denoise(self, latents, labels, generator, num_inference_steps: int, guidance_scale: float, switch,
@@ -686,6 +720,22 @@ def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
     else:
         fix = "check the repo id (user/name), the connection and your access rights, or pass a local pipeline folder"
     return f"cannot load the pipeline {os.fspath(name)!r}: {detail}; {fix}."
+
+
+def _score_method(pipe, option, class_labels) -> str | None:
+    """The method of ``__call__``'s ``memorization_score`` option (None: off), checked before any sampling."""
+    if option is None or option is False:
+        return None
+    method = "renoise" if option is True else option
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"memorization_score={option!r}: pass True (the default method 'renoise'), False, or a "
+                         f"method name: {', '.join(METHODS)} (thresholds: {THRESHOLDS}).")
+    if method == "cond_gap":
+        if class_labels is None:
+            raise ValueError("memorization_score='cond_gap' compares the class and null-class predictions: pass "
+                             "class_labels, or use memorization_score='renoise' for unconditional samples.")
+        pipe._check_null_class("memorization_score='cond_gap'")
+    return method
 
 
 def _generators_of(generator, rows: torch.Tensor):

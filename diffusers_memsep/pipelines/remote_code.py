@@ -45,8 +45,9 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 #: ``model_index.json``'s ``["<module>", "<class>"]``), the layout diffusers documents for custom components.
 SHIPPED_COMPONENTS = {cls.__name__: cls for cls in (PrunableDiTTransformer2DModel, NearestNeighborIndex)}
 #: The package files of the bundle, dependencies first (no two define the same top-level name but ``__all__``).
-_BUNDLE = ("utils.py", "distributed.py", "memorization/index.py", "memorization/metrics.py", "models/prunable_dit.py",
-           "pipelines/remote_code.py", "pipelines/pipeline_memsep.py")
+_BUNDLE = ("utils.py", "distributed.py", "memorization/index.py", "memorization/metrics.py",
+           "memorization/model_score.py", "models/prunable_dit.py", "pipelines/remote_code.py",
+           "pipelines/pipeline_memsep.py")
 #: False when this code runs from a saved folder's ``pipeline_memsep.py`` (the bundle), not from the package.
 _IN_PACKAGE = __name__ == "diffusers_memsep.pipelines.remote_code"
 _PACKAGE_IMPORT = re.compile(r"^from \.+[\w.]* import [^\n]*\n", flags=re.MULTILINE)
