@@ -73,7 +73,8 @@ class MemSepPipelineOutput(BaseOutput):
         denoising_steps (`torch.LongTensor` `[B]`, *optional*): the sampler steps spent on each sample over all its
             trajectories (a trajectory stopped at the early check counts the steps it ran), so
             ``denoising_steps.float().mean() / num_inference_steps`` is the cost of copy-free sampling relative to
-            plain sampling (1 without ``avoid_copies``). With classifier-free guidance each step runs the transformer on two rows.
+            plain sampling (1 without ``avoid_copies``). With classifier-free guidance each step runs the
+            transformer on two rows.
         memorization_score (`torch.Tensor` `[B]`, *optional*): with ``memorization_score``, the model-only score
             of each returned sample (:func:`~diffusers_memsep.memorization.model_score.memorization_score`; higher =
             more likely a copy); needs no ``reference``. NaN for a sample that is not finite. None otherwise.
