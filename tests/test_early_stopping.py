@@ -255,3 +255,25 @@ def test_curve_files_hold_the_quality_metrics(tmp_path):
     assert record["curve"][1] == {"precision": 0.7, "recall": 0.4, "frechet_distance": 9.0, "step": 20,
                                   "memorization_ratio": 0.2}
     assert png_path.stat().st_size > 1000 and not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary left
+
+
+def test_the_validation_samples_with_the_configured_sampler(tmp_path, three_digits, monkeypatch):
+    """``ValidationConfig.sampler``: DDIM when asked (the study validates as it evaluates), named in the card."""
+    original, schedulers = diffusers_memsep.trainer.output.sample_pipeline, []
+
+    def recording(pipe, *args, **kwargs):
+        schedulers.append(type(kwargs.get("scheduler") or pipe.scheduler).__name__)
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers_memsep.trainer.output, "sample_pipeline", recording)
+    for sampler, name in (("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler")):
+        schedulers.clear()
+        folder = tmp_path / sampler
+        train_pipeline(folder, three_digits, small_dit(), make_noise_scheduler(20),
+                       TrainingConfig(max_train_steps=2, train_batch_size=3, validation_steps=1, show_progress=False),
+                       output=OutputConfig(report_to="none"),
+                       validation=ValidationConfig(num_samples=4, inference_steps=2, sampler=sampler))
+        assert set(schedulers) == {name}
+        assert f"{sampler.upper()}-2" in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="--validation_sampler"):
+        ValidationConfig(sampler="euler")

@@ -222,6 +222,10 @@ def test_colour_setting_is_16x16_rgb(tmp_path):
     (["--etas", "1.5"], "eta must lie in"),
     (["--methods", "small_t", "--early_stop_threshold", "2"], "early_stop_threshold"),
     (["--validation_data_dir", "x"], "--validation_data_dir belongs"),
+    (["--weight_decays", "0"], "weight_decays must be distinct AdamW weight decays > 0"),
+    (["--weight_decays", "1", "1"], "weight_decays must be distinct"),
+    (["--copy_check_at", "1.5"], "--copy_check_at 0.75"),
+    (["--max_resamples", "-1"], "max_resamples must be an integer >= 0"),
 ])
 def test_study_command_bad_input(tmp_path, argv, message, capsys):
     assert main(["study", "--output_dir", str(tmp_path / "out"), *argv]) == 2
@@ -358,3 +362,11 @@ def test_frontier_and_budgets_by_hand():
     choices = best_within_budgets(summary, "s")
     assert choices["fd+10%"]["method"] == "a" and choices["interval"]["method"] == "a"
     assert choices["kid+10%"]["method"] == "c"  # KID is equal everywhere: the one that copies least
+
+
+def test_study_command_remedy_flags_change_the_plan(tmp_path, capsys):
+    """--weight_decays (none) and --no_copy_free drop the remedy rows; by default the quick profile has them."""
+    for extra, missing in (([], 88), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 80)):
+        out = tmp_path / f"out{missing}"
+        assert main(["study", "--quick", "--output_dir", str(out), "--max_runs", "0", *extra]) == 0
+        assert f"0 runs executed, 0 already done, {missing} still missing" in capsys.readouterr().out
