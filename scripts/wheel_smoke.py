@@ -4,8 +4,8 @@
 2. create a fresh virtual environment (no system site-packages), install the CPU torch first (a bare ``torch``
    requirement pulls a multi-GB CUDA build), then the wheel, NOT editable;
 3. from a folder outside the checkout, without ``PYTHONPATH``, offline: a tiny ``memsep train``, a tiny
-   ``memsep prune`` of its output, then ``MemSepPipeline.from_pretrained`` on the pruned variant with a short
-   sampling call; check that ``diffusers_memsep`` and its model-card templates come from site-packages and that the
+   ``memsep prune`` of its output, a tiny ``memsep study`` (its remedy rows and frontier), then
+   ``MemSepPipeline.from_pretrained`` on the pruned variant with a short plain and copy-free sampling call; check that ``diffusers_memsep`` and its model-card templates come from site-packages and that the
    base model and the variant have model cards (YAML header, model-index).
 
 Run by ``make smoke`` (part of ``make test``): ``python scripts/wheel_smoke.py [--keep]``. Needs ``build`` (the
@@ -40,6 +40,8 @@ TRAIN = ["--output_dir", "base", "--max_train_steps", "3", "--max_train_samples"
          "--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "8",
          "--validation_num_samples", "4", "--validation_inference_steps", "2", "--report_to", "none",
          "--checkpointing_steps", "0", "--no_progress"]
+STUDY = ["--quick", "--output_dir", "study", "--settings", "digits8", "--num_base_models", "1", "--seeds", "0",
+         "--base_train_steps", "40", "--checkpoint_every", "20", "--max_resamples", "2"]
 PRUNE = ["--pipeline", "base", "--output_dir", "pruned", "--methods", "small_t", "--etas", "0.5", "--seeds", "0",
          "--finetune_steps", "2", "--finetune_batch_size", "8", "--importance_batches", "1",
          "--importance_batch_size", "8", "--num_samples", "8", "--num_inference_steps", "2"]
@@ -79,8 +81,15 @@ for folder, model_name in ((Path("base"), "dit-memsep"), (variants[0], "dit-smal
 pipe = MemSepPipeline.from_pretrained(variants[0])
 out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
 assert out.images.shape[0] == 2 and out.memorized.shape == (2,), (out.images.shape, out.memorized.shape)
+free = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), avoid_copies=True,
+            max_resamples=1, memorization_score=True)
+assert free.num_resamples.shape == free.memorization_score.shape == (2,) and (free.denoising_steps >= 2).all()
+report = Path("study", "report.md").read_text(encoding="utf-8")
+assert "### Remedies: effect and cost" in report and Path("study", "frontier.csv").is_file(), "study: no frontier"
+rows = Path("study", "runs.csv").read_text(encoding="utf-8")
+assert all(name in rows for name in ("early_stop+copy_free", "weight_decay=1", "original+copy_free(check)")), rows
 print(f"diffusers_memsep from {package}; templates from {package / 'model_cards'}; "
-      f"cards and from_pretrained + sampling of {variants[0]} OK")
+      f"cards, from_pretrained + copy-free sampling of {variants[0]}, the study's remedies OK")
 '''
 
 
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir()
         step("memsep train (tiny)", [str(memsep), "train", *TRAIN], run_dir)
         step("memsep prune (tiny)", [str(memsep), "prune", *PRUNE], run_dir)
+        step("memsep study (tiny)", [str(memsep), "study", *STUDY], run_dir)
         print("  " + step("check import, cards, from_pretrained", [str(python), "-c", CHECK, str(ROOT)], run_dir))
     finally:
         if args.keep:
