@@ -5,8 +5,9 @@
    requirement pulls a multi-GB CUDA build), then the wheel, NOT editable;
 3. from a folder outside the checkout, without ``PYTHONPATH``, offline: a tiny ``memsep train``, a tiny
    ``memsep prune`` of its output, a tiny ``memsep study`` (its remedy rows and frontier), then
-   ``MemSepPipeline.from_pretrained`` on the pruned variant with a short plain and copy-free sampling call; check that ``diffusers_memsep`` and its model-card templates come from site-packages and that the
-   base model and the variant have model cards (YAML header, model-index).
+   ``MemSepPipeline.from_pretrained`` on the pruned variant with a short plain and copy-free sampling call; check
+   that ``diffusers_memsep`` and its model-card templates come from site-packages and that the base model and the
+   variant have model cards (YAML header, model-index).
 
 Run by ``make smoke`` (part of ``make test``): ``python scripts/wheel_smoke.py [--keep]``. Needs ``build`` (the
 ``test`` extra). ``TORCH_SPEC`` overrides the torch requirement (default ``torch==2.13.0``). Prints the time of every
