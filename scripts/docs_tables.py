@@ -142,11 +142,17 @@ def _budget_row(cells: list[str]) -> str:
             f"{cells[8]} |")
 
 
+#: The README's short names of the report's quality budgets.
+SHORT_BUDGETS = {"recall, FD and KID within the original's 95% interval (or better)": "original's 95% interval",
+                 "FD at most 10% above the original's": "FD +10%", "KID at most 10% above the original's": "KID +10%"}
+
+
 def budget_table(report: str) -> str:
     """The README's table: per setting and quality budget, the condition that copies least and its cost."""
     lines = ["| setting | " + BUDGET_TITLES[2:], "|---|---|---|---|---|---|---|"]
     for name, tables in _report_tables(report).items():
-        lines += [f"| {name} {row}" for row in (_budget_row(cells) for cells in tables["budgets"])]
+        lines += [f"| {name} {row}" for row in
+                  (_budget_row([SHORT_BUDGETS.get(cells[0], cells[0]), *cells[1:]]) for cells in tables["budgets"])]
     return "\n".join(lines)
 
 

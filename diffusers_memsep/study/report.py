@@ -134,7 +134,11 @@ def plot_pareto(summary: list[dict], path, quality_metric: str = "frechet_distan
                          facecolors="none", edgecolors="black", linewidths=1.2, label="frontier", zorder=5)
         axis.set_xlabel("memorization ratio (lower: less copying)")
         direction = "higher" if quality_metric in HIGHER_IS_BETTER else "lower"
-        axis.set_ylabel(f"{quality_metric} ({direction} is better)")
+        values = [r[quality_metric] for r in rows if r[quality_metric] > 0]
+        log = bool(values) and max(values) > 5 * min(values)  # one far-off condition must not flatten the rest
+        if log:
+            axis.set_yscale("log")
+        axis.set_ylabel(f"{quality_metric} ({direction} is better{', log scale' if log else ''})")
         axis.set_title(f"{setting}: mean and 95% t-interval over base models x seeds; labels: eta", fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
