@@ -5,7 +5,9 @@ reports, with 95% intervals:
 
 - memorization by the paper's rule in pixel space (Ye et al. 2025, Section 4: nearest training image at most 1/3 as
   far as the second nearest) and by the calibrated rule of the copy-detection space
-  (:mod:`~diffusers_memsep.memorization.copy_detection`), both when training images are known;
+  (:mod:`~diffusers_memsep.memorization.copy_detection`), both when training images are known, and beside them the
+  registered pixel rule (pixel distance after aligning each training image by small shifts, a mirror and zooms) and
+  the combined rule (copy space OR registered rule) when enough held-out images calibrate them;
 - the model-only score (:func:`~diffusers_memsep.memorization.model_score.memorization_score`), which needs no
   training image (with them, also its ROC AUC against the pixel rule's labels);
 - how many samples copy each training image (which images leak), and a gallery of the worst copies beside their
@@ -24,6 +26,11 @@ Choices the paper leaves open, and why:
 - the held-out images that calibrate the copy-space threshold are the population images the copy network never
   saw (its recipe's held-out share; the whole population for a pretrained network), minus the training images
   (matched exactly); without a population the threshold of the copy space's recipe is used and the report says so;
+- the registered and combined rules are reported only when at least :data:`MIN_CALIBRATION_IMAGES` held-out images
+  calibrate them (they have no recipe threshold to fall back on); the combined rule is calibrated jointly (both
+  rules flag the same number of held-out images, as many as keep their union at 1%), which caught at least as many
+  edited copies as 0.5% each in ``scripts/measure_detection.py``; its false-positive rate is measured on the same
+  held-out images that calibrate it, like the copy space's;
 - the copy-detection network is trained on the population (or, without one, on the training images themselves)
   and cached in ``<output_dir>/feature_network/copy_space``, reused while the images are the same;
 - intervals: Wilson score intervals for shares (samples are independent draws of the model), bootstrap for AUC;
@@ -48,17 +55,25 @@ from tqdm.auto import tqdm
 from .distributed import all_gather_cat, is_main_process, main_process_result, split_work
 from .memorization.copy_detection import (
     SSCD_THRESHOLD,
+    RegisteredPixelRule,
+    calibrate_combined,
     calibrate_copy_threshold,
     copy_detection_space,
     copy_report,
+    max_similarity,
     pretrained_copy_space,
+    threshold_below,
     wilson_interval,
 )
 from .memorization.metrics import memorization_report
 from .memorization.model_score import THRESHOLDS
 from .utils import save_figure, write_text
 
-__all__ = ["AuditResult", "audit_pipeline", "write_audit"]
+__all__ = ["AuditResult", "audit_pipeline", "write_audit", "MIN_CALIBRATION_IMAGES"]
+
+#: Fewest held-out images that calibrate a threshold (fewer: the copy space keeps its recipe's threshold, and the
+#: registered and combined rules are not reported).
+MIN_CALIBRATION_IMAGES = 20
 
 
 @dataclass
@@ -179,7 +194,7 @@ def _measure(pipe, samples, scores, train_images, population, num_inference_step
     threshold_source = "the copy space's recipe (no held-out images given)"
     if copy_model is not None:
         threshold_source = f"SSCD's {SSCD_THRESHOLD} (no held-out images given)"
-    if held_out is not None and len(held_out) >= 20:
+    if held_out is not None and len(held_out) >= MIN_CALIBRATION_IMAGES:
         space.threshold = calibrate_copy_threshold(space, train_images, held_out)
         threshold_source = f"1% false positives on {len(held_out)} held-out population images"
     copies = copy_report(space, samples, train_images)
@@ -193,6 +208,7 @@ def _measure(pipe, samples, scores, train_images, population, num_inference_step
     if held_out is not None and len(held_out):
         flagged = copy_report(space, held_out, train_images).copied
         numbers["copy_space"]["held_out_false_positives"] = _share(int(flagged.sum()), len(held_out))
+    numbers.update(_registered_and_combined(space, samples, train_images, held_out, copies))
 
     truth = pixel.memorized.numpy().astype(bool)
     if truth.any() and (~truth).any():
@@ -233,6 +249,38 @@ def _measure(pipe, samples, scores, train_images, population, num_inference_step
     return numbers, gallery
 
 
+def _registered_and_combined(space, samples, train_images, held_out, copies) -> dict:
+    """The registered pixel rule and the combined rule (copy space OR registered), calibrated on ``held_out`` at 1%
+    false positives; without enough held-out images, the registered distances only."""
+    rule = RegisteredPixelRule()
+    distance, nearest, _ = rule.distance(samples, train_images)
+    registered = {"rule": rule.name, "details": rule.details, "distance": distance.tolist(),
+                  "nearest_index": nearest.tolist()}
+    if held_out is None or len(held_out) < MIN_CALIBRATION_IMAGES:
+        found = 0 if held_out is None else len(held_out)
+        registered["threshold_source"] = (f"not calibrated: {found} held-out population images, fewer than "
+                                          f"{MIN_CALIBRATION_IMAGES}")
+        return {"registered_pixel": registered}
+    held_distance = rule.distance(held_out, train_images)[0]
+    threshold = threshold_below(held_distance)
+    registered.update(threshold=threshold, threshold_source=f"1% false positives on {len(held_out)} held-out "
+                      "population images", copied=_share(int((distance <= threshold).sum()), len(samples)),
+                      held_out_false_positives=_share(int((held_distance <= threshold).sum()), len(held_out)))
+    held_similarity = max_similarity(space, held_out, train_images)[0]
+    cosine, cut = calibrate_combined(held_similarity, held_distance, 0.01, "joint")
+    flags = (copies.similarity >= cosine) | (distance <= cut)
+    held_flags = (held_similarity >= cosine) | (held_distance <= cut)
+    combined = {"rule": "copy space OR registered pixel rule, calibrated jointly",
+                "cosine_threshold": cosine, "distance_threshold": cut,
+                "threshold_source": f"union at 1% false positives on {len(held_out)} held-out population images",
+                "copied": _share(int(flags.sum()), len(samples)),
+                "held_out_false_positives": _share(int(held_flags.sum()), len(held_out)),
+                "flagged": flags.tolist(),
+                "nearest_index": torch.where((distance <= cut) & ~(copies.similarity >= cosine), nearest,
+                                             copies.nearest_index).tolist()}
+    return {"registered_pixel": registered, "combined": combined}
+
+
 def _gallery_figure(result: AuditResult):
     import matplotlib.pyplot as plt
 
@@ -270,6 +318,12 @@ def audit_markdown(numbers: dict, title: str) -> str:
         copy = numbers["copy_space"]
         lines.append(f"| copies, copy-detection space (cosine >= {copy['threshold']:.3f}) | {_fmt(copy['copied'])} |")
         lines.append(f"| copies, copy space at SSCD's 0.5 (reference only) | {_fmt(copy['copied_at_sscd_0.5'])} |")
+        registered, combined = numbers.get("registered_pixel", {}), numbers.get("combined")
+        if "copied" in registered:
+            lines.append(f"| copies, registered pixel rule (distance <= {registered['threshold']:.4f}) | "
+                         f"{_fmt(registered['copied'])} |")
+        if combined:
+            lines.append(f"| copies, combined rule (copy space OR registered) | {_fmt(combined['copied'])} |")
     lines.append(f"| flagged by the model-only score ({score['method']} >= {score['threshold']}) | "
                  f"{_fmt(score['flagged'])} |")
     lines.append("")
@@ -278,6 +332,15 @@ def audit_markdown(numbers: dict, title: str) -> str:
         lines += [f"Copy space: {copy['space']}; threshold from {copy['threshold_source']}."]
         if "held_out_false_positives" in copy:
             lines += [f"False positives on held-out images: {_fmt(copy['held_out_false_positives'])}."]
+        registered, combined = numbers.get("registered_pixel"), numbers.get("combined")
+        if registered:
+            lines += [f"Registered pixel rule ({registered['rule']}): threshold from {registered['threshold_source']}"
+                      + (f"; false positives on held-out images {_fmt(registered['held_out_false_positives'])}."
+                         if "held_out_false_positives" in registered else ".")]
+        if combined:
+            lines += [f"Combined rule (cosine >= {combined['cosine_threshold']:.3f} OR registered distance <= "
+                      f"{combined['distance_threshold']:.4f}; {combined['threshold_source']}): false positives on "
+                      f"held-out images {_fmt(combined['held_out_false_positives'])}."]
         if "auc_vs_pixel_rule" in score:
             auc = score["auc_vs_pixel_rule"]
             lines += [f"Model-only score against the pixel rule's labels: ROC AUC {auc['auc']:.3f} "

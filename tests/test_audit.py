@@ -61,6 +61,9 @@ def test_audit_with_training_images(stock_folder, image_folder, tmp_path):
     assert numbers["copy_space"].get("held_out_false_positives", {"total": 0})["total"] == len(unseen)
     assert numbers["copy_space"]["threshold"] == pytest.approx(recipe["threshold"])
     assert "recipe" in numbers["copy_space"]["threshold_source"]
+    # too few held-out images for the registered rule, which has no recipe threshold: distances only, no verdict
+    assert "not calibrated" in numbers["registered_pixel"]["threshold_source"] and "combined" not in numbers
+    assert len(numbers["registered_pixel"]["distance"]) == 6
     assert len(numbers["copies_per_training_image"]) == 6
     assert len(numbers["model_score"]["scores"]) == 6
     report = (out / "report.md").read_text()
@@ -68,6 +71,31 @@ def test_audit_with_training_images(stock_folder, image_folder, tmp_path):
     assert (out / "gallery.png").stat().st_size > 0
     assert (out / "feature_network" / "copy_space" / "recipe.json").is_file()
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary file
+
+
+def test_audit_reports_registered_and_combined_rules(stock_folder, tmp_path):
+    folder = tmp_path / "population"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(150):  # 30 held out by the copy network: enough to calibrate
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    out = tmp_path / "audit"
+    assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(out), "--train_data_dir",
+                 str(folder), "--max_train_samples", "6", "--num_samples", "6", "--num_inference_steps", "2",
+                 "--copy_steps", "5", "--gallery_size", "2", "--no_quality"]) == 0
+    numbers = json.loads((out / "audit.json").read_text())
+    held = numbers["copy_space"]["held_out_false_positives"]["total"]
+    assert held >= 20 and "held-out" in numbers["copy_space"]["threshold_source"]  # the copy space's numbers stay
+    registered, combined = numbers["registered_pixel"], numbers["combined"]
+    assert registered["held_out_false_positives"]["total"] == combined["held_out_false_positives"]["total"] == held
+    assert registered["held_out_false_positives"]["share"] <= 0.01
+    assert combined["held_out_false_positives"]["share"] <= 0.01  # the union, calibrated jointly
+    assert registered["copied"]["total"] == combined["copied"]["total"] == 6
+    union = [cos >= combined["cosine_threshold"] or distance <= combined["distance_threshold"]
+             for cos, distance in zip(numbers["copy_space"]["similarity"], registered["distance"])]
+    assert combined["flagged"] == union and combined["copied"]["count"] == sum(union)
+    report = (out / "report.md").read_text()
+    assert "registered pixel rule" in report and "combined rule (copy space OR registered)" in report
 
 
 def test_audit_without_training_images(stock_folder, tmp_path):

@@ -1,7 +1,15 @@
 """Memorization and quality metrics: exact nearest-neighbour reference, the paper's 1/3 rule, precision/recall,
 Frechet distance and the KID formula, and named feature spaces (digits classifier, population-trained CNN, FID)."""
 
-from .copy_detection import CopyDetectionNet, copy_detection_space, copy_report, pretrained_copy_space
+from .copy_detection import (
+    CopyDetectionNet,
+    RegisteredPixelRule,
+    combined_report,
+    copy_detection_space,
+    copy_report,
+    pretrained_copy_space,
+    registered_report,
+)
 from .features import (
     DIGITS_FEATURE_SPACE,
     FEATURE_SPACES,
@@ -41,4 +49,5 @@ __all__ = [
     "load_digits_feature_extractor",
     "DIGITS_FEATURE_SPACE",
     "CopyDetectionNet", "copy_detection_space", "copy_report", "pretrained_copy_space", "memorization_score",
+    "RegisteredPixelRule", "registered_report", "combined_report",
 ]

@@ -1,0 +1,150 @@
+"""The registered pixel rule: shifted, mirrored and zoomed copies of training images are caught at a threshold
+calibrated on held-out images, novel images are not; the batched distance equals a loop over the same alignments;
+the combined rule (copy space OR registered rule) keeps its union at the calibrated false-positive rate."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_memsep.data import load_training_data
+from diffusers_memsep.memorization.copy_detection import (
+    CopyDetectionNet,
+    CopySpace,
+    RegisteredPixelRule,
+    _blur,
+    _shift,
+    _zoom,
+    calibrate_combined,
+    calibrate_registered_threshold,
+    combined_report,
+    max_similarity,
+    registered_report,
+    threshold_below,
+    zoom_positions,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images = load_training_data().images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return images[order[:16]], images[order[16:416:2]], images[order[17:417:2]]  # train, calibration, evaluation
+
+
+def brute_force(rule, samples, reference):
+    """Every (sample, training image, alignment) triple, one at a time, with the same alignment primitives."""
+    radius = rule.max_shift
+    best, every = [], []
+    for x in samples:
+        scores = []
+        for j, t in enumerate(reference):
+            k = 0
+            for zoom in rule.zooms:
+                for top, left in zoom_positions(t.shape, zoom):
+                    zoomed = _zoom(t[None], zoom, top, left, rule.padding)
+                    for mirrored in ((False, True) if rule.flip else (False,)):
+                        view = zoomed.flip(-1) if mirrored else zoomed
+                        for sigma in rule.blurs:
+                            blurred = _blur(view, torch.tensor([sigma])) if sigma else view
+                            for dy, dx in itertools.product(range(-radius, radius + 1), repeat=2):
+                                aligned = _shift(blurred, dy, dx, radius, rule.padding)
+                                a, b = rule._flat(x[None])[0], rule._flat(aligned)[0]
+                                scores.append((float(((a - b) ** 2).mean()), j, k))
+                                k += 1
+        best.append(min(scores))
+        every.append({(j, k): score for score, j, k in scores})
+    return best, every
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+def test_registered_distance_equals_brute_force(padding):
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 2, 6, 7, generator=generator) * 2 - 1
+    samples = torch.cat([_shift(reference[:1], 1, -1, 1, padding).flip(-1),
+                         torch.rand(3, 2, 6, 7, generator=generator) * 2 - 1])
+    rule = RegisteredPixelRule(max_shift=1, zooms=(0.8, 1.0, 1.25), blurs=(0.0, 1.0), padding=padding,
+                               smooth=0.5, reference_batch=1, sample_batch=2)  # chunks of 1 image, 2 samples
+    distance, index, alignment = rule.distance(samples, reference)
+    expected, every = brute_force(rule, samples, reference)
+    assert len(rule.alignment_names(reference.shape)) == rule.num_alignments(reference.shape) == \
+        rule.alignments(reference).shape[1]
+    assert torch.allclose(distance, torch.tensor([e[0] for e in expected]), atol=1e-5)
+    assert index.tolist() == [e[1] for e in expected]
+    for row, (j, k) in enumerate(zip(index.tolist(), alignment.tolist())):  # the alignment found (or a tie of it)
+        assert every[row][(j, k)] == pytest.approx(expected[row][0], abs=1e-5)
+    assert distance[0] < 1e-6 and "flipped" in rule.alignment_names(reference.shape)[alignment[0]]
+
+
+def test_zoom_is_a_crop_and_resize():
+    images = torch.rand(2, 3, 10, 10) * 2 - 1
+    for top, left in zoom_positions(images.shape, 1.1):  # side 9 at offsets 0 or 1
+        crop = F.interpolate(images[:, :, top:top + 9, left:left + 9], size=(10, 10), mode="bilinear",
+                             align_corners=False)
+        # equal inside the crop (at its edges the rule interpolates with the image pixels beyond it)
+        assert torch.allclose(_zoom(images, 1.1, top, left, "replicate")[..., 1:9, 1:9], crop[..., 1:9, 1:9],
+                              atol=1e-5)
+    small = F.interpolate(images, size=(9, 9), mode="bilinear", align_corners=False)
+    shrunk = _zoom(images, 0.9, 1, 0, "zeros")
+    assert torch.allclose(shrunk[:, :, 1:, :9], small, atol=1e-5) and (shrunk[:, :, 0] == -1).all()
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+def test_shifted_flipped_zoomed_copies_caught_novel_images_not(digits, padding):
+    """Copies whose uncovered pixels follow the rule's padding (border pixels repeated, or black)."""
+    train, calibration, evaluation = digits
+    rule = RegisteredPixelRule(padding=padding)
+    rule.threshold = calibrate_registered_threshold(rule, train, calibration)
+    assert registered_report(rule, calibration, train).copied.float().mean() <= 0.01
+    # novel digits: calibrated on 200 images at 1%, the rate on 200 others is a few percent at most
+    assert registered_report(rule, evaluation, train).copied.float().mean() <= 0.05
+    pad = (lambda x, p: F.pad(x, p, mode="replicate")) if padding == "replicate" else (
+        lambda x, p: F.pad(x, p, value=-1.0))
+    padded = pad(train, (2, 2, 2, 2))
+    shrunk = pad(F.interpolate(train, size=(7, 7), mode="bilinear", align_corners=False), (0, 1, 1, 0))
+    copies = {"shift 1 px": padded[:, :, 1:9, 2:10], "shift 2 px": padded[:, :, 4:12, 0:8],
+              "flip": train.flip(-1), "shift 1 px + flip": padded[:, :, 3:11, 2:10].flip(-1), "zoom 0.9": shrunk}
+    for name, images in copies.items():
+        report = registered_report(rule, images, train)
+        assert report.copied.all(), (name, report.distance, rule.threshold)
+        assert (report.nearest_index == torch.arange(16)).all(), name
+    # without registration the pixel distance misses the shifted copies
+    raw = RegisteredPixelRule(max_shift=0, flip=False, zooms=(1.0,), normalize=False)
+    raw.threshold = calibrate_registered_threshold(raw, train, calibration)
+    assert registered_report(raw, copies["shift 2 px"], train).copied.float().mean() < 0.5
+
+
+@pytest.mark.parametrize("split", ["joint", "equal"])
+def test_combined_rule_calibrated_false_positives(digits, split):
+    train, calibration, evaluation = digits
+    torch.manual_seed(0)
+    space = CopySpace("untrained", CopyDetectionNet(in_channels=1, resolution=8, width=4).eval())
+    rule = RegisteredPixelRule()
+    similarity = max_similarity(space, calibration, train)[0]
+    distance = rule.distance(calibration, train)[0]
+    thresholds = calibrate_combined(similarity, distance, 0.01, split)
+    report = combined_report(space, rule, calibration, train, thresholds)
+    assert report.copied.float().mean() <= 0.01
+    assert torch.equal(report.copied, (similarity >= thresholds[0]) | (distance <= thresholds[1]))
+    # each rule alone is no looser than its own 1% threshold
+    assert thresholds[1] <= threshold_below(distance) and report.copy_space.threshold == thresholds[0]
+    flipped = combined_report(space, rule, train.flip(-1), train, thresholds)
+    assert flipped.copied.all() and (flipped.nearest_index == torch.arange(16)).all()
+    if split == "joint":  # never stricter than 0.5% each
+        equal = calibrate_combined(similarity, distance, 0.01, "equal")
+        assert thresholds[0] <= equal[0] and thresholds[1] >= equal[1]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="padding must be one of"):
+        RegisteredPixelRule(padding="reflect")
+    with pytest.raises(ValueError, match="max_shift"):
+        RegisteredPixelRule(max_shift=-1)
+    rule = RegisteredPixelRule()
+    with pytest.raises(ValueError, match="same shape"):
+        rule.distance(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 6, 6))
+    with pytest.raises(ValueError, match="no threshold"):
+        registered_report(rule, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="split must be"):
+        calibrate_combined(torch.zeros(4), torch.zeros(4), 0.01, "max")
