@@ -210,8 +210,9 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
                           check_memorization=bool(call_kwargs.get("avoid_copies")
                                                   or call_kwargs.get("copy_check_at") is not None), **call_kwargs)
             chunks.append(output.images.cpu() * 2 - 1)
-            steps.append(output.denoising_steps.cpu() if output.denoising_steps is not None
-                         else torch.full((size,), num_inference_steps, dtype=torch.long))  # a stock pipeline
+            spent = getattr(output, "denoising_steps", None)  # None from a stock pipeline: plain sampling
+            steps.append(spent.cpu() if spent is not None
+                         else torch.full((size,), num_inference_steps, dtype=torch.long))
     finally:
         if scheduler is not None:
             pipe.scheduler = original

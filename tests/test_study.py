@@ -2,12 +2,14 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from scipy.stats import t as student_t
 from scipy.stats import ttest_rel
 
+import diffusers_memsep.commands.study as study_command
 import diffusers_memsep.trainer.output as trainer_output
 from diffusers_memsep.builtin_data import colour_digits_folder
 from diffusers_memsep.cli import main
@@ -364,9 +366,17 @@ def test_frontier_and_budgets_by_hand():
     assert choices["kid+10%"]["method"] == "c"  # KID is equal everywhere: the one that copies least
 
 
-def test_study_command_remedy_flags_change_the_plan(tmp_path, capsys):
+def test_study_command_remedy_flags_change_the_plan(monkeypatch, capsys):
     """--weight_decays (none) and --no_copy_free drop the remedy rows; by default the quick profile has them."""
-    for extra, missing in (([], 88), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 80)):
-        out = tmp_path / f"out{missing}"
-        assert main(["study", "--quick", "--output_dir", str(out), "--max_runs", "0", *extra]) == 0
-        assert f"0 runs executed, 0 already done, {missing} still missing" in capsys.readouterr().out
+    planned = []
+
+    def record(config):
+        planned.append(len(planned_runs(config, [s.name for s in config.settings], config.num_base_models, True)))
+        return SimpleNamespace(rows=[], executed_runs=0, skipped_runs=0, missing_runs=planned[-1],
+                               trained_base_models=0, seconds=0.0)
+
+    monkeypatch.setattr(study_command, "run_study", record)
+    # 2 settings x 2 bases x 2 seeds x (3 baselines + weight decays + 3 copy-free rows + 3 methods)
+    for extra, runs in (([], 88), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 80)):
+        assert main(["study", "--quick", *extra]) == 0
+        assert planned[-1] == runs and f"{runs} still missing" in capsys.readouterr().out
