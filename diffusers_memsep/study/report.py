@@ -34,9 +34,9 @@ def settings_lines(config, data_line: str) -> list[str]:
     finetune = config.finetune
     return [
         data_line,
-        f"Runs per base model: original, finetune_only and every method at its etas ({', '.join(config.methods)}; "
-        f"eta in {list(config.etas)}), seeds {list(config.seeds)} (run seed s evaluates from sampling seed 1000 s: "
-        "the same noise and labels for every condition of a seed).",
+        f"Runs per base model: original, finetune_only{_remedy_names(config)} and every method at its etas "
+        f"({', '.join(config.methods)}; eta in {list(config.etas)}), seeds {list(config.seeds)} (run seed s "
+        "evaluates from sampling seed 1000 s: the same noise and labels for every condition of a seed).",
         f"Pruning: importance from {config.importance_batches} batches of {config.importance_batch_size} (small_t = "
         f"{SMALL_TIME}, uniform_t = {UNIFORM_TIME} on normalised time); fine-tuning {finetune.max_train_steps} steps, "
         f"batch {finetune.train_batch_size}, lr {finetune.learning_rate:g}, weight decay "
@@ -51,6 +51,16 @@ def settings_lines(config, data_line: str) -> list[str]:
         "comparisons of each table (family-wise level 5%); a higher precision where the row also copies more reads "
         "\"higher, with more copies\" (copies inflate precision).",
     ]
+
+
+def _remedy_names(config) -> str:
+    """``, early_stop, weight_decay=1, ...`` for a study (its baseline and remedies); empty for ``memsep prune``."""
+    if not hasattr(config, "weight_decays"):
+        return ""
+    names = ["early_stop", *(f"weight_decay={w:g}" for w in config.weight_decays)]
+    if config.copy_free:
+        names += ["original+copy_free", "original+copy_free(check)", "early_stop+copy_free"]
+    return ", " + ", ".join(names)
 
 
 def _interval(entry, key, sign: str = "+") -> str:

@@ -1,5 +1,6 @@
-"""One run: build the condition's model (as is, early-stopped, fine-tuned only, or pruned and fine-tuned; Ye et al.
-2025, Section 6, Algorithm 1), evaluate it with evaluation seed ``1000 * seed``, and return its row.
+"""One run: build the condition's model (as is, early-stopped, trained with weight decay, fine-tuned only, or pruned
+and fine-tuned; Ye et al. 2025, Section 6, Algorithm 1), evaluate it with evaluation seed ``1000 * seed`` (copy-free
+for the copy-free rows), and return its row with its costs.
 
 Every variant is a :class:`~diffusers_memsep.pipelines.MemSepPipeline` made by :func:`variant_pipeline`: it keeps
 the base pipeline's VAE (so a latent DiT is judged on decoded images), reference, class names and label dropout.
