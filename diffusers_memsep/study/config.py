@@ -91,8 +91,8 @@ class StudyConfig(PruningStudyConfig):
     base_train: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         max_train_steps=5000, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=100, ema_max_decay=0.995,
         show_progress=False))  # the base models' training (a setting may change some fields)
-    checkpoint_every: int = 500  # steps between the checkpoints of the memorization curve
-    early_stop_threshold: float = 0.1  # memorization ratio above which a checkpoint counts as memorizing
+    checkpoint_every: int = 500  # steps between the validations (and checkpoints) of the early-stopped run
+    early_stop_threshold: float = 0.1  # its stop_at_memorization: the ratio above which a validation memorizes
     curve_num_samples: int = 64  # samples per validation of the early-stopped run (seeds from evaluate.CURVE_SEED)
     weight_decays: tuple = (1.0, 3.0)  # AdamW weight decays of the extra base models (rows weight_decay=<w>)
     copy_free: bool = True  # the copy-free sampling rows (original, original with the early check, early_stop)
