@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--base_train_steps", type=int, default=None,
                         help="Training steps of every base model (default 5,000).")
-    parser.add_argument("--checkpoint_every", type=int, default=None, help="Validation (and checkpoint) interval of the early-stopped run.")
+    parser.add_argument("--checkpoint_every", type=int, default=None,
+                        help="Validation (and checkpoint) interval of the early-stopped run.")
     parser.add_argument("--finetune_steps", type=int, default=None, help="Fine-tuning steps of every pruned row.")
     parser.add_argument("--early_stop_threshold", type=float, default=default.early_stop_threshold,
                         help="Memorization ratio above which training counts as memorizing (early_stop row).")
