@@ -56,6 +56,23 @@ METHOD_VARIANTS = {
 }
 
 
+#: The variants compared on the development run (``--seed 1 --development_variants``), from which the columns above
+#: were chosen: more draws at 0.2 T, re-noising combined over levels, the one-step fixed-point residual at levels.
+DEVELOPMENT_VARIANTS = {
+    "renoise (t=0.2T, 8 draws)": ("renoise", {"repeats": 8}),
+    "renoise (t=0.2T, 16 draws)": ("renoise", {"repeats": 16}),
+    "renoise (t=0.2T, 8 draws, 5 steps)": ("renoise", {"repeats": 8, "steps": 5}),
+    "renoise (t=0.2T, 8 draws, 20 steps)": ("renoise", {"repeats": 8, "steps": 20}),
+    "renoise (t=0.25T, 8 draws)": ("renoise", {"repeats": 8, "level": 0.25}),
+    "renoise_levels (0.1T, 0.2T, 0.3T; 4 draws)": ("renoise_levels", {"levels": (0.1, 0.2, 0.3), "repeats": 4}),
+    "renoise_levels (0.15T, 0.2T, 0.3T; 8 draws)": ("renoise_levels", {"levels": (0.15, 0.2, 0.3), "repeats": 8}),
+    "renoise_levels (0.2T, 0.25T; 8 draws)": ("renoise_levels", {"levels": (0.2, 0.25), "repeats": 8}),
+    "fixed_point (t=0.2T, 8 draws)": ("fixed_point", {"draws": 8}),
+    "fixed_point (t=0.15T)": ("fixed_point", {"levels": (0.15,)}),
+    "fixed_point (t=0.25T)": ("fixed_point", {"levels": (0.25,)}),
+    "fixed_point (t=0.3T)": ("fixed_point", {"levels": (0.3,)}),
+    "fixed_point (0.1T, 0.2T, 0.3T; 8 draws)": ("fixed_point", {"levels": (0.1, 0.2, 0.3), "draws": 8}),
+}
 TPR_COLUMNS = ("renoise (t=0.2T)", "renoise (t=0.2T, 32 draws)")
 
 
@@ -236,7 +253,11 @@ def main(argv=None) -> int:
                              "another seed a development run on which to choose methods.")
     parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
                         help="Measure nothing: write one report.md from model_score.json files of earlier runs.")
+    parser.add_argument("--development_variants", action="store_true",
+                        help="Also score the variants of DEVELOPMENT_VARIANTS (with --seed 1: the development run).")
     args = parser.parse_args(argv)
+    if args.development_variants:
+        METHOD_VARIANTS.update(DEVELOPMENT_VARIANTS)
     if args.render:
         loaded = [json.loads(Path(path).read_text()) for path in args.render]
         results = [result for run in loaded for result in run["results"]]
