@@ -49,10 +49,34 @@ METHOD_VARIANTS = {
     "renoise_spread (t=0.2T)": ("renoise_spread", {"level": 0.2}),
     "denoise_loss": ("denoise_loss", {}),
     "cond_gap": ("cond_gap", {}),
+    # chosen on a development run (seed 1: other training images, initialisation and noise), not on these numbers
+    "renoise (t=0.2T, 32 draws)": ("renoise", {"repeats": 32}),
+    "renoise_levels": ("renoise_levels", {}),
+    "fixed_point": ("fixed_point", {}),
 }
 
 
-def training_data(spec: dict, output_dir: Path, n: int):
+#: The variants compared on the development run (``--seed 1 --development_variants``), from which the columns above
+#: were chosen: more draws at 0.2 T, re-noising combined over levels, the one-step fixed-point residual at levels.
+DEVELOPMENT_VARIANTS = {
+    "renoise (t=0.2T, 8 draws)": ("renoise", {"repeats": 8}),
+    "renoise (t=0.2T, 16 draws)": ("renoise", {"repeats": 16}),
+    "renoise (t=0.2T, 8 draws, 5 steps)": ("renoise", {"repeats": 8, "steps": 5}),
+    "renoise (t=0.2T, 8 draws, 20 steps)": ("renoise", {"repeats": 8, "steps": 20}),
+    "renoise (t=0.25T, 8 draws)": ("renoise", {"repeats": 8, "level": 0.25}),
+    "renoise_levels (0.1T, 0.2T, 0.3T; 4 draws)": ("renoise_levels", {"levels": (0.1, 0.2, 0.3), "repeats": 4}),
+    "renoise_levels (0.15T, 0.2T, 0.3T; 8 draws)": ("renoise_levels", {"levels": (0.15, 0.2, 0.3), "repeats": 8}),
+    "renoise_levels (0.2T, 0.25T; 8 draws)": ("renoise_levels", {"levels": (0.2, 0.25), "repeats": 8}),
+    "fixed_point (t=0.2T, 8 draws)": ("fixed_point", {"draws": 8}),
+    "fixed_point (t=0.15T)": ("fixed_point", {"levels": (0.15,)}),
+    "fixed_point (t=0.25T)": ("fixed_point", {"levels": (0.25,)}),
+    "fixed_point (t=0.3T)": ("fixed_point", {"levels": (0.3,)}),
+    "fixed_point (0.1T, 0.2T, 0.3T; 8 draws)": ("fixed_point", {"levels": (0.1, 0.2, 0.3), "draws": 8}),
+}
+TPR_COLUMNS = ("renoise (t=0.2T)", "renoise (t=0.2T, 32 draws)")
+
+
+def training_data(spec: dict, output_dir: Path, n: int, seed: int = 0):
     builtin = spec["data"].get("builtin")
     kwargs = {k: v for k, v in spec["data"].items() if k != "builtin"}
     if builtin == "colour16":
@@ -62,12 +86,13 @@ def training_data(spec: dict, output_dir: Path, n: int):
         kwargs["train_data_dir"] = patches32_folder(output_dir)
     if kwargs.get("label_column"):  # one image per class: a balanced conditional training set
         population = load_training_data(**kwargs)
-        rows = [int((population.labels == c).nonzero()[0]) for c in range(population.num_classes)][:n]
+        rows = [int((population.labels == c).nonzero()[seed]) for c in range(population.num_classes)][:n]
         from dataclasses import replace
 
         return replace(population, images=population.images[rows], labels=population.labels[rows],
-                       indices=rows, source=f"{population.source}: first image of each class")
-    return load_training_data(**kwargs, max_train_samples=n, seed=0)
+                       indices=rows, source=f"{population.source}: "
+                       + (f"image {seed} of each class" if seed else "first image of each class"))
+    return load_training_data(**kwargs, max_train_samples=n, seed=seed)
 
 
 def tpr_at_fpr(scores, labels, fpr=0.01):
@@ -121,13 +146,14 @@ def evaluate(pipe, data, num_samples, seed):
     return row
 
 
-def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_samples: int) -> dict:
+def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_samples: int,
+                    seed: int = 0) -> dict:
     spec = SETTINGS[name]
     steps = sorted(steps or spec["steps"])
     if any(step % steps[0] for step in steps):
         raise SystemExit("every --steps value must be a multiple of the smallest one (the snapshot interval).")
-    data = training_data(spec, output_dir, spec["n"])
-    torch.manual_seed(0)
+    data = training_data(spec, output_dir, spec["n"], seed)
+    torch.manual_seed(seed)
     model = make_dit(sample_size=data.resolution, in_channels=data.num_channels,
                      num_classes=data.num_classes, **spec["model"])
     scheduler = make_noise_scheduler()
@@ -140,7 +166,7 @@ def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_sa
 
     config = TrainingConfig(max_train_steps=max(steps), train_batch_size=16, learning_rate=spec.get("lr", 2e-3),
                             lr_warmup_steps=0,
-                            ema_max_decay=0.995, validation_steps=min(steps), show_progress=False)
+                            ema_max_decay=0.995, validation_steps=min(steps), show_progress=False, seed=seed)
     start = time.perf_counter()
     train_dit(model, data, scheduler, config, validation_fn=snapshot)
     train_seconds = time.perf_counter() - start
@@ -149,7 +175,7 @@ def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_sa
         pipe = build_pipeline(snapshots[step], scheduler, data)
         pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        rows.append({"step": step, **evaluate(pipe, data, num_samples, seed=step)})
+        rows.append({"step": step, **evaluate(pipe, data, num_samples, seed=step + 100_000 * seed)})
         print(f"{name} step {step}: memorized {rows[-1]['memorized_share']:.2f}", file=sys.stderr)
     return {"setting": name, "num_train": len(data), "source": data.source, "model": spec["model"],
             "conditional": data.labels is not None, "train_seconds": round(train_seconds, 1), "checkpoints": rows}
@@ -164,18 +190,21 @@ def _interval(value, interval) -> str:
 
 def compact_table(results: list[dict]) -> list[str]:
     """One row per setting and training length: ROC AUC [95% bootstrap] of every method, TPR at 1% FPR of the
-    default (renoise at 0.2 T)."""
+    default (renoise at 0.2 T, 4 draws) and of the development run's choice (32 draws)."""
     variants = [v for v in METHOD_VARIANTS if any(v in row["methods"] for r in results for row in r["checkpoints"])]
     lines = ["| setting | step | memorized | " + " | ".join(f"AUC {v}" for v in variants)
-             + " | TPR@1%FPR renoise (t=0.2T) |", "|---|---|---|" + "---|" * (len(variants) + 1)]
+             + " | " + " | ".join(f"TPR@1%FPR {v}" for v in TPR_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * (len(variants) + len(TPR_COLUMNS))]
     for result in results:
         for row in result["checkpoints"]:
             cells = []
             for variant in variants:
                 entry = row["methods"].get(variant)
                 cells.append("-" if entry is None else _interval(entry.get("auc"), entry.get("auc_ci", (None, None))))
-            default = row["methods"]["renoise (t=0.2T)"]
-            cells.append(_interval(default.get("tpr_at_1pct_fpr"), default.get("tpr_ci", (None, None))))
+            for variant in TPR_COLUMNS:
+                entry = row["methods"].get(variant)
+                cells.append("-" if entry is None else _interval(entry.get("tpr_at_1pct_fpr"),
+                                                                 entry.get("tpr_ci", (None, None))))
             copies = round(row["memorized_share"] * row["num_samples"])
             name = f"{result['setting']} (n={result['num_train']}, heads of {result['model']['attention_head_dim']})"
             lines.append(f"| {name} | {row['step']} | {copies}/{row['num_samples']} | "
@@ -218,9 +247,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", nargs="+", type=int, default=None,
                         help="Training lengths to measure (default: each setting's own, from first copies on).")
     parser.add_argument("--num_samples", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seeds the training subset (image SEED of each class when conditional), the "
+                             "initialisation, the training noise and the sampling noise; 0 gives the reported run, "
+                             "another seed a development run on which to choose methods.")
     parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
                         help="Measure nothing: write one report.md from model_score.json files of earlier runs.")
+    parser.add_argument("--development_variants", action="store_true",
+                        help="Also score the variants of DEVELOPMENT_VARIANTS (with --seed 1: the development run).")
     args = parser.parse_args(argv)
+    if args.development_variants:
+        METHOD_VARIANTS.update(DEVELOPMENT_VARIANTS)
     if args.render:
         loaded = [json.loads(Path(path).read_text()) for path in args.render]
         results = [result for run in loaded for result in run["results"]]
@@ -235,7 +272,7 @@ def main(argv=None) -> int:
     arguments = {k: v for k, v in vars(args).items() if k != "output_dir"}
     results = []
     for name in args.settings:
-        results.append(measure_setting(name, output_dir, args.steps, args.num_samples))
+        results.append(measure_setting(name, output_dir, args.steps, args.num_samples, args.seed))
         write_text(output_dir / "model_score.json", json.dumps({"arguments": arguments, "results": results},
                                                                indent=2) + "\n")
         write_text(output_dir / "report.md", report(results, arguments))

@@ -52,7 +52,7 @@ class MemorizingPipe:
         return images
 
 
-@pytest.mark.parametrize("method", ["renoise", "denoise_loss"])
+@pytest.mark.parametrize("method", ["renoise", "denoise_loss", "renoise_levels", "fixed_point"])
 def test_training_images_rank_above_held_out(method):
     images = load_digits_dataset()[0]
     train, held_out = images[:4], images[100:124]
@@ -94,3 +94,16 @@ def test_one_generator_per_image_and_the_derived_generator():
     assert torch.equal(generator.get_state(), state)  # read, not advanced
     assert torch.equal(derived.get_state(), score_generator(torch.Generator().manual_seed(0)).get_state())
     assert derived.initial_seed() != generator.initial_seed() and score_generator(None) is None
+
+
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("renoise_levels", {"levels": ()}, "at least one level"),
+    ("renoise_levels", {"levels": (0.2, 1.5)}, "must lie in"),
+    ("renoise", {"repeats": 0}, "at least 1"),
+    ("fixed_point", {"draws": 0}, "at least one level and one draw"),
+    ("fixed_point", {"levels": (0.0,)}, "must lie in"),
+])
+def test_bad_arguments_of_the_new_methods(method, kwargs, message):
+    images = load_digits_dataset()[0][:2]
+    with pytest.raises(ValueError, match=message):
+        memorization_score(MemorizingPipe(images), images, method=method, value_range="-11", **kwargs)
