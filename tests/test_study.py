@@ -17,7 +17,7 @@ from diffusers_memsep.data import load_training_data
 from diffusers_memsep.models import PrunableDiTTransformer2DModel
 from diffusers_memsep.study import StudyConfig, builtin_setting, run_study
 from diffusers_memsep.study.bases import prepare_base_model
-from diffusers_memsep.study.frontier import best_within_budgets, dominates, frontier
+from diffusers_memsep.study.frontier import best_within_budgets, dominates, frontier, within_budget
 from diffusers_memsep.study.plan import planned_runs
 from diffusers_memsep.study.settings import base_training_data, load_setting
 from diffusers_memsep.study.statistics import compare, holm_bonferroni, metric_columns, t_interval, verdict
@@ -364,6 +364,9 @@ def test_frontier_and_budgets_by_hand():
     choices = best_within_budgets(summary, "s")
     assert choices["fd+10%"]["method"] == "a" and choices["interval"]["method"] == "a"
     assert choices["kid+10%"]["method"] == "c"  # KID is equal everywhere: the one that copies least
+    diverged = dict(entry["a"], frechet_distance=math.nan)
+    assert not within_budget(diverged, entry["original"], "interval")
+    assert not within_budget(diverged, entry["original"], "fd+10%")
 
 
 def test_study_command_remedy_flags_change_the_plan(monkeypatch, capsys):

@@ -65,8 +65,8 @@ def frontier(rows: list[dict], summary: list[dict], setting: str, quality_metric
 def within_budget(entry: dict, original: dict, budget: str) -> bool:
     """Whether ``entry``'s mean quality is within ``budget`` (a key of :data:`BUDGETS`) of the original's."""
     if budget == "interval":
-        for metric in INTERVAL_METRICS:
-            if metric not in entry or math.isnan(original.get(f"{metric}_low", math.nan)):
+        for metric in INTERVAL_METRICS:  # a NaN (a diverged row, or no interval for the original) is no evidence
+            if metric not in entry or math.isnan(entry[metric]) or math.isnan(original.get(f"{metric}_low", math.nan)):
                 return False
             if metric in HIGHER_IS_BETTER and entry[metric] < original[f"{metric}_low"]:
                 return False
@@ -74,7 +74,7 @@ def within_budget(entry: dict, original: dict, budget: str) -> bool:
                 return False
         return True
     metric = {"fd+10%": "frechet_distance", "kid+10%": "kid"}[budget]
-    return metric in entry and entry[metric] <= original[metric] + 0.1 * abs(original[metric])
+    return metric in entry and entry[metric] <= original[metric] + 0.1 * abs(original[metric])  # False for NaN
 
 
 def best_within_budgets(summary: list[dict], setting: str) -> dict[str, dict | None]:
