@@ -36,7 +36,7 @@ Choices the paper leaves open, and why:
 - intervals: Wilson score intervals for shares (samples are independent draws of the model), bootstrap for AUC;
 - the gallery shows the samples most similar to a training image in the copy space (pixel distance ratio without
   one), worst first;
-- sampling batch ``b`` (of ``batch_size`` samples) is seeded ``seed + b * batch_size`` and the model-only score of
+- sampling batch ``b`` (of ``batch_size`` samples) is seeded ``seed + b`` and the model-only score of
   its samples is computed with it, by the pipeline (``memorization_score=``, seeded from the batch's generator): the
   numbers depend on the seed and the batch size, not on how many processes share the batches.
 """
@@ -50,9 +50,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .distributed import all_gather_cat, is_main_process, main_process_result, split_work
+from .distributed import is_main_process, main_process_result
+from .evaluate import balanced_labels, sample_pipeline
 from .memorization.copy_detection import (
     SSCD_THRESHOLD,
     RegisteredPixelRule,
@@ -94,23 +94,15 @@ def _share(count: int, total: int) -> dict:
 
 def _sample(pipe, num_samples: int, num_inference_steps: int, seed: int, batch_size: int, progress: bool,
             score_method: str):
-    """The samples in ``[0, 1]``, their model-only scores and labels; the batches split across processes (each
-    keeping its seed) and gathered in order on every process."""
+    """The samples in ``[-1, 1]``, their model-only scores and labels, from the one sampler
+    (:func:`~diffusers_memsep.evaluate.sample_pipeline`: batches split across processes, each keeping its seed
+    ``seed + b``, gathered in order on every process)."""
     conditional = pipe.config.get("label_dropout_prob") != 1 and pipe.num_classes > 1
-    labels = torch.arange(num_samples) % pipe.num_classes if conditional else None
+    labels = balanced_labels(num_samples, pipe.num_classes if conditional else None)
     pipe.set_progress_bar_config(disable=True)
-    images, scores = [], []
-    for start in tqdm(split_work(range(0, num_samples, batch_size)), desc="sampling",
-                      disable=not progress or not is_main_process()):
-        count = min(batch_size, num_samples - start)
-        output = pipe(class_labels=None if labels is None else labels[start:start + count],
-                      batch_size=None if labels is not None else count, num_inference_steps=num_inference_steps,
-                      output_type="pt", check_memorization=False, memorization_score=score_method,
-                      generator=torch.Generator().manual_seed(seed + start))
-        images.append(output.images.cpu())
-        scores.append(output.memorization_score.cpu())
-    gather = lambda parts: all_gather_cat(torch.cat(parts) if parts else None)  # noqa: E731
-    return gather(images), gather(scores), labels
+    drawn = sample_pipeline(pipe, num_samples, labels, num_inference_steps, seed, batch_size, progress=progress,
+                            memorization_score=score_method)
+    return drawn.images, drawn.memorization_score, labels
 
 
 def _held_out(population: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
@@ -144,9 +136,8 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
         raise ValueError("num_samples must be >= 4, num_inference_steps >= 1, gallery_size >= 0 and batch_size >= 1.")
     if train_images is None and pipe.reference is not None:
         train_images = pipe.reference.images.float().cpu()
-    images01, scores, labels = _sample(pipe, num_samples, num_inference_steps, seed, batch_size, progress,
-                                       score_method)
-    samples = images01 * 2 - 1
+    samples, scores, labels = _sample(pipe, num_samples, num_inference_steps, seed, batch_size, progress,
+                                      score_method)
     if train_images is not None:
         train_images = pipe.match_image_shape(train_images)
     numbers, gallery = main_process_result(lambda: _measure(

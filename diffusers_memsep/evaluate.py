@@ -28,9 +28,10 @@ from typing import NamedTuple
 import matplotlib
 import torch
 from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
 
 from .data import TrainingData
-from .distributed import all_gather_cat, split_work
+from .distributed import all_gather_cat, is_main_process, split_work
 from .memorization import (
     NearestNeighborIndex,
     frechet_distance,
@@ -175,16 +176,19 @@ class Samples(NamedTuple):
     images: torch.Tensor  # [N, C, H, W] in [-1, 1]
     seconds: float  # wall time of the sampling
     denoising_steps: torch.Tensor  # [N] sampler steps spent per sample (MemSepPipelineOutput.denoising_steps)
+    memorization_score: torch.Tensor | None = None  # [N] with call_kwargs memorization_score=... (MemSepPipeline)
 
 
 @torch.no_grad()
 def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, num_inference_steps: int, seed: int,
                     batch_size: int = 256, scheduler=None, split_across_processes: bool = True,
-                    **call_kwargs) -> Samples:
+                    progress: bool = False, **call_kwargs) -> Samples:
     """THE sampler of every memorization and quality number (evaluation, training validation, early-stop curve):
     ``num_samples`` images in ``[-1, 1]``, the seconds it took and the sampler steps each sample cost (more than
     ``num_inference_steps`` under copy-free sampling, ``call_kwargs`` ``avoid_copies=True``); batch ``i`` uses seed
-    ``seed + i``.
+    ``seed + i``. With ``memorization_score=...`` among ``call_kwargs`` the pipeline's model-only scores come back too
+    (each batch's from a generator derived from the batch's). ``progress``: a bar over this process's batches on the
+    main process.
 
     ``scheduler`` (default: the pipeline's) is used for this call only. Under several processes (``accelerate
     launch`` / ``torchrun``) the batches are split across them (contiguous shares, each batch keeping its seed) and
@@ -196,12 +200,13 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
     if len(batches) > EVALUATION_SEED_STRIDE:
         raise ValueError(f"{num_samples} samples in batches of {batch_size} need more than {EVALUATION_SEED_STRIDE} "
                          "seeds and would reuse another run's noise; raise batch_size.")
-    chunks, steps, start_time = [], [], time.perf_counter()
+    chunks, steps, scores, start_time = [], [], [], time.perf_counter()
     original = pipe.scheduler if scheduler is not None else None
     if scheduler is not None:
         pipe.scheduler = scheduler
     try:
-        for batch_index, start in split_work(batches) if split_across_processes else batches:
+        shares = split_work(batches) if split_across_processes else batches
+        for batch_index, start in tqdm(shares, desc="sampling", disable=not progress or not is_main_process()):
             size = min(batch_size, num_samples - start)
             labels = None if class_labels is None else class_labels[start:start + size]
             generator = torch.Generator(device="cpu").manual_seed(seed + batch_index)
@@ -213,15 +218,15 @@ def sample_pipeline(pipe, num_samples: int, class_labels: torch.Tensor | None, n
             spent = getattr(output, "denoising_steps", None)  # None from a stock pipeline: plain sampling
             steps.append(spent.cpu() if spent is not None
                          else torch.full((size,), num_inference_steps, dtype=torch.long))
+            if getattr(output, "memorization_score", None) is not None:
+                scores.append(output.memorization_score.cpu())
     finally:
         if scheduler is not None:
             pipe.scheduler = original
-    if split_across_processes:
-        samples = all_gather_cat(torch.cat(chunks) if chunks else None)
-        spent = all_gather_cat(torch.cat(steps) if steps else None)
-    else:
-        samples, spent = torch.cat(chunks), torch.cat(steps)
-    return Samples(samples, time.perf_counter() - start_time, spent)
+    gather = all_gather_cat if split_across_processes else (lambda rows: rows)
+    samples, spent = gather(torch.cat(chunks) if chunks else None), gather(torch.cat(steps) if steps else None)
+    score = gather(torch.cat(scores) if scores else None) if call_kwargs.get("memorization_score") else None
+    return Samples(samples, time.perf_counter() - start_time, spent, score)
 
 
 def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: torch.Tensor | QualityReference,
@@ -252,8 +257,8 @@ def evaluate_pipeline(pipe, name: str, train_images: torch.Tensor, real_images: 
         if isinstance(feature_space, str):
             feature_space = resolve_feature_space(feature_space, TrainingData(real_images, None, None, "population"))
         reference = QualityReference.build(feature_space or feature_space_for(real_images), real_images, train_images)
-    samples, seconds, steps_spent = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size,
-                                                    **call_kwargs)
+    drawn = sample_pipeline(pipe, total, class_labels, num_inference_steps, seed, batch_size, **call_kwargs)
+    samples, seconds, steps_spent = drawn.images, drawn.seconds, drawn.denoising_steps
     report = memorization_report(samples[:num_samples], pipe.reference if pipe.reference is not None else train_images)
     quality = quality_metrics(samples[:num_quality_samples], reference, kid_subsets=kid_subsets, seed=seed)
     in_features = memorization_report(reference.feature_space(samples[:num_samples]), reference.train_features)

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the samples.")
     parser.add_argument("--batch_size", type=int, default=64,
-                        help="Samples per pipeline call; batch b is seeded seed + b * batch_size, so the numbers "
+                        help="Samples per pipeline call; batch b is seeded seed + b, so the numbers "
                              "depend on it (not on the number of processes, which share the batches).")
     parser.add_argument("--score_method", default="renoise", choices=METHODS,
                         help="Model-only score (renoise: stability under re-noising; cond_gap needs a conditional "
