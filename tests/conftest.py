@@ -1,12 +1,26 @@
 """The tiny DiTs and the random training set the tests share, as builders (plain functions, also imported by the
 torchrun worker of ``test_distributed.py``, which runs outside pytest) and as fixtures."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from PIL import Image
 
 from diffusers_memsep import PrunableDiTTransformer2DModel
 from diffusers_memsep.data import TrainingData
+
+
+def write_random_images(folder: Path, count: int, size: int, seed: int) -> Path:
+    """An image folder of ``count`` random ``size`` x ``size`` RGB PNGs (``000.png``, ...), made and returned."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
 
 #: 3 layers of 4 heads on 8x8 grey images, 10 classes: small enough for brute force, enough heads to rank.
 TWELVE_HEAD_CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8,

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-from PIL import Image
 
 from diffusers_memsep.cli import main
 from diffusers_memsep.data import load_training_data
+
+from conftest import write_random_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,7 @@ def stock_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
+    return write_random_images(tmp_path_factory.mktemp("images"), 12, 8, seed=0)
 
 
 def test_audit_with_training_images(stock_folder, image_folder, tmp_path):
@@ -74,11 +70,7 @@ def test_audit_with_training_images(stock_folder, image_folder, tmp_path):
 
 
 def test_audit_reports_registered_and_combined_rules(stock_folder, tmp_path):
-    folder = tmp_path / "population"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(150):  # 30 held out by the copy network: enough to calibrate
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    folder = write_random_images(tmp_path / "population", 150, 8, seed=1)  # 30 held out by the copy network
     out = tmp_path / "audit"
     assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(out), "--train_data_dir",
                  str(folder), "--max_train_samples", "6", "--num_samples", "6", "--num_inference_steps", "2",

@@ -3,22 +3,18 @@
 The data are a second setting, not the digits: 16x16 RGB images written as PNG files in code.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffusers_memsep.data import StreamingTrainingData, TrainingData, all_images, load_training_data
 from diffusers_memsep.trainer import TrainingConfig, make_dit, make_noise_scheduler, train_dit
 
+from conftest import write_random_images
+
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rgb16")
-    rng = np.random.default_rng(3)
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
+    return write_random_images(tmp_path_factory.mktemp("rgb16"), 24, 16, seed=3)
 
 
 def _model():

@@ -78,6 +78,13 @@ def base_dir(output_dir: Path, setting, base: int) -> Path:
     return inside_output_dir(Path(output_dir) / "bases" / setting.name / f"base-{base}", output_dir)
 
 
+def base_folders(config, setting, base: int) -> tuple[Path, Path, dict]:
+    """The folders of base model ``base``: the full model, its early-stopped run, ``{w: weight-decay sibling}``."""
+    folder = base_dir(Path(config.output_dir), setting, base)
+    return folder, sibling_dir(folder, "early_stop"), {w: sibling_dir(folder, f"weight_decay{w:g}")
+                                                       for w in config.weight_decays}
+
+
 def sibling_dir(folder: Path, name: str) -> Path:
     """``base-<b>-<name>``, beside base model ``folder`` (``early_stop``, ``weight_decay<w>``)."""
     return inside_output_dir(folder.with_name(f"{folder.name}-{name}"), folder.parent.parent.parent)
@@ -86,9 +93,8 @@ def sibling_dir(folder: Path, name: str) -> Path:
 def prepare_base_model(config, setting, base: int, data: TrainingData) -> tuple[BaseModel, bool]:
     """Train (or reload) base model ``base`` with its early-stopped run and its ``config.weight_decays`` siblings,
     each kept as a pipeline folder. Returns the model and whether anything was trained now."""
-    folder = base_dir(Path(config.output_dir), setting, base)
-    record_path, early_dir = folder / BASE_RECORD, sibling_dir(folder, "early_stop")
-    decay_dirs = {w: sibling_dir(folder, f"weight_decay{w:g}") for w in config.weight_decays}
+    folder, early_dir, decay_dirs = base_folders(config, setting, base)
+    record_path = folder / BASE_RECORD
     train_config = replace(config.base_train, **setting.base_train, seed=base, show_progress=config.show_progress,
                            checkpointing_steps=config.checkpoint_every, checkpoints_total_limit=None)
     if record_path.is_file():

@@ -36,7 +36,6 @@ from ..utils import (
 )
 from .bases import BaseModel, base_dir
 from .config import PruningStudyConfig, StudyConfig
-from .frontier import frontier as frontier_of
 from .frontier import frontier_lines, frontier_record
 from .plan import planned_runs
 from .report import plot_pareto, settings_lines, study_report, write_variant_card
@@ -295,9 +294,9 @@ def _write_outputs(output_dir: Path, rows: list[dict], summary: list[dict], qual
     write_csv(summary, output_dir / "summary.csv")
     marked = None
     if frontier:
-        write_csv(frontier_record(rows, summary, quality_metric), output_dir / "frontier.csv")
-        marked = {(e["setting"], e["method"], e["eta"]) for setting in dict.fromkeys(e["setting"] for e in summary)
-                  for e in frontier_of(rows, summary, setting, quality_metric)}
+        records = frontier_record(rows, summary, quality_metric)
+        write_csv(records, output_dir / "frontier.csv")
+        marked = {(r["setting"], r["method"], r["eta"]) for r in records if r["frontier"]}
     plot_pareto(summary, output_dir / "pareto.png", quality_metric, frontier=marked)
     return write_text(output_dir / "report.md", report)
 

@@ -20,9 +20,13 @@ BASELINES = ("original", "early_stop", "finetune_only")  # conditions without an
 SAMPLINGS = ("plain", "copy_free", "copy_free_check")
 
 
+#: The conditions (rows) of the base models trained with weight decay: ``weight_decay=<w>``.
+WEIGHT_DECAY_PREFIX = "weight_decay="
+
+
 def weight_decay_name(weight_decay: float) -> str:
     """The condition (row) of the base model trained with AdamW weight decay ``weight_decay``."""
-    return f"weight_decay={weight_decay:g}"
+    return f"{WEIGHT_DECAY_PREFIX}{weight_decay:g}"
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Run:
 
     @property
     def is_pruned(self) -> bool:
-        return self.condition not in BASELINES and not self.condition.startswith("weight_decay=")
+        return self.condition not in BASELINES and not self.condition.startswith(WEIGHT_DECAY_PREFIX)
 
     @property
     def variant_name(self) -> str:

@@ -18,7 +18,7 @@ import torch
 from ..evaluate import QualityReference
 from ..trainer import list_checkpoints
 from ..utils import write_text
-from .bases import base_dir, prepare_base_model, sibling_dir
+from .bases import BASE_RECORD, base_folders, prepare_base_model
 from .run import BaseContext, execute_run
 from .settings import SettingData, base_training_data, load_setting
 
@@ -69,15 +69,14 @@ def number_of_workers(config, num_units: int) -> int:
 def unit_state(config, setting, base: int, todo: list) -> str:
     """``digits8 base 0: training 2500 + 1500 + 0 + 0 (/5000 each)`` (from the checkpoints of its early-stopped run,
     its full model and its weight-decay siblings) or ``... runs 4/21``."""
-    folder = base_dir(Path(config.output_dir), setting, base)
+    folder, early_dir, decay_dirs = base_folders(config, setting, base)
     runs = [r for r in todo if r.setting == setting.name and r.base == base]
     done = sum(r.path(Path(config.output_dir)).is_file() for r in runs)
-    if (folder / "memorization_curve.json").is_file() or done:
+    if (folder / BASE_RECORD).is_file() or done:
         return f"{setting.name} base {base}: runs {done}/{len(runs)}"
     total = setting.base_train.get("max_train_steps", config.base_train.max_train_steps)
     # The early-stopped run first, then the full model continuing it, then each weight-decay base model.
-    folders = [sibling_dir(folder, "early_stop"), folder, *(sibling_dir(folder, f"weight_decay{w:g}")
-                                                           for w in config.weight_decays)]
+    folders = [early_dir, folder, *decay_dirs.values()]
     trained = [max((int(c.name.split("-")[-1]) for c in list_checkpoints(f)), default=0) if f.is_dir() else 0
                for f in folders]
     return f"{setting.name} base {base}: training " + " + ".join(f"{steps}" for steps in trained) + f" (/{total} each)"
