@@ -12,6 +12,9 @@ order (:func:`gather_on_main`, :func:`all_gather_cat`). Where each item's random
 Work that only the main process does (e.g. what follows a split sampling pass, which writes caches) runs there
 with :func:`main_process_result`, which hands its result to every process.
 
+A command that joined the group leaves it with :func:`leave_process_group` when its work is done, as Accelerate's
+``end_training`` does for training.
+
 Collectives run on the device the backend needs (CUDA for NCCL, CPU otherwise); results come back on the input's
 device.
 """
@@ -24,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["rank_and_world_size", "is_main_process", "all_gather_cat", "gather_on_main", "main_process_result",
-           "shard_bounds", "split_work"]
+           "shard_bounds", "split_work", "leave_process_group"]
 
 T = TypeVar("T")
 
@@ -143,3 +146,15 @@ def main_process_result(function: Callable[[], T]) -> T:
     if failure is not None:
         raise RuntimeError(f"the main process failed ({failure}); its own error output has the traceback.")
     return result
+
+
+def leave_process_group() -> None:
+    """Wait for every process, then destroy the process group (no-op for one process).
+
+    A process that exits while the group is alive can abort in the backend's threads ("terminate called without an
+    active exception", SIGABRT), failing a run whose work was all done; the barrier keeps the others alive until the
+    main process has written its outputs.
+    """
+    if _distributed():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -131,7 +131,12 @@ def run_audit_worker(records: Path, argv: list[str]) -> int:
         return write(result, output_dir, title)
 
     command.write_audit = recording_write
-    return main(argv)
+    status = main(argv)
+    import torch.distributed as dist
+
+    # The command leaves the process group: exiting with it alive can abort in gloo's threads (SIGABRT).
+    assert not (dist.is_available() and dist.is_initialized()), "memsep audit exited with its process group alive"
+    return status
 
 
 def comparable(numbers: dict) -> str:

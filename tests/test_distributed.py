@@ -17,6 +17,7 @@ from diffusers_memsep.data import TrainingData, with_held_out
 from diffusers_memsep.distributed import (
     all_gather_cat,
     gather_on_main,
+    leave_process_group,
     main_process_result,
     rank_and_world_size,
     shard_bounds,
@@ -105,7 +106,8 @@ def run_worker(output: str) -> None:
         torch.save(results, output)
     else:
         assert results["samples"] is None
-    state.wait_for_everyone()
+    leave_process_group()  # waits for every process, then ends the group (tested: the group is gone)
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from diffusers_memsep.commands.arguments import (
     check_quality_arguments,
     data_source,
 )
-from diffusers_memsep.distributed import is_main_process
+from diffusers_memsep.distributed import is_main_process, leave_process_group
 from diffusers_memsep.memorization.model_score import METHODS
 from diffusers_memsep.sources import load_pipeline, load_pipeline_data, population_of, resolve_quality_space
 
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     report = write_audit(result, args.output_dir, args.pipeline)
     if is_main_process():
         print(report.read_text())
+    leave_process_group()
     return 0
 
 
