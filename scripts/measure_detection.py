@@ -62,6 +62,7 @@ REGISTERED_VARIANTS = {
     "smoothing sigma 1": RegisteredPixelRule(smooth=1.0),
     "no blur alignment": RegisteredPixelRule(blurs=(0.0,)),
     "no zooms": RegisteredPixelRule(zooms=(1.0,)),
+    "no noise correction": RegisteredPixelRule(noise_correction=False),
 }
 CALIBRATED_RULES = ("pixel calibrated", "copy calibrated", "registered calibrated", "combined joint",
                     "combined 0.5% each")

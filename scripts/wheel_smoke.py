@@ -88,7 +88,8 @@ assert free.num_resamples.shape == free.memorization_score.shape == (2,) and (fr
 report = Path("study", "report.md").read_text(encoding="utf-8")
 assert "### Remedies: effect and cost" in report and Path("study", "frontier.csv").is_file(), "study: no frontier"
 rows = Path("study", "runs.csv").read_text(encoding="utf-8")
-assert all(name in rows for name in ("early_stop+copy_free", "weight_decay=1", "original+copy_free(check)")), rows
+assert all(name in rows for name in ("early_stop+copy_free", "weight_decay=1", "original+copy_free(check)",
+                                          "weight_decay=1+copy_free")), rows
 print(f"diffusers_memsep from {package}; templates from {package / 'model_cards'}; "
       f"cards, from_pretrained + copy-free sampling of {variants[0]}, the study's remedies OK")
 '''

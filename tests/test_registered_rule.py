@@ -15,10 +15,12 @@ from diffusers_memsep.memorization.copy_detection import (
     RegisteredPixelRule,
     _blur,
     _shift,
+    _smoothing_gain,
     _zoom,
     calibrate_combined,
     calibrate_registered_threshold,
     combined_report,
+    estimate_noise_sigma,
     max_similarity,
     registered_report,
     threshold_below,
@@ -148,3 +150,87 @@ def test_bad_inputs():
         registered_report(rule, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="split must be"):
         calibrate_combined(torch.zeros(4), torch.zeros(4), 0.01, "max")
+
+
+def smooth_fields(count: int, seed: int, amplitude: float = 0.15) -> torch.Tensor:
+    """Nearly flat 3x32x32 images (a grey sky, a wall): a grey level, a faint tint and a faint 4x4 field upsampled
+    bicubically (the rule normalises over all channels, so a strong colour would not be flat)."""
+    generator = torch.Generator().manual_seed(seed)
+    colour = torch.rand(count, 1, 1, 1, generator=generator) * 1.2 - 0.6 + 0.03 * torch.randn(count, 3, 1, 1,
+                                                                                                generator=generator)
+    field = F.interpolate(torch.randn(count, 3, 4, 4, generator=generator), size=(32, 32), mode="bicubic",
+                          align_corners=False)
+    return (colour + amplitude * field).clamp(-1, 1)
+
+
+def test_noise_estimate_recovers_white_noise_and_ignores_smooth_content():
+    generator = torch.Generator().manual_seed(0)
+    noise = 0.1 * torch.randn(8, 3, 32, 32, generator=generator)
+    assert torch.allclose(estimate_noise_sigma(noise), torch.full((8,), 0.1), rtol=0.1)
+    fields = smooth_fields(8, 1)
+    assert estimate_noise_sigma(fields).max() < 0.01
+    assert torch.allclose(estimate_noise_sigma(fields + noise), torch.full((8,), 0.1), rtol=0.15)
+    assert estimate_noise_sigma(torch.zeros(2, 1, 9, 9)).tolist() == [0.0, 0.0]  # odd sizes: last row/column dropped
+
+
+def test_smoothing_gain_is_the_variance_of_blurred_white_noise():
+    noise = torch.randn(512, 1, 32, 32, generator=torch.Generator().manual_seed(10))
+    blurred = _blur(noise, torch.full((512,), 1.5))
+    assert abs(blurred.var().item() / (_smoothing_gain(1.5, 32) ** 2) - 1) < 0.03
+    # away from the border: the 5-tap kernel's own sum of squared weights (0.0503 in 2-D at sigma 1.5)
+    weights = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * 1.5 ** 2))
+    assert abs(_smoothing_gain(1.5, 4000) - float((weights / weights.sum()).square().sum())) < 1e-3
+
+
+def test_noise_correction_subtracts_the_noise_a_noisy_copy_adds():
+    train = smooth_fields(16, 2, amplitude=0.05)  # standard deviation below the floor 0.2
+    noisy = (train + 0.1 * torch.randn(train.shape, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    plain, corrected = RegisteredPixelRule(noise_correction=False), RegisteredPixelRule()
+    expected = corrected.noise_distance(noisy, train).diagonal()
+    # closed form for a flat image: sigma^2 * sum(w^2) / floor^2
+    gain = _smoothing_gain(1.5, 32) ** 2
+    assert torch.allclose(expected, torch.full((16,), 0.01 * gain / 0.2 ** 2), rtol=0.3)  # sigma's estimate: ~10%
+    raw_distance = plain.distance(noisy, train)[0]
+    assert torch.allclose(raw_distance, expected, rtol=0.3)  # the noise is what separates the copy from its source
+    corrected_distance, index, _ = corrected.distance(noisy, train)
+    assert (corrected_distance < 0.25 * raw_distance).all() and (index == torch.arange(16)).all()
+    # what is subtracted is the noise beyond the training image's: a clean copy and a noisy reference get none
+    assert corrected.noise_distance(train, noisy).abs().max() == 0
+
+
+def test_noise_corrected_distance_equals_brute_force():
+    rule = RegisteredPixelRule(max_shift=1, zooms=(1.0,), blurs=(0.0,), reference_batch=3 * 16 * 16 * 9 * 2)
+    generator = torch.Generator().manual_seed(4)
+    train = F.interpolate(torch.rand(5, 3, 4, 4, generator=generator) * 2 - 1, size=(16, 16), mode="bilinear")
+    samples = (train[[0, 2, 4]] + 0.15 * torch.randn(3, 3, 16, 16, generator=generator)).clamp(-1, 1)
+    samples = torch.cat([samples, torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1])
+    _, every = brute_force(rule, samples, train)
+    noise = rule.noise_distance(samples, train)
+    expected = torch.tensor([min(max(0.0, min(s for (j2, _), s in per.items() if j2 == j) - float(noise[b, j]))
+                                 for j in range(len(train))) for b, per in enumerate(every)])
+    distance, index, _ = rule.distance(samples, train)
+    assert noise[:3].diagonal().min() > 0 and torch.allclose(distance, expected, atol=1e-6)
+    assert index[:3].tolist() == [0, 2, 4]
+
+
+def test_noise_correction_skips_small_images(digits):
+    train, calibration, _ = digits
+    noisy = (calibration[:32] + 0.1 * torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(5)))
+    assert not RegisteredPixelRule().corrects_noise(train.shape)
+    assert torch.equal(RegisteredPixelRule().distance(noisy, train)[0],
+                       RegisteredPixelRule(noise_correction=False).distance(noisy, train)[0])
+
+
+def test_noisy_copies_of_flat_images_caught_at_calibrated_false_positives():
+    # faint fields: novel images are about as far apart as the noise moves a copy (as flat photograph patches are)
+    train, calibration, evaluation = (smooth_fields(count, seed, amplitude=0.03) for count, seed in
+                                      ((16, 6), (400, 7), (400, 8)))
+    copies = (train.repeat(4, 1, 1, 1) + 0.1 * torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(9)))
+    shares = {}
+    for correction in (False, True):
+        rule = RegisteredPixelRule(noise_correction=correction)
+        rule.threshold = calibrate_registered_threshold(rule, train, calibration)
+        assert registered_report(rule, evaluation, train).copied.float().mean() <= 0.025  # 1% on the calibration
+        shares[correction] = registered_report(rule, copies.clamp(-1, 1), train).copied.float().mean().item()
+    assert shares[True] >= 0.95 and shares[False] < 0.75, shares
+

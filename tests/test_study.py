@@ -330,13 +330,16 @@ def test_study_remedies_rows_and_their_costs(tmp_path):
     result = run_study(config)
     rows = {row["method"]: row for row in result.rows}
     assert set(rows) == {"original", "early_stop", "finetune_only", "weight_decay=1", "original+copy_free",
-                         "original+copy_free(check)", "early_stop+copy_free", "random", "memorization_gap"}
+                         "original+copy_free(check)", "early_stop+copy_free", "weight_decay=1+copy_free", "random",
+                         "memorization_gap"}
     assert rows["original"]["train_steps"] == rows["weight_decay=1"]["train_steps"] == 4
+    assert rows["weight_decay=1+copy_free"]["train_steps"] == 4
     assert rows["early_stop"]["train_steps"] == rows["early_stop+copy_free"]["train_steps"] <= 4
     assert rows["random"]["finetune_steps"] == rows["finetune_only"]["finetune_steps"] == 1
     assert rows["original+copy_free"]["finetune_steps"] == 0
     assert rows["original"]["denoising_steps_per_sample"] == 2  # plain sampling: the sampler's step count
-    for name in ("original+copy_free", "original+copy_free(check)", "early_stop+copy_free"):
+    for name in ("original+copy_free", "original+copy_free(check)", "early_stop+copy_free",
+                 "weight_decay=1+copy_free"):
         assert 1 <= rows[name]["denoising_steps_per_sample"] <= 2 * (1 + 3)
         assert rows[name]["memorization_ratio"] <= rows[name.split("+")[0]]["memorization_ratio"]
     frontier = (tmp_path / "frontier.csv").read_text()
@@ -379,7 +382,8 @@ def test_study_command_remedy_flags_change_the_plan(monkeypatch, capsys):
                                trained_base_models=0, seconds=0.0)
 
     monkeypatch.setattr(study_command, "run_study", record)
-    # 2 settings x 2 bases x 2 seeds x (3 baselines + weight decays + 3 copy-free rows + 3 methods)
-    for extra, runs in (([], 88), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 80)):
+    # 2 settings x 2 bases x 2 seeds x (3 baselines + weight decays + 3 copy-free rows + one per weight decay + 3
+    # methods)
+    for extra, runs in (([], 104), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 88)):
         assert main(["study", "--quick", *extra]) == 0
         assert planned[-1] == runs and f"{runs} still missing" in capsys.readouterr().out

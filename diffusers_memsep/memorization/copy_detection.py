@@ -69,11 +69,12 @@ from tqdm.auto import tqdm
 
 from ..utils import write_text
 
-__all__ = ["CopyDetectionNet", "CopySpace", "CopyReport", "augment", "train_copy_detector", "copy_detection_space",
-           "pretrained_copy_space", "calibrate_copy_threshold", "copy_report", "max_similarity", "wilson_interval",
-           "SSCD_THRESHOLD", "HOLDOUT_FRACTION", "CALIBRATION_REFERENCE_SIZE", "threshold_above", "threshold_below",
-           "RegisteredPixelRule", "RegisteredReport", "calibrate_registered_threshold", "registered_report",
-           "CombinedReport", "calibrate_combined", "combined_report", "PADDINGS", "COMBINED_SPLITS"]
+__all__ = ["CopyDetectionNet", "CopySpace", "CopyReport", "augment", "estimate_noise_sigma", "train_copy_detector",
+           "copy_detection_space", "pretrained_copy_space", "calibrate_copy_threshold", "copy_report",
+           "max_similarity", "wilson_interval", "SSCD_THRESHOLD", "HOLDOUT_FRACTION", "CALIBRATION_REFERENCE_SIZE",
+           "threshold_above", "threshold_below", "RegisteredPixelRule", "RegisteredReport",
+           "calibrate_registered_threshold", "registered_report", "CombinedReport", "calibrate_combined",
+           "combined_report", "PADDINGS", "COMBINED_SPLITS"]
 
 #: Somepalli et al. (2023): an SSCD cosine similarity above 0.5 is a copy (for SSCD's own network).
 SSCD_THRESHOLD = 0.5
@@ -500,8 +501,32 @@ def _shift(images: torch.Tensor, dy: int, dx: int, radius: int, padding: str) ->
 
 def _standardize(flat: torch.Tensor, floor: float) -> torch.Tensor:
     """Each row minus its mean, over its standard deviation (at least ``floor``)."""
-    centred = flat - flat.mean(-1, keepdim=True)
-    return centred / centred.square().mean(-1, keepdim=True).sqrt().clamp_min(floor)
+    return (flat - flat.mean(-1, keepdim=True)) / _floored_std(flat, floor)
+
+
+def _floored_std(flat: torch.Tensor, floor: float) -> torch.Tensor:
+    """The standard deviation of each row ``[..., D]`` -> ``[..., 1]``, at least ``floor``."""
+    return (flat - flat.mean(-1, keepdim=True)).square().mean(-1, keepdim=True).sqrt().clamp_min(floor)
+
+
+def _smoothing_gain(sigma: float, size: int) -> float:
+    """The mean over the ``size`` positions of a line of the sum of squared weights of :func:`_blur`'s 1-D kernel
+    there (replicate padding folds the outer weights onto the border pixel): the factor by which the blur scales the
+    variance of white noise, per axis."""
+    deltas = torch.eye(size).view(size, 1, 1, size)  # a line of one pixel: the vertical pass leaves it unchanged
+    weights = _blur(deltas, torch.full((size,), float(sigma)))[:, 0, 0]  # [input position, output position]
+    return float(weights.square().sum(0).mean())
+
+
+def estimate_noise_sigma(images: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of white pixel noise in each image ``[B, C, H, W]`` -> ``[B]``: the median absolute
+    finest-scale diagonal Haar coefficient over 0.6745 (Donoho and Johnstone's robust estimator; the coefficient
+    ``(a - b - c + d) / 2`` of a 2x2 block has the noise's standard deviation and is near 0 on smooth content).
+    An odd last row or column is dropped."""
+    height, width = images.shape[-2] // 2 * 2, images.shape[-1] // 2 * 2
+    x = images[..., :height, :width].float()
+    diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+    return diagonal.abs().flatten(1).median(1).values / 0.6745
 
 
 @dataclass
@@ -538,6 +563,16 @@ class RegisteredPixelRule:
     - ``smooth`` (sigma 1.5, the same for both images) removes most pixel noise before the comparison: alone the
       rule caught 0.53 of noisy patches, against 0.14 without smoothing and 0.39 at sigma 1. Noisy, recoloured and
       contrast-reduced natural-image patches remain the edits this rule catches least (the copy space catches them);
+    - ``noise_correction``: smoothing cannot remove all pixel noise from a nearly flat image, whose normalisation
+      divides by the floor: the noise a sample has beyond the training image's (both estimated with
+      :func:`estimate_noise_sigma`) adds ``(sigma_x^2 - sigma_t^2) * sum(w^2) / std_x^2`` to the expected distance
+      (``w`` the smoothing kernel, its border weights folded as the padding does; ``std_x`` the sample's floored
+      standard deviation after smoothing), and that expectation is subtracted (clamped at 0) before the minimum over
+      training images. On natural-image patches it raised the noisy copies caught from 0.53 to 1.00 alone (held-out
+      false positives 0.007 without, 0.008 with) and from 0.90 to 1.00 in the combined rule. It applies to images of
+      at least ``noise_correction_min_pixels`` pixels per channel (16x16): on 8x8 digits the estimate measures
+      strokes, not noise (held-out digits and noisy digits get about the same estimate), and noisy digits are caught
+      without it;
     - the threshold is calibrated, as for the copy space, to at most 1% false positives on held-out images against
       the training set being checked (:func:`calibrate_registered_threshold`): minimising over alignments also brings
       novel images closer, and only a calibrated threshold states what that costs;
@@ -554,6 +589,8 @@ class RegisteredPixelRule:
     normalize: bool = True
     std_floor: float = 0.2
     smooth: float = 1.5
+    noise_correction: bool = True
+    noise_correction_min_pixels: int = 256
     threshold: float | None = None
     device: str | torch.device | None = None
     reference_batch: int = 1 << 22
@@ -579,14 +616,17 @@ class RegisteredPixelRule:
                  f"zooms {', '.join(f'{z:g}' for z in self.zooms)}",
                  f"blurs {', '.join(f'{b:g}' for b in self.blurs)}" if any(self.blurs) else None,
                  "per-image mean/std normalised" if self.normalize else None,
-                 f"both smoothed (sigma {self.smooth:g})" if self.smooth else None]
+                 f"both smoothed (sigma {self.smooth:g})" if self.smooth else None,
+                 f"noise-corrected (images of >= {self.noise_correction_min_pixels} pixels)"
+                 if self.noise_correction else None]
         return "registered pixel distance: " + ", ".join(p for p in parts if p)
 
     @property
     def details(self) -> dict:
         return {"max_shift": self.max_shift, "flip": self.flip, "zooms": list(self.zooms), "blurs": list(self.blurs),
                 "padding": self.padding, "normalize": self.normalize, "std_floor": self.std_floor,
-                "smooth": self.smooth}
+                "smooth": self.smooth, "noise_correction": self.noise_correction,
+                "noise_correction_min_pixels": self.noise_correction_min_pixels}
 
     def _views(self, shape) -> list[tuple[float, int, int, bool, float]]:
         """(zoom, top, left, mirrored, blur sigma) of every view that is then shifted."""
@@ -618,15 +658,43 @@ class RegisteredPixelRule:
                       for dx in range(-radius, radius + 1)]
         return torch.stack(views, 1)
 
+    def _flat_smoothed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[..., C, H, W]`` -> ``[..., C, H, W]`` smoothed with ``smooth`` (unchanged at 0)."""
+        if not self.smooth:
+            return images
+        shape = images.shape
+        images = images.reshape(-1, *shape[-3:])
+        return _blur(images, torch.full((len(images),), self.smooth, dtype=images.dtype,
+                                        device=images.device)).reshape(shape)
+
     def _flat(self, images: torch.Tensor) -> torch.Tensor:
         """``[..., C, H, W]`` -> ``[..., D]``: smoothed (``smooth``) and normalised (``normalize``) as compared."""
-        if self.smooth:
-            shape = images.shape
-            images = images.reshape(-1, *shape[-3:])
-            images = _blur(images, torch.full((len(images),), self.smooth, dtype=images.dtype,
-                                              device=images.device)).reshape(shape)
-        flat = images.flatten(-3)
+        flat = self._flat_smoothed(images).flatten(-3)
         return _standardize(flat, self.std_floor) if self.normalize else flat
+
+    def corrects_noise(self, shape) -> bool:
+        """Whether the noise correction applies to images of ``shape`` (``[..., H, W]``)."""
+        return self.noise_correction and shape[-2] * shape[-1] >= self.noise_correction_min_pixels
+
+    def _noise_terms(self, samples: torch.Tensor, reference: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(``sigma_x^2`` ``[B]``, ``sigma_t^2`` ``[n]``, ``sum(w^2) / std_x^2`` ``[B]``) of :meth:`noise_distance`."""
+        samples, reference = samples.float().cpu(), reference.float().cpu()
+        gain = 1.0
+        if self.smooth:  # white noise of variance v has variance v * sum(w^2) after the kernel w, border included
+            gain = _smoothing_gain(self.smooth, samples.shape[-2]) * _smoothing_gain(self.smooth, samples.shape[-1])
+        scale = torch.ones(len(samples))
+        if self.normalize:
+            scale = _floored_std(self._flat_smoothed(samples).flatten(1), self.std_floor)[:, 0].square()
+        return estimate_noise_sigma(samples).square(), estimate_noise_sigma(reference).square(), gain / scale
+
+    def noise_distance(self, samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """The expected distance ``[B, n]`` that the noise sample b has beyond training image j's adds to their
+        registered distance: what :meth:`distance` subtracts (zeros where the correction does not apply)."""
+        if not self.corrects_noise(samples.shape):
+            return torch.zeros(len(samples), len(reference))
+        sample_noise, reference_noise, factor = self._noise_terms(samples, reference)
+        return (sample_noise[:, None] - reference_noise[None]).clamp_min(0) * factor[:, None]
 
     @torch.no_grad()
     def distance(self, samples: torch.Tensor, reference: torch.Tensor
@@ -649,6 +717,9 @@ class RegisteredPixelRule:
         which = torch.zeros(len(samples), dtype=torch.long)
         flat_samples = self._flat(samples.to(device, torch.float32))
         sample_norms = flat_samples.square().sum(1)
+        corrected = self.corrects_noise(samples.shape)
+        if corrected:  # per pair, chunk by chunk (a [B, n] matrix could be large)
+            sample_noise, reference_noise, factor = (t.to(device) for t in self._noise_terms(samples, reference))
         for start in range(0, len(reference), per_chunk):
             chunk = reference[start:start + per_chunk].to(device, torch.float32)
             aligned = self._flat(self.alignments(chunk)).flatten(0, 1)  # [n_chunk * K, D]
@@ -658,7 +729,11 @@ class RegisteredPixelRule:
                 squared = (sample_norms[rows, None] + aligned_norms[None] - 2 * flat_samples[rows] @ aligned.T)
                 squared = squared.clamp_min(0).view(len(flat_samples[rows]), len(chunk), count)
                 over_alignments = squared.min(2)
-                nearest = over_alignments.values.min(1)
+                per_image = over_alignments.values
+                if corrected:  # minus the expected noise distance (see noise_distance), summed over pixels
+                    excess = (sample_noise[rows, None] - reference_noise[None, start:start + len(chunk)])
+                    per_image = (per_image - excess.clamp_min(0) * factor[rows, None] * pixels).clamp_min(0)
+                nearest = per_image.min(1)
                 closer = (nearest.values / pixels).cpu() < best[rows]
                 picked = nearest.indices
                 best[rows] = torch.where(closer, (nearest.values / pixels).cpu(), best[rows])

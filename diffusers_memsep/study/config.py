@@ -95,7 +95,7 @@ class StudyConfig(PruningStudyConfig):
     early_stop_threshold: float = 0.1  # its stop_at_memorization: the ratio above which a validation memorizes
     curve_num_samples: int = 64  # samples per validation of the early-stopped run (seeds from evaluate.CURVE_SEED)
     weight_decays: tuple = (1.0, 3.0)  # AdamW weight decays of the extra base models (rows weight_decay=<w>)
-    copy_free: bool = True  # the copy-free sampling rows (original, original with the early check, early_stop)
+    copy_free: bool = True  # copy-free rows: original (with and without the early check), early_stop, weight decays
     max_resamples: int = 20  # redraws per sample of copy-free sampling (MemSepPipeline's max_resamples)
     copy_check_at: float = 0.75  # the early check of the original+copy_free(check) row (MemSepPipeline's)
     finetune: TrainingConfig = field(default_factory=lambda: TrainingConfig(

@@ -3,9 +3,9 @@
 Per (setting, base model, seed), in this order: ``original``, ``early_stop`` (studies only), ``finetune_only`` (the
 control: the same fine-tuning, no head removed); in a study, the remedies a user applies with one flag:
 ``weight_decay=<w>`` (a base model trained with that weight decay), copy-free sampling of the original
-(``original+copy_free``, and with the early check ``original+copy_free(check)``) and of the early-stopped model
-(``early_stop+copy_free``); then every method at each of its etas, each followed by its time-routed run when
-``small_t_switch`` is set.
+(``original+copy_free``, and with the early check ``original+copy_free(check)``), of the early-stopped model
+(``early_stop+copy_free``) and of each weight-decay base (``weight_decay=<w>+copy_free``); then every method at
+each of its etas, each followed by its time-routed run when ``small_t_switch`` is set.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def planned_runs(config, settings: list[str], num_base_models: int, early_stop: 
         remedies = [(weight_decay_name(w), "plain") for w in config.weight_decays]
         if config.copy_free:
             remedies += [("original", "copy_free"), ("original", "copy_free_check"), ("early_stop", "copy_free")]
+            remedies += [(weight_decay_name(w), "copy_free") for w in config.weight_decays]
     runs = []
     for setting in settings:
         for base in range(num_base_models):
