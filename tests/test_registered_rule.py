@@ -217,6 +217,7 @@ def test_noise_correction_skips_small_images(digits):
     train, calibration, _ = digits
     noisy = (calibration[:32] + 0.1 * torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(5)))
     assert not RegisteredPixelRule().corrects_noise(train.shape)
+    assert not RegisteredPixelRule().corrects_noise((1, 1, 1, 512)) and RegisteredPixelRule().corrects_noise((16, 16))
     assert torch.equal(RegisteredPixelRule().distance(noisy, train)[0],
                        RegisteredPixelRule(noise_correction=False).distance(noisy, train)[0])
 

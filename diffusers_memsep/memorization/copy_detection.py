@@ -673,8 +673,10 @@ class RegisteredPixelRule:
         return _standardize(flat, self.std_floor) if self.normalize else flat
 
     def corrects_noise(self, shape) -> bool:
-        """Whether the noise correction applies to images of ``shape`` (``[..., H, W]``)."""
-        return self.noise_correction and shape[-2] * shape[-1] >= self.noise_correction_min_pixels
+        """Whether the noise correction applies to images of ``shape`` (``[..., H, W]``; the estimate needs 2x2
+        blocks)."""
+        return (self.noise_correction and min(shape[-2], shape[-1]) >= 2
+                and shape[-2] * shape[-1] >= self.noise_correction_min_pixels)
 
     def _noise_terms(self, samples: torch.Tensor, reference: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
