@@ -96,6 +96,20 @@ def test_one_generator_per_image_and_the_derived_generator():
     assert derived.initial_seed() != generator.initial_seed() and score_generator(None) is None
 
 
+def test_iterated_renoise_keeps_copies_and_carries_novel_images_further():
+    images = load_digits_dataset()[0]
+    train, held_out = images[:4], images[100:116]
+    pipe = MemorizingPipe(train)
+    score = lambda x, **kwargs: memorization_score(pipe, x, value_range="-11", repeats=2,  # noqa: E731
+                                                   generator=torch.Generator().manual_seed(3), **kwargs).score
+    torch.testing.assert_close(score(held_out, iterations=1), score(held_out), rtol=0, atol=0)  # the default
+    once, four_times = score(held_out), score(held_out, iterations=4)
+    assert four_times.mean() < once.mean()  # a novel image drifts further from itself (onto training images)
+    assert score(train, iterations=4).min() > -1e-4  # a training image is a fixed point of the map
+    with pytest.raises(ValueError, match="iterations"):
+        score(train, iterations=0)
+
+
 @pytest.mark.parametrize("method, kwargs, message", [
     ("renoise_levels", {"levels": ()}, "at least one level"),
     ("renoise_levels", {"levels": (0.2, 1.5)}, "must lie in"),

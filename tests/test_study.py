@@ -228,6 +228,7 @@ def test_colour_setting_is_16x16_rgb(tmp_path):
     (["--weight_decays", "1", "1"], "weight_decays must be distinct"),
     (["--copy_check_at", "1.5"], "--copy_check_at 0.75"),
     (["--max_resamples", "-1"], "max_resamples must be an integer >= 0"),
+    (["--copy_free_methods", "nope"], "unknown pruning method(s) ['nope'] in copy_free_methods"),
 ])
 def test_study_command_bad_input(tmp_path, argv, message, capsys):
     assert main(["study", "--output_dir", str(tmp_path / "out"), *argv]) == 2
@@ -331,15 +332,17 @@ def test_study_remedies_rows_and_their_costs(tmp_path):
     rows = {row["method"]: row for row in result.rows}
     assert set(rows) == {"original", "early_stop", "finetune_only", "weight_decay=1", "original+copy_free",
                          "original+copy_free(check)", "early_stop+copy_free", "weight_decay=1+copy_free", "random",
-                         "memorization_gap"}
+                         "memorization_gap", "memorization_gap+copy_free"}
     assert rows["original"]["train_steps"] == rows["weight_decay=1"]["train_steps"] == 4
     assert rows["weight_decay=1+copy_free"]["train_steps"] == 4
     assert rows["early_stop"]["train_steps"] == rows["early_stop+copy_free"]["train_steps"] <= 4
     assert rows["random"]["finetune_steps"] == rows["finetune_only"]["finetune_steps"] == 1
     assert rows["original+copy_free"]["finetune_steps"] == 0
     assert rows["original"]["denoising_steps_per_sample"] == 2  # plain sampling: the sampler's step count
+    pruned, pruned_free = rows["memorization_gap"], rows["memorization_gap+copy_free"]  # the same pruned model
+    assert pruned_free["pruned_heads"] == pruned["pruned_heads"] > 0 and pruned_free["finetune_steps"] == 1
     for name in ("original+copy_free", "original+copy_free(check)", "early_stop+copy_free",
-                 "weight_decay=1+copy_free"):
+                 "weight_decay=1+copy_free", "memorization_gap+copy_free"):
         assert 1 <= rows[name]["denoising_steps_per_sample"] <= 2 * (1 + 3)
         assert rows[name]["memorization_ratio"] <= rows[name.split("+")[0]]["memorization_ratio"]
     frontier = (tmp_path / "frontier.csv").read_text()
@@ -383,7 +386,8 @@ def test_study_command_remedy_flags_change_the_plan(monkeypatch, capsys):
 
     monkeypatch.setattr(study_command, "run_study", record)
     # 2 settings x 2 bases x 2 seeds x (3 baselines + weight decays + 3 copy-free rows + one per weight decay + 3
-    # methods)
-    for extra, runs in (([], 104), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 88)):
+    # methods + memorization_gap copy-free)
+    for extra, runs in (([], 112), (["--weight_decays", "--no_copy_free"], 48), (["--weight_decays", "2"], 96),
+                        (["--copy_free_methods"], 104), (["--copy_free_methods", "random", "small_t"], 120)):
         assert main(["study", "--quick", *extra]) == 0
         assert planned[-1] == runs and f"{runs} still missing" in capsys.readouterr().out

@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "none: --weight_decays with no value).")
     remedies.add_argument("--no_copy_free", action="store_true",
                           help="Leave out the copy-free sampling rows (original, original with the early check, "
-                               "early_stop).")
+                               "early_stop, weight decays, --copy_free_methods).")
+    remedies.add_argument("--copy_free_methods", nargs="*", default=None,
+                          help=f"Pruning methods whose pruned models are also sampled copy-free (default "
+                               f"{list(default.copy_free_methods)}; none: the flag with no value).")
     remedies.add_argument("--max_resamples", type=int, default=None,
                           help=f"Redraws per sample of copy-free sampling (default {default.max_resamples}).")
     remedies.add_argument("--copy_check_at", type=float, default=None,
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {key: (tuple(value) if isinstance(value, list) else value) for key, value in (
         ("output_dir", args.output_dir), ("num_base_models", args.num_base_models), ("methods", args.methods),
         ("etas", args.etas), ("seeds", args.seeds), ("weight_decays", args.weight_decays),
-        ("max_resamples", args.max_resamples), ("copy_check_at", args.copy_check_at)) if value is not None}
+        ("max_resamples", args.max_resamples), ("copy_check_at", args.copy_check_at),
+        ("copy_free_methods", args.copy_free_methods)) if value is not None}
     if args.no_copy_free:
         overrides["copy_free"] = False
     if args.base_train_steps is not None:

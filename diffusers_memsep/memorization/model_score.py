@@ -6,7 +6,8 @@ betrays its copies by itself, and six such signals are implemented here (higher 
 - ``"renoise"`` (stability under re-noising): the sample is noised to a middle level ``t`` several times, each time
   denoised back with DDIM; a copy of a training image falls back onto that image (the model's empirical-score
   attractor), a novel sample drifts. Score: minus the mean squared distance (per pixel, in the model's space)
-  between the sample and its re-denoised versions.
+  between the sample and its re-denoised versions (with ``iterations=k``, each version is the re-noise-and-denoise
+  map applied k times).
 - ``"renoise_spread"``: the same re-noising, scored by how much the re-denoised versions differ from one another
   (minus their mean squared distance to their own mean): a memorizing model's denoiser is contractive around a
   training image (every noise draw lands on the same image), while on a learned manifold it keeps the draws apart.
@@ -41,7 +42,11 @@ Choices the paper leaves open, and why:
   draws at 0.2 T; ``repeats=32`` was the best variant there and is
   recommended where the cost (about 320 model calls per image) is acceptable (on the reported run it raised the AUC
   on 7 of the 9 checkpoints that copy, yet stays below 0.95 on two of the unconditional digits' and one of
-  colour16's: docs/results.md). The default stays at 4 draws, with
+  colour16's: docs/results.md). Iterating the map (``iterations=2``, 16 draws: the same cost) was as good on the
+  development run (smallest AUC 0.966) and on the reported run better on colour16 and the conditional digits but
+  worse on the unconditional ones (likely, not measured: a second re-noising also carries copies onto other training
+  images), so it is an
+  option, not the default; 4 iterations were worse. The default stays at 4 draws, with
   which the pipeline's and the audit's scores were measured; its threshold applies to any number of draws (the
   mean over draws estimates the same quantity);
 - noise level: ``renoise`` noises to ``t = 0.2 T`` (T the training schedule's length) and denoises with
@@ -172,13 +177,15 @@ def _ddim(pipe) -> DDIMScheduler:
 
 
 @torch.no_grad()
-def _renoise_outputs(pipe, x, labels, generator, level, steps, repeats):
+def _renoise_outputs(pipe, x, labels, generator, level, steps, repeats, iterations=1):
     """``repeats`` re-denoised versions of ``x`` (``[repeats, B, ...]``, float) and the noise variance ``1 - alpha``
-    of the level they started from."""
+    of the level they started from; with ``iterations`` k, each version is the re-noise-and-denoise map applied k
+    times (fresh noise each time), so a sample near a training image is carried onto it while a copy stays."""
     if not 0 < level < 1:
         raise ValueError(f"re-noising levels must lie in (0, 1) (fractions of the training schedule), got {level}.")
-    if int(steps) < 1 or int(repeats) < 1:
-        raise ValueError(f"steps and repeats must be at least 1, got steps={steps}, repeats={repeats}.")
+    if int(steps) < 1 or int(repeats) < 1 or int(iterations) < 1:
+        raise ValueError(f"steps, repeats and iterations must be at least 1, got steps={steps}, repeats={repeats}, "
+                         f"iterations={iterations}.")
     scheduler = _ddim(pipe)
     scheduler.set_timesteps(max(1, round(steps / level)))
     start = int(level * scheduler.config.num_train_timesteps)
@@ -186,16 +193,17 @@ def _renoise_outputs(pipe, x, labels, generator, level, steps, repeats):
     alpha = scheduler.alphas_cumprod[timesteps[0]].item()
     outputs = []
     for _ in range(int(repeats)):
-        noise = _noise(x, generator)
-        sample = alpha ** 0.5 * x + (1 - alpha) ** 0.5 * noise
-        for t in timesteps:
-            sample = scheduler.step(_eps(pipe, sample, t, labels).to(x.dtype), t, sample).prev_sample
+        sample = x
+        for _ in range(int(iterations)):
+            sample = alpha ** 0.5 * sample + (1 - alpha) ** 0.5 * _noise(x, generator)
+            for t in timesteps:
+                sample = scheduler.step(_eps(pipe, sample, t, labels).to(x.dtype), t, sample).prev_sample
         outputs.append(sample.float())
     return torch.stack(outputs), 1 - alpha
 
 
-def _renoise(pipe, x, labels, generator, level=0.2, steps=10, repeats=4, spread=False):
-    outputs, _ = _renoise_outputs(pipe, x, labels, generator, level, steps, repeats)
+def _renoise(pipe, x, labels, generator, level=0.2, steps=10, repeats=4, spread=False, iterations=1):
+    outputs, _ = _renoise_outputs(pipe, x, labels, generator, level, steps, repeats, iterations)
     centre = outputs.mean(0, keepdim=True) if spread else x.float()[None]
     return -(outputs - centre).square().flatten(2).mean(2).mean(0)
 
@@ -305,7 +313,8 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
         threshold: flag ``score >= threshold`` (default :data:`THRESHOLDS` of the method).
         generator: seeds the noise (default seed 0); a list gives one CPU generator per image, so each image's score
             depends on its own generator only.
-        method_kwargs: e.g. ``level``, ``steps``, ``repeats`` for ``"renoise"``; ``levels``, ``draws`` otherwise.
+        method_kwargs: e.g. ``level``, ``steps``, ``repeats``, ``iterations`` for ``"renoise"``; ``levels``,
+            ``draws`` otherwise.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")

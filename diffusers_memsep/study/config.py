@@ -96,6 +96,8 @@ class StudyConfig(PruningStudyConfig):
     curve_num_samples: int = 64  # samples per validation of the early-stopped run (seeds from evaluate.CURVE_SEED)
     weight_decays: tuple = (1.0, 3.0)  # AdamW weight decays of the extra base models (rows weight_decay=<w>)
     copy_free: bool = True  # copy-free rows: original (with and without the early check), early_stop, weight decays
+    # and the pruned models of these of `methods` at every eta (rows <method>+copy_free): the pruning that copies least
+    copy_free_methods: tuple = ("memorization_gap",)
     max_resamples: int = 20  # redraws per sample of copy-free sampling (MemSepPipeline's max_resamples)
     copy_check_at: float = 0.75  # the early check of the original+copy_free(check) row (MemSepPipeline's)
     finetune: TrainingConfig = field(default_factory=lambda: TrainingConfig(
@@ -134,6 +136,10 @@ class StudyConfig(PruningStudyConfig):
                 len(set(self.weight_decays)) != len(self.weight_decays):
             raise ValueError(f"weight_decays must be distinct AdamW weight decays > 0 (0 is the original model), "
                              f"got {list(self.weight_decays)}; e.g. --weight_decays 0.1 1.")
+        unknown = [m for m in self.copy_free_methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown pruning method(s) {unknown} in copy_free_methods; choose from "
+                             f"{', '.join(METHODS)} (rows exist for those also in methods).")
         if isinstance(self.max_resamples, bool) or not isinstance(self.max_resamples, int) or self.max_resamples < 0:
             raise ValueError(f"max_resamples must be an integer >= 0, got {self.max_resamples!r}.")
         if not 0 < self.copy_check_at < 1:

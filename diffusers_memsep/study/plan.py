@@ -5,7 +5,8 @@ control: the same fine-tuning, no head removed); in a study, the remedies a user
 ``weight_decay=<w>`` (a base model trained with that weight decay), copy-free sampling of the original
 (``original+copy_free``, and with the early check ``original+copy_free(check)``), of the early-stopped model
 (``early_stop+copy_free``) and of each weight-decay base (``weight_decay=<w>+copy_free``); then every method at
-each of its etas, each followed by its time-routed run when ``small_t_switch`` is set.
+each of its etas, each followed by its time-routed run when ``small_t_switch`` is set and, for the methods of
+``copy_free_methods``, by its copy-free run (``<method>+copy_free``, the same pruned model sampled copy-free).
 """
 
 from __future__ import annotations
@@ -83,4 +84,6 @@ def planned_runs(config, settings: list[str], num_base_models: int, early_stop: 
                         runs.append(Run(setting, base, method, float(eta), seed))
                         if config.small_t_switch is not None:
                             runs.append(Run(setting, base, method, float(eta), seed, config.small_t_switch))
+                        if early_stop and config.copy_free and method in config.copy_free_methods:
+                            runs.append(Run(setting, base, method, float(eta), seed, sampling="copy_free"))
     return runs

@@ -60,7 +60,8 @@ def _remedy_names(config) -> str:
     names = ["early_stop", *(f"weight_decay={w:g}" for w in config.weight_decays)]
     if config.copy_free:
         names += ["original+copy_free", "original+copy_free(check)", "early_stop+copy_free",
-                  *(f"weight_decay={w:g}+copy_free" for w in config.weight_decays)]
+                  *(f"weight_decay={w:g}+copy_free" for w in config.weight_decays),
+                  *(f"{m}+copy_free" for m in config.methods if m in config.copy_free_methods)]
     return ", " + ", ".join(names)
 
 
