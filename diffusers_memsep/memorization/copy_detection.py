@@ -691,8 +691,8 @@ class RegisteredPixelRule:
         return estimate_noise_sigma(samples).square(), estimate_noise_sigma(reference).square(), gain / scale
 
     def noise_distance(self, samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """The expected distance ``[B, n]`` that the noise sample b has beyond training image j's adds to their
-        registered distance: what :meth:`distance` subtracts (zeros where the correction does not apply)."""
+        """``[B, n]``: the expected distance that sample b's pixel noise, beyond training image j's, adds to their
+        registered distance; what :meth:`distance` subtracts (zeros where the correction does not apply)."""
         if not self.corrects_noise(samples.shape):
             return torch.zeros(len(samples), len(reference))
         sample_noise, reference_noise, factor = self._noise_terms(samples, reference)

@@ -44,9 +44,8 @@ Choices the paper leaves open, and why:
   on 7 of the 9 checkpoints that copy, yet stays below 0.95 on two of the unconditional digits' and one of
   colour16's: docs/results.md). Iterating the map (``iterations=2``, 16 draws: the same cost) was as good on the
   development run (smallest AUC 0.966) and on the reported run better on colour16 and the conditional digits but
-  worse on the unconditional ones (likely, not measured: a second re-noising also carries copies onto other training
-  images), so it is an
-  option, not the default; 4 iterations were worse. The default stays at 4 draws, with
+  worse on the unconditional ones (likely, not measured: a second re-noising also carries copies onto other
+  training images), so it is an option, not the default; 4 iterations were worse. The default stays at 4 draws, with
   which the pipeline's and the audit's scores were measured; its threshold applies to any number of draws (the
   mean over draws estimates the same quantity);
 - noise level: ``renoise`` noises to ``t = 0.2 T`` (T the training schedule's length) and denoises with
@@ -180,7 +179,8 @@ def _ddim(pipe) -> DDIMScheduler:
 def _renoise_outputs(pipe, x, labels, generator, level, steps, repeats, iterations=1):
     """``repeats`` re-denoised versions of ``x`` (``[repeats, B, ...]``, float) and the noise variance ``1 - alpha``
     of the level they started from; with ``iterations`` k, each version is the re-noise-and-denoise map applied k
-    times (fresh noise each time), so a sample near a training image is carried onto it while a copy stays."""
+    times (fresh noise each time): meant to carry a sample that sits near a training image further from itself, while a
+    copy stays."""
     if not 0 < level < 1:
         raise ValueError(f"re-noising levels must lie in (0, 1) (fractions of the training schedule), got {level}.")
     if int(steps) < 1 or int(repeats) < 1 or int(iterations) < 1:
