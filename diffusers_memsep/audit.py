@@ -66,7 +66,7 @@ from .memorization.copy_detection import (
     wilson_interval,
 )
 from .memorization.metrics import memorization_report
-from .memorization.model_score import THRESHOLDS
+from .memorization.model_score import THRESHOLDS, check_method_options
 from .utils import save_figure, write_text
 
 __all__ = ["AuditResult", "audit_pipeline", "write_audit", "MIN_CALIBRATION_IMAGES"]
@@ -93,7 +93,7 @@ def _share(count: int, total: int) -> dict:
 
 
 def _sample(pipe, num_samples: int, num_inference_steps: int, seed: int, batch_size: int, progress: bool,
-            score_method: str):
+            score_method: str, score_options: dict):
     """The samples in ``[-1, 1]``, their model-only scores and labels, from the one sampler
     (:func:`~diffusers_memsep.evaluate.sample_pipeline`: batches split across processes, each keeping its seed
     ``seed + b``, gathered in order on every process)."""
@@ -101,7 +101,7 @@ def _sample(pipe, num_samples: int, num_inference_steps: int, seed: int, batch_s
     labels = balanced_labels(num_samples, pipe.num_classes if conditional else None)
     pipe.set_progress_bar_config(disable=True)
     drawn = sample_pipeline(pipe, num_samples, labels, num_inference_steps, seed, batch_size, progress=progress,
-                            memorization_score=score_method)
+                            memorization_score=score_method, memorization_score_kwargs=score_options)
     return drawn.images, drawn.memorization_score, labels
 
 
@@ -115,7 +115,8 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
                    num_samples: int = 64, num_inference_steps: int = 25, seed: int = 0,
                    score_method: str = "renoise", copy_model: str | None = None,
                    cache_dir: str | os.PathLike | None = None, quality_space=None, gallery_size: int = 8,
-                   batch_size: int = 64, copy_steps: int = 1500, progress: bool = True) -> AuditResult:
+                   batch_size: int = 64, copy_steps: int = 1500, progress: bool = True,
+                   score_options: dict | None = None) -> AuditResult:
     """Sample ``pipe`` and measure its copies (see the module docstring).
 
     Args:
@@ -129,25 +130,29 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
             ``population``; None: no quality).
         batch_size: samples per pipeline call; each batch has its own seed (see "Choices"), and the batches are
             what several processes share.
+        score_options: options of ``score_method`` (``model_score.METHOD_OPTIONS``), e.g. ``{"repeats": 32}``.
 
     Under several processes every process must call it (with the same arguments); see the module docstring.
     """
     if num_samples < 4 or num_inference_steps < 1 or gallery_size < 0 or batch_size < 1:
         raise ValueError("num_samples must be >= 4, num_inference_steps >= 1, gallery_size >= 0 and batch_size >= 1.")
+    score_options = dict(score_options or {})
+    check_method_options(score_method, score_options)  # before any sampling
     if train_images is None and pipe.reference is not None:
         train_images = pipe.reference.images.float().cpu()
     samples, scores, labels = _sample(pipe, num_samples, num_inference_steps, seed, batch_size, progress,
-                                      score_method)
+                                      score_method, score_options)
     if train_images is not None:
         train_images = pipe.match_image_shape(train_images)
     numbers, gallery = main_process_result(lambda: _measure(
         pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,
-        copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress))
+        copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress, score_options))
     return AuditResult(numbers, samples, train_images, gallery)
 
 
 def _measure(pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,
-             copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress) -> tuple[dict, list]:
+             copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress,
+             score_options) -> tuple[dict, list]:
     """Every number of the audit and its gallery, from the gathered samples and scores (main process only)."""
     num_samples = len(samples)
     numbers = {"pipeline": {"image_shape": list(pipe.image_shape), "num_classes": pipe.num_classes,
@@ -156,7 +161,7 @@ def _measure(pipe, samples, scores, train_images, population, num_inference_step
                             "batch_size": batch_size, "scheduler": type(pipe.scheduler).__name__}}
 
     threshold = THRESHOLDS[score_method]
-    numbers["model_score"] = {"method": score_method, "threshold": threshold,
+    numbers["model_score"] = {"method": score_method, "options": score_options, "threshold": threshold,
                               "flagged": _share(int((scores >= threshold).sum()), num_samples),
                               "scores": scores.tolist()}
     gallery = []
@@ -315,7 +320,8 @@ def audit_markdown(numbers: dict, title: str) -> str:
                          f"{_fmt(registered['copied'])} |")
         if combined:
             lines.append(f"| copies, combined rule (copy space OR registered) | {_fmt(combined['copied'])} |")
-    lines.append(f"| flagged by the model-only score ({score['method']} >= {score['threshold']}) | "
+    options = "".join(f", {key}={value}" for key, value in sorted(score.get("options", {}).items()))
+    lines.append(f"| flagged by the model-only score ({score['method']}{options} >= {score['threshold']}) | "
                  f"{_fmt(score['flagged'])} |")
     lines.append("")
     if numbers.get("pixel"):

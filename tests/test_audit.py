@@ -91,19 +91,30 @@ def test_audit_reports_registered_and_combined_rules(stock_folder, tmp_path):
 
 
 def test_audit_without_training_images(stock_folder, tmp_path):
-    out = tmp_path / "audit"
-    assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(out), "--num_samples", "4",
-                 "--num_inference_steps", "2", "--gallery_size", "2"]) == 0
-    numbers = json.loads((out / "audit.json").read_text())
-    assert numbers["training_images"] is None and "pixel" not in numbers
-    assert numbers["model_score"]["flagged"]["total"] == 4
-    assert "only the model-only score" in (out / "report.md").read_text()
+    scores = {}
+    for repeats in (None, "8"):
+        out = tmp_path / f"audit-{repeats}"
+        assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(out), "--num_samples", "4",
+                     "--num_inference_steps", "2", "--gallery_size", "2",
+                     *(["--score_repeats", repeats] if repeats else [])]) == 0
+        numbers = json.loads((out / "audit.json").read_text())
+        assert numbers["training_images"] is None and "pixel" not in numbers
+        assert numbers["model_score"]["flagged"]["total"] == 4
+        assert numbers["model_score"]["options"] == ({"repeats": 8} if repeats else {})
+        assert "only the model-only score" in (out / "report.md").read_text()
+        scores[repeats] = numbers["model_score"]["scores"]
+    assert "renoise, repeats=8 >=" in (tmp_path / "audit-8" / "report.md").read_text()
+    assert scores[None] != scores["8"]  # the option reached the score
 
 
 def test_audit_bad_input(stock_folder, tmp_path, capsys):
     assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(tmp_path / "a"),
                  "--num_samples", "2"]) == 2
     assert "--num_samples must be >= 4" in capsys.readouterr().err
+    assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(tmp_path / "b"),
+                 "--score_method", "fixed_point", "--score_repeats", "8"]) == 2
+    assert "method 'fixed_point' takes the options levels, draws; got 'repeats'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_write_audit_writes_on_the_main_process_only(tmp_path, monkeypatch):

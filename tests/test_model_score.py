@@ -110,6 +110,21 @@ def test_iterated_renoise_keeps_copies_and_carries_novel_images_further():
         score(train, iterations=0)
 
 
+def test_method_options_are_the_functions_keyword_arguments():
+    import inspect
+
+    from diffusers_memsep.memorization import model_score
+
+    for method, options in model_score.METHOD_OPTIONS.items():
+        function = model_score._FUNCTIONS[method]
+        if method == "renoise_spread":  # the renoise function with spread=True
+            function = model_score._renoise
+        taken = [name for name in inspect.signature(function).parameters
+                 if name not in ("pipe", "x", "labels", "generator", "spread")]
+        assert tuple(taken) == options, method
+    assert set(model_score.METHOD_OPTIONS) == set(model_score.METHODS)
+
+
 @pytest.mark.parametrize("method, kwargs, message", [
     ("renoise_levels", {"levels": ()}, "at least one level"),
     ("renoise_levels", {"levels": (0.2, 1.5)}, "must lie in"),

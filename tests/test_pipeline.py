@@ -276,6 +276,22 @@ def test_memorization_score_equals_the_function_on_the_returned_images(method):
     torch.testing.assert_close(pair.memorization_score[1:], alone.memorization_score, rtol=1e-4, atol=1e-6)
 
 
+def test_memorization_score_kwargs_reach_the_score():
+    pipe = make_pipe()
+    out = sample(pipe, seed=2, class_labels=[1, 5], memorization_score=True,
+                 memorization_score_kwargs={"repeats": 8, "iterations": 2})
+    expected = memorization_score(pipe, out.images, class_labels=[1, 5], repeats=8, iterations=2,
+                                  generator=score_generator(torch.Generator().manual_seed(2)))
+    assert torch.equal(out.memorization_score, expected.score)
+    assert not torch.equal(out.memorization_score, sample(pipe, seed=2, class_labels=[1, 5],
+                                                          memorization_score=True).memorization_score)
+    with pytest.raises(ValueError, match="method 'renoise' takes the options level, steps, repeats, iterations; "
+                                         "got 'draws'"):
+        sample(pipe, class_labels=[1], memorization_score=True, memorization_score_kwargs={"draws": 3})
+    with pytest.raises(ValueError, match="memorization_score is off"):
+        sample(pipe, class_labels=[1], memorization_score_kwargs={"repeats": 3})
+
+
 def test_memorization_score_bad_options():
     pipe = make_pipe()
     for option in ("nope", 1, "RENOISE"):

@@ -84,10 +84,15 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import BaseOutput
 
-__all__ = ["METHODS", "THRESHOLDS", "MemorizationScoreOutput", "memorization_score", "score_generator",
-           "to_model_space"]
+__all__ = ["METHODS", "METHOD_OPTIONS", "THRESHOLDS", "MemorizationScoreOutput", "check_method_options",
+           "memorization_score", "score_generator", "to_model_space"]
 
 METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap", "renoise_levels", "fixed_point")
+#: The options (keyword arguments) each method takes, with the defaults of its function below.
+METHOD_OPTIONS = {"renoise": ("level", "steps", "repeats", "iterations"),
+                  "renoise_spread": ("level", "steps", "repeats", "iterations"),
+                  "denoise_loss": ("levels", "draws"), "cond_gap": ("levels", "draws"),
+                  "renoise_levels": ("levels", "steps", "repeats"), "fixed_point": ("levels", "draws")}
 #: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
 THRESHOLDS = {"renoise": -0.025, "renoise_spread": -0.01, "denoise_loss": -0.25, "cond_gap": 0.02,
               "renoise_levels": 3.9, "fixed_point": -0.0065}
@@ -298,6 +303,19 @@ def score_generator(generator: torch.Generator | list[torch.Generator] | None):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def check_method_options(method: str, options: dict) -> None:
+    """Refuse an unknown method, or an option ``method`` does not take (before any model call)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    if not isinstance(options, dict):
+        raise ValueError(f"the options of method {method!r} are a dict (e.g. {{'repeats': 32}}), got "
+                         f"{type(options).__name__}.")
+    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"method {method!r} takes the options {', '.join(METHOD_OPTIONS[method])}; got "
+                         f"{', '.join(map(repr, unknown))}.")
+
+
 def memorization_score(pipe, images, class_labels=None, method: str = "renoise", threshold: float | None = None,
                        generator: torch.Generator | list[torch.Generator] | None = None, value_range: str = "01",
                        batch_size: int = 256, **method_kwargs) -> MemorizationScoreOutput:
@@ -313,11 +331,10 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
         threshold: flag ``score >= threshold`` (default :data:`THRESHOLDS` of the method).
         generator: seeds the noise (default seed 0); a list gives one CPU generator per image, so each image's score
             depends on its own generator only.
-        method_kwargs: e.g. ``level``, ``steps``, ``repeats``, ``iterations`` for ``"renoise"``; ``levels``,
-            ``draws`` otherwise.
+        method_kwargs: the method's options (:data:`METHOD_OPTIONS`), e.g. ``level``, ``steps``, ``repeats``,
+            ``iterations`` for ``"renoise"``; ``levels``, ``draws`` for ``"fixed_point"``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    check_method_options(method, method_kwargs)
     x = to_model_space(pipe, images, value_range)
     device = x.device
     labels = None

@@ -31,7 +31,7 @@ from huggingface_hub import constants
 
 from ..memorization import NearestNeighborIndex, memorization_report
 from ..memorization.metrics import MemorizationResult
-from ..memorization.model_score import METHODS, THRESHOLDS, memorization_score, score_generator
+from ..memorization.model_score import METHODS, THRESHOLDS, check_method_options, memorization_score, score_generator
 from ..utils import check_pipeline_json
 from .remote_code import SHIPPED_COMPONENTS, write_remote_code
 
@@ -384,6 +384,7 @@ class MemSepPipeline(DiffusionPipeline):
         max_resamples: int = 8,
         copy_check_at: float | None = None,
         memorization_score: bool | str = False,
+        memorization_score_kwargs: dict | None = None,
     ) -> MemSepPipelineOutput | tuple:
         r"""
         Generate images and, when the pipeline has a ``reference``, flag those that copy a training image.
@@ -424,6 +425,9 @@ class MemSepPipeline(DiffusionPipeline):
                 labels, seeded by :func:`~diffusers_memsep.memorization.model_score.score_generator` of
                 ``generator`` as it was passed: the score is reproducible from the same seed, and the images are the
                 same whether it is on or off (the sampling noise is drawn as without it).
+            memorization_score_kwargs: options of the score's method (``model_score.METHOD_OPTIONS``), e.g.
+                ``{"repeats": 32}``: 32 re-noising draws instead of 4, the most reliable variant measured (at 8
+                times the scoring cost).
 
         Restarts draw their noise from ``generator`` after the pass that flagged them: a single generator continues
         its stream (redrawn samples in batch order), a list of generators gives each sample its redraws from its own
@@ -443,7 +447,7 @@ class MemSepPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np' or 'pt'.")
         self._check_copy_free_arguments(avoid_copies, max_resamples, copy_check_at, check_memorization)
-        score_method = _score_method(self, memorization_score, class_labels)
+        score_method = _score_method(self, memorization_score, class_labels, memorization_score_kwargs)
         # derived before sampling draws from `generator`, which it only reads: the sampling noise is unchanged
         score_generators = score_generator(generator) if score_method is not None else None
         device = self._execution_device
@@ -486,7 +490,8 @@ class MemSepPipeline(DiffusionPipeline):
         score = score_memorized = None
         if score_method is not None:
             score, score_memorized = self._memorization_score(samples, labels if class_labels is not None else None,
-                                                              score_method, score_generators)
+                                                              score_method, score_generators,
+                                                              memorization_score_kwargs or {})
 
         images = self._to_output(samples, output_type)
         self.maybe_free_model_hooks()
@@ -498,11 +503,12 @@ class MemSepPipeline(DiffusionPipeline):
             memorization_score=score, score_memorized=score_memorized,
         )
 
-    def _memorization_score(self, samples: torch.Tensor, labels: torch.Tensor | None, method: str, generator):
+    def _memorization_score(self, samples: torch.Tensor, labels: torch.Tensor | None, method: str, generator,
+                            options: dict):
         """The model-only score of ``samples`` (``[-1, 1]``) and its flags, as ``memorization_score`` gives them for
         the ``output_type="pt"`` images, so a user can recompute them from the output (see ``__call__``)."""
         result = memorization_score(self, self._to_output(samples, "pt"), class_labels=labels, method=method,
-                                    generator=generator)
+                                    generator=generator, **options)
         return result.score, result.memorized
 
     # --------------------------------------------------------------------------------- denoising and checks
@@ -723,9 +729,13 @@ def _load_failure_message(name: str | os.PathLike, error: OSError) -> str:
     return f"cannot load the pipeline {os.fspath(name)!r}: {detail}; {fix}."
 
 
-def _score_method(pipe, option, class_labels) -> str | None:
-    """The method of ``__call__``'s ``memorization_score`` option (None: off), checked before any sampling."""
+def _score_method(pipe, option, class_labels, options: dict | None = None) -> str | None:
+    """The method of ``__call__``'s ``memorization_score`` option (None: off), checked with its ``options``
+    (``memorization_score_kwargs``) before any sampling."""
     if option is None or option is False:
+        if options:
+            raise ValueError("memorization_score_kwargs were given but memorization_score is off; pass "
+                             "memorization_score=True (or a method name) with them.")
         return None
     method = "renoise" if option is True else option
     if not isinstance(method, str) or method not in METHODS:
@@ -736,6 +746,7 @@ def _score_method(pipe, option, class_labels) -> str | None:
             raise ValueError("memorization_score='cond_gap' compares the class and null-class predictions: pass "
                              "class_labels, or use memorization_score='renoise' for unconditional samples.")
         pipe._check_null_class("memorization_score='cond_gap'")
+    check_method_options(method, options or {})
     return method
 
 
