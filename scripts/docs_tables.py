@@ -11,10 +11,13 @@ after replacing a report. ``tests/test_engine_rules.py`` checks that the committ
 
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import sys
 from pathlib import Path
+
+from diffusers_memsep.utils import write_text
 
 DEMO_LABELS = {"finetune_only": "finetune_only (control)", "small_t": "small_t (paper)", "random": "random (baseline)"}
 STUDY_COLUMNS = ("memorization_ratio", "precision", "recall", "frechet_distance", "kid")
@@ -175,8 +178,21 @@ def render_all(root: Path) -> dict[Path, str]:
                                    "study tables", study_tables(study))}
 
 
-if __name__ == "__main__":
-    repository = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
-    for path, text in render_all(repository).items():
-        path.write_text(text)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("repository", nargs="?", default=str(Path(__file__).resolve().parents[1]),
+                        help="The checkout whose README.md and docs/ to rewrite (default: this one).")
+    root = Path(parser.parse_args(argv).repository)
+    missing = [name for name in ("README.md", "docs/results.md", "docs/demo_summary.csv", "docs/study_report.md")
+               if not (root / name).is_file()]
+    if missing:
+        parser.error(f"{root} is not a checkout of this project (missing {', '.join(missing)}); pass the folder "
+                     "that holds README.md and docs/.")
+    for path, text in render_all(root).items():
+        write_text(path, text)  # atomic: an interrupted run leaves the old file
         print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
