@@ -77,6 +77,7 @@ Choices the paper leaves open, and why:
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +89,6 @@ __all__ = ["METHODS", "METHOD_OPTIONS", "THRESHOLDS", "MemorizationScoreOutput",
            "memorization_score", "score_generator", "to_model_space"]
 
 METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap", "renoise_levels", "fixed_point")
-#: The options (keyword arguments) each method takes, with the defaults of its function below.
-METHOD_OPTIONS = {"renoise": ("level", "steps", "repeats", "iterations"),
-                  "renoise_spread": ("level", "steps", "repeats", "iterations"),
-                  "denoise_loss": ("levels", "draws"), "cond_gap": ("levels", "draws"),
-                  "renoise_levels": ("levels", "steps", "repeats"), "fixed_point": ("levels", "draws")}
 #: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
 THRESHOLDS = {"renoise": -0.025, "renoise_spread": -0.01, "denoise_loss": -0.25, "cond_gap": 0.02,
               "renoise_levels": 3.9, "fixed_point": -0.0065}
@@ -283,6 +279,11 @@ def _renoise_spread(pipe, x, labels, generator, **kwargs):
 
 _FUNCTIONS = {"renoise": _renoise, "renoise_spread": _renoise_spread, "denoise_loss": _denoise_loss,
               "cond_gap": _cond_gap, "renoise_levels": _renoise_levels, "fixed_point": _fixed_point}
+#: The options (keyword arguments) each method takes: those of its function (``renoise_spread``: renoise's), read
+#: from the signatures so that the two cannot disagree.
+METHOD_OPTIONS = {method: tuple(name for name in inspect.signature(
+    _renoise if method == "renoise_spread" else function).parameters
+    if name not in ("pipe", "x", "labels", "generator", "spread")) for method, function in _FUNCTIONS.items()}
 
 
 def score_generator(generator: torch.Generator | list[torch.Generator] | None):

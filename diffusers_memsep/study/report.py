@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..hub import save_model_card  # noqa: E402
 from ..pruning.importance import SMALL_TIME, UNIFORM_TIME  # noqa: E402
 from ..utils import save_figure  # noqa: E402
+from .plan import weight_decay_name  # noqa: E402
 from .statistics import CONTROLS, HIGHER_IS_BETTER, metric_columns, table_size  # noqa: E402
 
 METHOD_TITLES = {
@@ -57,10 +58,10 @@ def _remedy_names(config) -> str:
     """``, early_stop, weight_decay=1, ...`` for a study (its baseline and remedies); empty for ``memsep prune``."""
     if not hasattr(config, "weight_decays"):
         return ""
-    names = ["early_stop", *(f"weight_decay={w:g}" for w in config.weight_decays)]
+    names = ["early_stop", *(weight_decay_name(w) for w in config.weight_decays)]
     if config.copy_free:
         names += ["original+copy_free", "original+copy_free(check)", "early_stop+copy_free",
-                  *(f"weight_decay={w:g}+copy_free" for w in config.weight_decays),
+                  *(f"{weight_decay_name(w)}+copy_free" for w in config.weight_decays),
                   *(f"{m}+copy_free" for m in config.methods if m in config.copy_free_methods)]
     return ", " + ", ".join(names)
 
