@@ -3,7 +3,9 @@
 - the demo tables, from ``docs/demo_summary.csv`` (the ``summary.csv`` of the ``memsep demo`` run the docs
   describe: copy a new run's file there and rerun this script);
 - the study tables (remedies, frontier, budgets, pruning against random) and the README's table of quality budgets,
-  from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run).
+  from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run);
+- the copy-detection tables, from ``docs/detection_results/detection_report.md`` (the ``report.md`` of
+  ``scripts/measure_detection.py``).
 
 Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; run ``python scripts/docs_tables.py``
 after replacing a report. ``tests/test_engine_rules.py`` checks that the committed tables equal what this prints.
@@ -159,6 +161,12 @@ def budget_table(report: str) -> str:
     return "\n".join(lines)
 
 
+def detection_tables(report: str) -> str:
+    """The detection report from its first section on, its headings two levels deeper (under results.md's own)."""
+    body = report[report.index("\n## ") + 1:]
+    return "\n".join(f"##{line}" if line.startswith("#") else line for line in body.rstrip("\n").splitlines())
+
+
 def replace_block(text: str, name: str, content: str) -> str:
     start, end = f"<!-- generated: {name} -->", f"<!-- end: {name} -->"
     if start not in text or end not in text:
@@ -171,11 +179,14 @@ def render_all(root: Path) -> dict[Path, str]:
     """``{file: its text with every generated table rewritten}``."""
     demo = list(csv.DictReader((root / "docs" / "demo_summary.csv").open()))
     study = (root / "docs" / "study_report.md").read_text()
+    detection = (root / "docs" / "detection_results" / "detection_report.md").read_text()
     readme, results = root / "README.md", root / "docs" / "results.md"
     readme_text = replace_block(readme.read_text(), "demo table", demo_readme_table(demo))
     return {readme: replace_block(readme_text, "study budgets", budget_table(study)),
-            results: replace_block(replace_block(results.read_text(), "demo table", demo_results_table(demo)),
-                                   "study tables", study_tables(study))}
+            results: replace_block(replace_block(replace_block(results.read_text(), "demo table",
+                                                               demo_results_table(demo)),
+                                                 "study tables", study_tables(study)),
+                                   "detection tables", detection_tables(detection))}
 
 
 def main(argv=None) -> int:
@@ -183,8 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("repository", nargs="?", default=str(Path(__file__).resolve().parents[1]),
                         help="The checkout whose README.md and docs/ to rewrite (default: this one).")
     root = Path(parser.parse_args(argv).repository)
-    missing = [name for name in ("README.md", "docs/results.md", "docs/demo_summary.csv", "docs/study_report.md")
-               if not (root / name).is_file()]
+    missing = [name for name in ("README.md", "docs/results.md", "docs/demo_summary.csv", "docs/study_report.md",
+                                 "docs/detection_results/detection_report.md") if not (root / name).is_file()]
     if missing:
         parser.error(f"{root} is not a checkout of this project (missing {', '.join(missing)}); pass the folder "
                      "that holds README.md and docs/.")

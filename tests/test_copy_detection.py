@@ -10,9 +10,13 @@ from diffusers_memsep.builtin_data import patch_grid, patches32_folder
 from diffusers_memsep.memorization.copy_detection import (
     CopyDetectionNet,
     calibrate_copy_threshold,
+    conformal_count,
     copy_detection_space,
     copy_report,
     pretrained_copy_space,
+    promised_false_positive_rate,
+    threshold_above,
+    threshold_below,
     wilson_interval,
 )
 from diffusers_memsep.memorization.metrics import memorization_report
@@ -100,3 +104,23 @@ def test_wilson_interval():
     low, high = wilson_interval(0, 20)
     assert low == 0 and 0.1 < high < 0.2
     assert wilson_interval(10, 20)[0] < 0.5 < wilson_interval(10, 20)[1]
+
+
+def test_conformal_count_keeps_its_promise_on_new_images():
+    """A threshold flagging conformal_count(n) of n exchangeable held-out scores flags a NEW score with probability
+    (k + 1) / (n + 1) <= rate (Monte Carlo), while the plain order statistic floor(rate * n) promises more."""
+    assert [conformal_count(n) for n in (10, 98, 99, 179, 198, 199, 287, 359)] == [0, 0, 0, 0, 0, 1, 1, 2]
+    assert promised_false_positive_rate(179, conformal_count(179)) == pytest.approx(1 / 180)
+    assert promised_false_positive_rate(179, 1) > 0.01  # floor(1% of 179) = 1 flagged: 2/180
+    assert promised_false_positive_rate(10, conformal_count(10)) == pytest.approx(1 / 11)  # too few to keep 1%
+    generator = torch.Generator().manual_seed(0)
+    for n, rate in ((179, 0.01), (287, 0.01), (60, 0.05)):
+        trials = 8000
+        calibration = torch.rand(trials, n, generator=generator)
+        fresh = torch.rand(trials, generator=generator)
+        flagged = torch.tensor([fresh[i] >= threshold_above(calibration[i], rate) for i in range(trials)])
+        expected = promised_false_positive_rate(n, conformal_count(n, rate))
+        assert expected <= rate
+        assert abs(flagged.float().mean().item() - expected) < 4 * (expected / trials) ** 0.5 + 1e-3
+        below = torch.tensor([-fresh[i] <= threshold_below(-calibration[i], rate) for i in range(trials)])
+        assert torch.equal(below, flagged)  # the distance form is the same rule on the negated scores

@@ -20,6 +20,7 @@ from diffusers_memsep.memorization.copy_detection import (
     calibrate_combined,
     calibrate_registered_threshold,
     combined_report,
+    conformal_count,
     estimate_noise_sigma,
     max_similarity,
     registered_report,
@@ -117,7 +118,7 @@ def test_shifted_flipped_zoomed_copies_caught_novel_images_not(digits, padding):
     assert registered_report(raw, copies["shift 2 px"], train).copied.float().mean() < 0.5
 
 
-@pytest.mark.parametrize("split", ["joint", "equal"])
+@pytest.mark.parametrize("split", ["standardized", "joint", "equal"])
 def test_combined_rule_calibrated_false_positives(digits, split):
     train, calibration, evaluation = digits
     torch.manual_seed(0)
@@ -136,6 +137,23 @@ def test_combined_rule_calibrated_false_positives(digits, split):
     if split == "joint":  # never stricter than 0.5% each
         equal = calibrate_combined(similarity, distance, 0.01, "equal")
         assert thresholds[0] <= equal[0] and thresholds[1] >= equal[1]
+
+
+def test_standardized_combination_keeps_its_promise():
+    """Monte Carlo on exchangeable held-out scores (cosine ~ normal, distance ~ log-normal, independent): the
+    standardised combination flags a new image with probability close to (k + 1) / (n + 1) <= 1%, and never more
+    than k of the held-out images themselves."""
+    generator = torch.Generator().manual_seed(12)
+    n, trials, flagged = 364, 4000, 0
+    for _ in range(trials):
+        similarity = 0.5 + 0.1 * torch.randn(n + 1, generator=generator)
+        distance = torch.exp(-2 + 0.5 * torch.randn(n + 1, generator=generator))
+        cosine, cut = calibrate_combined(similarity[:n], distance[:n], 0.01, "standardized")
+        union = (similarity >= cosine) | (distance <= cut)
+        assert int(union[:n].sum()) <= conformal_count(n)  # the held-out images themselves: within budget
+        flagged += bool(union[n])
+    promise = (conformal_count(n) + 1) / (n + 1)
+    assert promise <= 0.01 and abs(flagged / trials - promise) < 4 * (promise / trials) ** 0.5, flagged / trials
 
 
 def test_bad_inputs():
@@ -182,10 +200,12 @@ def test_smoothing_gain_is_the_variance_of_blurred_white_noise():
     assert abs(_smoothing_gain(1.5, 4000) - float((weights / weights.sum()).square().sum())) < 1e-3
 
 
-def test_noise_correction_subtracts_the_noise_a_noisy_copy_adds():
-    train = smooth_fields(16, 2, amplitude=0.05)  # standard deviation below the floor 0.2
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_noise_correction_subtracts_the_noise_a_noisy_copy_adds(per_channel):
+    train = smooth_fields(16, 2, amplitude=0.05)  # standard deviation below the floor 0.2 (in every channel too)
     noisy = (train + 0.1 * torch.randn(train.shape, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
-    plain, corrected = RegisteredPixelRule(noise_correction=False), RegisteredPixelRule()
+    plain = RegisteredPixelRule(noise_correction=False, per_channel=per_channel)
+    corrected = RegisteredPixelRule(per_channel=per_channel)
     expected = corrected.noise_distance(noisy, train).diagonal()
     # closed form for a flat image: sigma^2 * sum(w^2) / floor^2
     gain = _smoothing_gain(1.5, 32) ** 2
@@ -198,8 +218,10 @@ def test_noise_correction_subtracts_the_noise_a_noisy_copy_adds():
     assert corrected.noise_distance(train, noisy).abs().max() == 0
 
 
-def test_noise_corrected_distance_equals_brute_force():
-    rule = RegisteredPixelRule(max_shift=1, zooms=(1.0,), blurs=(0.0,), reference_batch=3 * 16 * 16 * 9 * 2)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_noise_corrected_distance_equals_brute_force(per_channel):
+    rule = RegisteredPixelRule(max_shift=1, zooms=(1.0,), blurs=(0.0,), reference_batch=3 * 16 * 16 * 9 * 2,
+                               per_channel=per_channel)
     generator = torch.Generator().manual_seed(4)
     train = F.interpolate(torch.rand(5, 3, 4, 4, generator=generator) * 2 - 1, size=(16, 16), mode="bilinear")
     samples = (train[[0, 2, 4]] + 0.15 * torch.randn(3, 3, 16, 16, generator=generator)).clamp(-1, 1)
@@ -235,3 +257,25 @@ def test_noisy_copies_of_flat_images_caught_at_calibrated_false_positives():
         shares[correction] = registered_report(rule, copies.clamp(-1, 1), train).copied.float().mean().item()
     assert shares[True] >= 0.95 and shares[False] < 0.75, shares
 
+
+
+def test_per_channel_normalisation_cancels_colour_gains():
+    """Per-channel standardisation (each channel minus its mean over its floored std): a copy whose channels were
+    rescaled and offset separately (a recolour) is at distance 0, while per-image normalisation still sees it; the
+    noise term uses the mean over channels of 1 / std_c^2."""
+    train = 0.7 * smooth_fields(6, 11, amplitude=1.5)  # every channel's std above the floor (0.2) after the gains
+    gains, offsets = torch.tensor([0.8, 1.0, 1.2]).view(1, 3, 1, 1), torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
+    recoloured = train * gains + offsets
+    assert recoloured.abs().max() <= 1  # no clipping: the invariance is exact
+    per_image, per_channel = RegisteredPixelRule(noise_correction=False), RegisteredPixelRule(per_channel=True,
+                                                                                              noise_correction=False)
+    smoothed = per_channel._flat_smoothed(train).flatten(2)
+    manual = (smoothed - smoothed.mean(2, keepdim=True)) / smoothed.std(2, unbiased=False, keepdim=True).clamp_min(0.2)
+    assert torch.allclose(per_channel._flat(train), manual.flatten(1), atol=1e-6)
+    distance, index, _ = per_channel.distance(recoloured, train)
+    assert distance.max() < 1e-5 and (index == torch.arange(6)).all()
+    assert per_image.distance(recoloured, train)[0].min() > 1e-3
+    _, _, factor = RegisteredPixelRule(per_channel=True)._noise_terms(train, train)
+    inverse = manual.new_tensor([[1 / max(float(smoothed[b, c].std(unbiased=False)), 0.2) ** 2 for c in range(3)]
+                                 for b in range(6)]).mean(1)
+    assert torch.allclose(factor, inverse * _smoothing_gain(1.5, 32) ** 2, rtol=1e-5)
