@@ -5,7 +5,8 @@
 - the study tables (remedies, frontier, budgets, pruning against random) and the README's table of quality budgets,
   from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run);
 - the copy-detection tables, from ``docs/detection_results/detection_report.md`` (the ``report.md`` of
-  ``scripts/measure_detection.py``).
+  ``scripts/measure_detection.py``), and the model-only score table, the first table of
+  ``docs/detection_results/model_score/report.md`` (of ``scripts/measure_model_score.py``).
 
 Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; run ``python scripts/docs_tables.py``
 after replacing a report. ``tests/test_engine_rules.py`` checks that the committed tables equal what this prints.
@@ -167,6 +168,14 @@ def detection_tables(report: str) -> str:
     return "\n".join(f"##{line}" if line.startswith("#") else line for line in body.rstrip("\n").splitlines())
 
 
+def first_table(report: str) -> str:
+    """The first markdown table of a report."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
 def replace_block(text: str, name: str, content: str) -> str:
     start, end = f"<!-- generated: {name} -->", f"<!-- end: {name} -->"
     if start not in text or end not in text:
@@ -180,13 +189,13 @@ def render_all(root: Path) -> dict[Path, str]:
     demo = list(csv.DictReader((root / "docs" / "demo_summary.csv").open()))
     study = (root / "docs" / "study_report.md").read_text()
     detection = (root / "docs" / "detection_results" / "detection_report.md").read_text()
+    model_score = (root / "docs" / "detection_results" / "model_score" / "report.md").read_text()
     readme, results = root / "README.md", root / "docs" / "results.md"
     readme_text = replace_block(readme.read_text(), "demo table", demo_readme_table(demo))
     return {readme: replace_block(readme_text, "study budgets", budget_table(study)),
-            results: replace_block(replace_block(replace_block(results.read_text(), "demo table",
-                                                               demo_results_table(demo)),
-                                                 "study tables", study_tables(study)),
-                                   "detection tables", detection_tables(detection))}
+            results: replace_block(replace_block(replace_block(replace_block(
+                results.read_text(), "demo table", demo_results_table(demo)), "study tables", study_tables(study)),
+                "detection tables", detection_tables(detection)), "model score table", first_table(model_score))}
 
 
 def main(argv=None) -> int:
@@ -195,7 +204,8 @@ def main(argv=None) -> int:
                         help="The checkout whose README.md and docs/ to rewrite (default: this one).")
     root = Path(parser.parse_args(argv).repository)
     missing = [name for name in ("README.md", "docs/results.md", "docs/demo_summary.csv", "docs/study_report.md",
-                                 "docs/detection_results/detection_report.md") if not (root / name).is_file()]
+                                 "docs/detection_results/detection_report.md",
+                                 "docs/detection_results/model_score/report.md") if not (root / name).is_file()]
     if missing:
         parser.error(f"{root} is not a checkout of this project (missing {', '.join(missing)}); pass the folder "
                      "that holds README.md and docs/.")
