@@ -226,9 +226,12 @@ def measure_setting(name: str, output_dir: Path, num_train: int, num_subsets: in
                     caught[edit][rule] += int(flags.sum())
             total_copies += num_train * draws
 
-    def cell(count, total):
-        low, high = wilson_interval(count, total)
-        return {"share": count / total, "low": low, "high": high, "count": count, "total": total}
+    def cell(count, total, judged=1):
+        """Share ``count / total`` of verdicts; each item was judged ``judged`` times (an edited copy once per fold),
+        so the interval counts items, not verdicts."""
+        items = total // judged
+        low, high = wilson_interval(round(count / judged), items)
+        return {"share": count / total, "low": low, "high": high, "count": count, "total": total, "items": items}
 
     calibration_size = min(calibration_sizes)
     return {"setting": name, "population": len(population), "image_shape": list(population.shape[1:]),
@@ -247,7 +250,7 @@ def measure_setting(name: str, output_dir: Path, num_train: int, num_subsets: in
             "combined_standardized_thresholds": standardized_thresholds,
             "combined_joint_thresholds": joint_thresholds, "combined_equal_thresholds": equal_thresholds,
             "false_positives": {rule: cell(count, total_eval) for rule, count in false_pos.items()},
-            "caught": {edit: {rule: cell(count, total_copies) for rule, count in per.items()}
+            "caught": {edit: {rule: cell(count, total_copies, folds) for rule, count in per.items()}
                        for edit, per in caught.items()}}
 
 
@@ -264,8 +267,9 @@ def fmt(entry) -> str:
 def report(results: list[dict], arguments: dict) -> str:
     lines = ["# Copy detection per edit: pixel, registered pixel, copy-space and combined rules", "",
              f"Written by `python scripts/measure_detection.py` with {arguments}. Share of edited copies of training "
-             "images flagged (95% Wilson interval; copies of the same image are not independent, so the intervals "
-             "are optimistic), and false positives on held-out population images the embedding never saw. "
+             "images flagged (an edited copy is judged once per fold, by that fold's thresholds; 95% Wilson interval "
+             "over the edited copies; copies of the same image are not independent, so the intervals are "
+             "optimistic), and false positives on held-out population images the embedding never saw. "
              f"{HOLDOUT_FRACTION:.0%} of each population is held out and cross-fitted: split into "
              f"{results[0]['folds'] if results else '-'} folds, each fold's false positives are measured with "
              "thresholds calibrated on the other folds, so every held-out image is measured once per training set. "
