@@ -17,6 +17,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,6 @@ def training_data(spec: dict, output_dir: Path, n: int, seed: int = 0):
     if kwargs.get("label_column"):  # one image per class: a balanced conditional training set
         population = load_training_data(**kwargs)
         rows = [int((population.labels == c).nonzero()[seed]) for c in range(population.num_classes)][:n]
-        from dataclasses import replace
-
         return replace(population, images=population.images[rows], labels=population.labels[rows],
                        indices=rows, source=f"{population.source}: "
                        + (f"image {seed} of each class" if seed else "first image of each class"))
@@ -108,8 +107,6 @@ def training_data(spec: dict, output_dir: Path, n: int, seed: int = 0):
 def equal_brightness_pair(data, tolerance: float = 0.1):
     """The two most distant images of ``data`` among the pairs whose mean brightness differs by less than
     ``tolerance``."""
-    from dataclasses import replace
-
     flat = data.images.flatten(1)
     means = flat.mean(1)
     distance = torch.cdist(flat, flat) * ((means[:, None] - means[None]).abs() < tolerance)

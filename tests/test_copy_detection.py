@@ -2,6 +2,7 @@
 saves and reloads as safetensors with its recipe; a pretrained transformers backbone loads offline."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,10 +67,25 @@ def test_space_cached_as_safetensors_and_reused(digits_space):
     images, space, cache = digits_space
     recipe = json.loads((cache / "recipe.json").read_text())
     assert (cache / "diffusion_pytorch_model.safetensors").is_file() and not list(cache.glob("*.bin"))
-    assert recipe["threshold"] == space.threshold or "threshold" in recipe
+    assert "split-conformal" in recipe["threshold_rule"]
     reloaded = copy_detection_space(images, cache, num_steps=1)  # cache hit: num_steps is not used
+    assert reloaded.threshold == recipe["threshold"]  # (other tests recalibrate the fixture's space in place)
     assert torch.allclose(reloaded(images[:16]), space(images[:16]), atol=1e-6)
     assert CopyDetectionNet.from_pretrained(str(cache)).config.pool_flip is True
+
+
+def test_cache_of_an_earlier_calibration_rule_is_recalibrated(digits_space, tmp_path):
+    images, space, cache = digits_space
+    stale = tmp_path / "stale"
+    shutil.copytree(cache, stale)
+    recipe = json.loads((stale / "recipe.json").read_text())
+    current = recipe["threshold"]
+    recipe.update(threshold=0.123, threshold_rule="1% false positives on the held-out images")  # the old rule
+    (stale / "recipe.json").write_text(json.dumps(recipe))
+    reloaded = copy_detection_space(images, stale, num_steps=1)
+    assert reloaded.threshold == current != 0.123  # the network is reused, the threshold recalibrated
+    assert torch.allclose(reloaded(images[:16]), space(images[:16]), atol=1e-6)
+    assert json.loads((stale / "recipe.json").read_text())["threshold"] == current  # and the cache mended
 
 
 def test_flip_invariance_is_exact():

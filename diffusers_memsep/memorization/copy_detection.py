@@ -85,6 +85,9 @@ HOLDOUT_FRACTION = 0.2
 #: Size of the random reference the recipe's default threshold is calibrated against.
 CALIBRATION_REFERENCE_SIZE = 16
 _RECIPE_VERSION = 1
+#: How the recipe's default threshold is calibrated (a cache recorded under another rule is recalibrated on load).
+_THRESHOLD_RULE = (f"1% false positives (split-conformal) on the held-out images against {CALIBRATION_REFERENCE_SIZE} "
+                   "random population images")
 
 
 # ------------------------------------------------------------------------------------------------- network
@@ -274,8 +277,9 @@ def copy_detection_space(population: torch.Tensor, cache_dir: str | os.PathLike 
     Trained on the population minus its held-out share (:func:`holdout_split`); with ``cache_dir`` stored there
     (``save_pretrained``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, then ``recipe.json``, written
     last, marking the cache complete) and reused whenever the recipe's population fingerprint matches.
-    The default threshold is calibrated (on every call, not cached) on the held-out images against a random
-    reference of :data:`CALIBRATION_REFERENCE_SIZE` training-side images at 1% false positives.
+    The default threshold is calibrated on the held-out images against a random reference of
+    :data:`CALIBRATION_REFERENCE_SIZE` training-side images at 1% false positives (split-conformal), and recalibrated
+    when a cache records another calibration rule.
     """
     fingerprint = _fingerprint(population)
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -290,18 +294,23 @@ def copy_detection_space(population: torch.Tensor, cache_dir: str | os.PathLike 
         model, recipe = train_copy_detector(population[train_rows], progress=progress, **train_kwargs)
         recipe.update(version=_RECIPE_VERSION, population_fingerprint=fingerprint,
                       num_population_images=len(population), holdout_indices=held_rows, settings=train_kwargs)
-    # The default threshold is recalibrated on every load (a few hundred embeddings), so that a cache written under
-    # an earlier calibration rule never carries a stale one.
-    generator = torch.Generator().manual_seed(1)
-    reference = torch.tensor(train_rows)[torch.randperm(len(train_rows), generator=generator)[
-        :CALIBRATION_REFERENCE_SIZE]]
-    recipe = {**recipe, "threshold_rule": f"1% false positives (split-conformal) on the held-out images against "
-              f"{CALIBRATION_REFERENCE_SIZE} random population images",
-              "threshold": calibrate_copy_threshold(CopySpace("", model), population[reference],
-                                                    population[list(recipe["holdout_indices"])])}
-    if trained and cache is not None:
-        model.save_pretrained(str(cache), safe_serialization=True)
-        write_text(cache / "recipe.json", json.dumps(recipe, indent=2) + "\n")
+    if trained or recipe.get("threshold_rule") != _THRESHOLD_RULE:
+        # a cache written under an earlier calibration rule is recalibrated (and rewritten where it can be), so it
+        # never carries a stale default threshold
+        generator = torch.Generator().manual_seed(1)
+        reference = torch.tensor(train_rows)[torch.randperm(len(train_rows), generator=generator)[
+            :CALIBRATION_REFERENCE_SIZE]]
+        recipe = {**recipe, "threshold_rule": _THRESHOLD_RULE,
+                  "threshold": calibrate_copy_threshold(CopySpace("", model), population[reference],
+                                                        population[list(recipe["holdout_indices"])])}
+        if cache is not None:
+            try:
+                if trained:
+                    model.save_pretrained(str(cache), safe_serialization=True)
+                write_text(cache / "recipe.json", json.dumps(recipe, indent=2) + "\n")  # last: the cache is complete
+            except OSError:
+                if trained:
+                    raise
     details = {k: recipe.get(k) for k in ("objective", "num_steps", "final_loss", "train_seconds", "threshold_rule")}
     if cache is not None:
         details["cache"] = str(cache)
@@ -876,20 +885,15 @@ def _standardized_thresholds(similarities: torch.Tensor, distances: torch.Tensor
                              ) -> tuple[float, float]:
     """The (cosine, distance) pair of ``split="standardized"``: the images whose larger standardised score is among
     the ``allowed`` largest are flagged, the others not (see :func:`calibrate_combined`)."""
-    log_distance = -torch.log(distances.clamp_min(1e-12))
-
-    def standardized(values):
-        spread = values.std() if len(values) > 1 else values.new_tensor(0.0)
-        return (values - values.mean()) / (spread if spread > 0 else 1.0), values.mean(), spread if spread > 0 else 1.0
-
-    z_similarity, mean_similarity, std_similarity = standardized(similarities)
-    z_distance, mean_log, std_log = standardized(log_distance)
-    score = torch.maximum(z_similarity, z_distance)
+    scores = torch.stack([similarities, -torch.log(distances.clamp_min(1e-12))])  # [2, n]: higher = more copy-like
+    mean, spread = scores.mean(1, keepdim=True), _floored_std(scores, 1e-12)
+    score = ((scores - mean) / spread).max(0).values
     cut = score.sort().values[len(score) - allowed - 1]  # the largest score that must NOT be flagged
     kept = score <= cut
     # the boundary in each score's own units, moved past every image that must not be flagged (rounding-safe)
-    cosine = torch.maximum(mean_similarity + cut * std_similarity, similarities[kept].max())
-    distance = torch.minimum(torch.exp(-(mean_log + cut * std_log)), distances[kept].min())
+    boundary = (mean + cut * spread)[:, 0]
+    cosine = torch.maximum(boundary[0], similarities[kept].max())
+    distance = torch.minimum(torch.exp(-boundary[1]), distances[kept].min())
     return (float(torch.nextafter(cosine, torch.tensor(math.inf))),
             float(torch.nextafter(distance, torch.tensor(-math.inf))))
 
