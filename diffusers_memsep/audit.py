@@ -9,7 +9,9 @@ reports, with 95% intervals:
   registered pixel rule (pixel distance after aligning each training image by small shifts, a mirror and zooms) and
   the combined rule (copy space OR registered rule) when enough held-out images calibrate them;
 - the model-only score (:func:`~diffusers_memsep.memorization.model_score.memorization_score`), which needs no
-  training image (with them, also its ROC AUC against the pixel rule's labels);
+  training image (with them, also its ROC AUC against the pixel rule's labels); with ``score_method="extraction"``,
+  the paper's rule against the training images the model itself reproduces, extracted once per audit
+  (``"renoise"`` when nothing can be extracted, and the report says so);
 - how many samples copy each training image (which images leak), and a gallery of the worst copies beside their
   training images;
 - quality against the population when one is given (precision/recall, Frechet distance, KID formula).
@@ -71,7 +73,7 @@ from .memorization.copy_detection import (
     wilson_interval,
 )
 from .memorization.metrics import memorization_report
-from .memorization.model_score import THRESHOLDS, check_method_options
+from .memorization.model_score import THRESHOLDS, check_method_options, extract_training_images
 from .utils import save_figure, write_text
 
 __all__ = ["AuditResult", "audit_pipeline", "write_audit", "MIN_CALIBRATION_IMAGES"]
@@ -143,6 +145,7 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
         raise ValueError("num_samples must be >= 4, num_inference_steps >= 1, gallery_size >= 0 and batch_size >= 1.")
     score_options = dict(score_options or {})
     check_method_options(score_method, score_options)  # before any sampling
+    score_method, score_options, extracted = _extract_once(pipe, score_method, score_options)
     if train_images is None and pipe.reference is not None:
         train_images = pipe.reference.images.float().cpu()
     samples, scores, labels = _sample(pipe, num_samples, num_inference_steps, seed, batch_size, progress,
@@ -151,13 +154,27 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
         train_images = pipe.match_image_shape(train_images)
     numbers, gallery = main_process_result(lambda: _measure(
         pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,
-        copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress, score_options))
+        copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress, score_options, extracted))
     return AuditResult(numbers, samples, train_images, gallery)
+
+
+def _extract_once(pipe, score_method: str, score_options: dict):
+    """For ``"extraction"``, extract the training images once (every batch is then judged against the same ones;
+    seeded, so every process extracts the same); when nothing can be extracted, the audit scores with
+    ``"renoise"`` (the fallback of ``memorization_score``) and its threshold. Returns the method, its options and the
+    number of extracted images (None for other methods)."""
+    if score_method != "extraction":
+        return score_method, score_options, None
+    options = {k: v for k, v in score_options.items() if k != "extracted"}
+    extracted = score_options.get("extracted") or extract_training_images(pipe, **options)
+    if len(extracted.images) < 2:
+        return "renoise", {"repeats": options.get("repeats", 16)}, 0
+    return "extraction", {**options, "extracted": extracted}, len(extracted.images)
 
 
 def _measure(pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,
              copy_model, cache_dir, quality_space, gallery_size, copy_steps, progress,
-             score_options) -> tuple[dict, list]:
+             score_options, extracted=None) -> tuple[dict, list]:
     """Every number of the audit and its gallery, from the gathered samples and scores (main process only)."""
     num_samples = len(samples)
     numbers = {"pipeline": {"image_shape": list(pipe.image_shape), "num_classes": pipe.num_classes,
@@ -166,7 +183,8 @@ def _measure(pipe, samples, scores, train_images, population, num_inference_step
                             "batch_size": batch_size, "scheduler": type(pipe.scheduler).__name__}}
 
     threshold = THRESHOLDS[score_method]
-    numbers["model_score"] = {"method": score_method, "options": score_options, "threshold": threshold,
+    numbers["model_score"] = {"method": score_method, "threshold": threshold, "extracted_images": extracted,
+                              "options": {k: v for k, v in score_options.items() if k != "extracted"},
                               "flagged": _share(int((scores >= threshold).sum()), num_samples),
                               "scores": scores.tolist()}
     gallery = []
@@ -333,8 +351,10 @@ def audit_markdown(numbers: dict, title: str) -> str:
         if combined:
             lines.append(f"| copies, combined rule (copy space OR registered) | {_fmt(combined['copied'])} |")
     options = "".join(f", {key}={value}" for key, value in sorted(score.get("options", {}).items()))
-    lines.append(f"| flagged by the model-only score ({score['method']}{options} >= {score['threshold']}) | "
-                 f"{_fmt(score['flagged'])} |")
+    extracted = ("" if score.get("extracted_images") is None else
+                 f"; against {score['extracted_images']} images extracted from the model")
+    lines.append(f"| flagged by the model-only score ({score['method']}{options} >= {score['threshold']:.4g}"
+                 f"{extracted}) | {_fmt(score['flagged'])} |")
     lines.append("")
     if numbers.get("pixel"):
         copy = numbers["copy_space"]

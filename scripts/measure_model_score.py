@@ -59,6 +59,8 @@ METHOD_VARIANTS = {
     "fixed_point": ("fixed_point", {}),
     # chosen on the development run among the iterated re-noising variants below (same cost as 32 draws)
     "renoise (t=0.2T, 16 draws, 2 iterations)": ("renoise", {"repeats": 16, "iterations": 2}),
+    # the 1/3 rule against training images extracted from the model (falls back to renoise, 16 draws, when none are)
+    "extraction": ("extraction", {}),
 }
 
 
@@ -82,7 +84,7 @@ DEVELOPMENT_VARIANTS = {
     "renoise (t=0.2T, 8 draws, 2 iterations)": ("renoise", {"repeats": 8, "iterations": 2}),
     "renoise (t=0.2T, 8 draws, 4 iterations)": ("renoise", {"repeats": 8, "iterations": 4}),
 }
-TPR_COLUMNS = ("renoise (t=0.2T)", "renoise (t=0.2T, 32 draws)")
+TPR_COLUMNS = ("renoise (t=0.2T)", "renoise (t=0.2T, 32 draws)", "extraction")
 
 
 def training_data(spec: dict, output_dir: Path, n: int, seed: int = 0):
@@ -145,13 +147,17 @@ def evaluate(pipe, data, num_samples, seed):
     truth = output.memorized.numpy().astype(bool)
     row = {"memorized_share": float(truth.mean()), "num_samples": num_samples, "memorized": truth.tolist(),
            "methods": {}}
+    if truth.any() and (~truth).any():  # the ceiling of a score that sees only the nearest training image
+        nearest = torch.cdist(output.images.flatten(1) * 2 - 1, data.images.flatten(1)).min(1).values
+        row["nearest_distance_auc"] = float(roc_auc_score(truth, -nearest.numpy()))
     for variant, (method, kwargs) in METHOD_VARIANTS.items():
         if method == "cond_gap" and labels is None:
             continue
         start = time.perf_counter()
         result = memorization_score(pipe, output.images, class_labels=labels, method=method, **kwargs)
         scores = result.score.numpy().astype(np.float64)
-        entry = {"seconds": round(time.perf_counter() - start, 2), "score_memorized_mean":
+        entry = {"seconds": round(time.perf_counter() - start, 2), "scored_by": result.method,
+                 "num_extracted": result.num_extracted, "score_memorized_mean":
                  float(scores[truth].mean()) if truth.any() else None,
                  "score_novel_mean": float(scores[~truth].mean()) if (~truth).any() else None,
                  "scores": scores.tolist()}
@@ -161,8 +167,8 @@ def evaluate(pipe, data, num_samples, seed):
                          tpr_at_1pct_fpr=tpr_at_fpr(scores, truth),
                          tpr_ci=bootstrap(scores, truth, tpr_at_fpr))
         if method in THRESHOLDS and "t=0.4T" not in variant:  # the default settings of each method
-            flags = scores >= THRESHOLDS[method]
-            entry.update(threshold=THRESHOLDS[method],
+            flags = result.memorized.numpy()
+            entry.update(threshold=result.threshold,
                          threshold_tpr=float(flags[truth].mean()) if truth.any() else None,
                          threshold_fpr=float(flags[~truth].mean()) if (~truth).any() else None)
         row["methods"][variant] = entry

@@ -85,13 +85,17 @@ assert out.images.shape[0] == 2 and out.memorized.shape == (2,), (out.images.sha
 free = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), avoid_copies=True,
             max_resamples=1, memorization_score=True)
 assert free.num_resamples.shape == free.memorization_score.shape == (2,) and (free.denoising_steps >= 2).all()
+extracted = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 memorization_score="extraction",
+                 memorization_score_kwargs={"num_samples": 8, "repeats": 2, "num_inference_steps": 2})
+assert extracted.memorization_score.shape == (2,), "extraction score"
 report = Path("study", "report.md").read_text(encoding="utf-8")
 assert "### Remedies: effect and cost" in report and Path("study", "frontier.csv").is_file(), "study: no frontier"
 rows = Path("study", "runs.csv").read_text(encoding="utf-8")
 assert all(name in rows for name in ("early_stop+copy_free", "weight_decay=1", "original+copy_free(check)",
                                           "weight_decay=1+copy_free")), rows
 print(f"diffusers_memsep from {package}; templates from {package / 'model_cards'}; "
-      f"cards, from_pretrained + copy-free sampling of {variants[0]}, the study's remedies OK")
+      f"cards, from_pretrained + copy-free sampling + extraction score of {variants[0]}, the study's remedies OK")
 '''
 
 

@@ -104,10 +104,40 @@ def test_audit_without_training_images(stock_folder, tmp_path):
         assert numbers["training_images"] is None and "pixel" not in numbers
         assert numbers["model_score"]["flagged"]["total"] == 4
         assert numbers["model_score"]["options"] == ({"repeats": 8} if repeats else {})
+        assert numbers["model_score"]["method"] == "renoise" and numbers["model_score"]["extracted_images"] is None
         assert "only the model-only score" in (out / "report.md").read_text()
         scores[repeats] = numbers["model_score"]["scores"]
     assert "renoise, repeats=8 >=" in (tmp_path / "audit-8" / "report.md").read_text()
     assert scores[None] != scores["8"]  # the option reached the score
+
+
+def test_audit_with_the_extraction_score(stock_folder, tmp_path):
+    """``--score_method extraction``: one extraction for the whole audit; a random model copies nothing, so the
+    audit scores with renoise and its threshold (and says so); with images extracted before, the paper's rule."""
+    from diffusers_memsep.audit import audit_pipeline
+    from diffusers_memsep.memorization.model_score import THRESHOLDS, ExtractionOutput, to_model_space
+    from diffusers_memsep.sources import load_pipeline
+
+    out = tmp_path / "audit"
+    assert main(["audit", "--pipeline", str(stock_folder), "--output_dir", str(out), "--num_samples", "4",
+                 "--num_inference_steps", "2", "--gallery_size", "0", "--score_method", "extraction",
+                 "--score_repeats", "2"]) == 0
+    score = json.loads((out / "audit.json").read_text())["model_score"]
+    assert (score["method"], score["extracted_images"], score["threshold"]) == ("renoise", 0, THRESHOLDS["renoise"])
+    assert score["options"] == {"repeats": 2}
+
+    pipe = load_pipeline(str(stock_folder))
+    pipe.set_progress_bar_config(disable=True)
+    drawn = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(5)).images
+    extracted = ExtractionOutput(images=to_model_space(pipe, drawn).float(), bank_scores=torch.zeros(2),
+                                 num_stable=2, gap=10.0)
+    result = audit_pipeline(pipe, num_samples=4, num_inference_steps=2, gallery_size=0, progress=False,
+                            score_method="extraction", score_options={"extracted": extracted})
+    score = result.numbers["model_score"]
+    assert (score["method"], score["extracted_images"]) == ("extraction", 2)
+    assert score["threshold"] == THRESHOLDS["extraction"] and score["options"] == {}
+    assert len(score["scores"]) == 4 and score["flagged"]["total"] == 4
 
 
 def test_audit_bad_input(stock_folder, tmp_path, capsys):

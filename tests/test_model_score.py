@@ -1,6 +1,8 @@
 """Model-only memorization scores on a perfectly memorizing model (the empirical denoiser of 4 training images):
 training images rank above held-out ones; and the score runs on a real MemSepPipeline's output."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -116,7 +118,9 @@ def test_method_options_are_the_functions_keyword_arguments():
     assert METHOD_OPTIONS == {"renoise": ("level", "steps", "repeats", "iterations"),
                               "renoise_spread": ("level", "steps", "repeats", "iterations"),
                               "denoise_loss": ("levels", "draws"), "cond_gap": ("levels", "draws"),
-                              "renoise_levels": ("levels", "steps", "repeats"), "fixed_point": ("levels", "draws")}
+                              "renoise_levels": ("levels", "steps", "repeats"), "fixed_point": ("levels", "draws"),
+                              "extraction": ("extracted", "num_samples", "stable_fraction", "repeats",
+                                             "num_inference_steps", "min_gap", "seed")}
     assert set(METHOD_OPTIONS) == set(METHODS)
 
 
@@ -131,3 +135,98 @@ def test_bad_arguments_of_the_new_methods(method, kwargs, message):
     images = load_digits_dataset()[0][:2]
     with pytest.raises(ValueError, match=message):
         memorization_score(MemorizingPipe(images), images, method=method, value_range="-11", **kwargs)
+
+
+class SamplingPipe(MemorizingPipe):
+    """A memorizing pipeline that also samples: each call returns ``bank`` rows drawn (seeded) with replacement, as
+    ``output_type="pt"`` images in ``[0, 1]``; the empirical denoiser of ``train`` scores them."""
+
+    config = {"label_dropout_prob": 1.0}
+    num_classes = 1
+
+    def __init__(self, train, bank):
+        super().__init__(train)
+        self.bank = bank
+
+    def __call__(self, class_labels=None, batch_size=1, num_inference_steps=25, output_type="pt", generator=None):
+        rows = torch.randint(len(self.bank), (batch_size,), generator=generator)
+        return type("Output", (), {"images": (self.bank[rows] + 1) / 2})()
+
+
+def _copies(train, per_image, scale, seed=0):
+    noise = torch.randn(per_image * len(train), *train.shape[1:], generator=torch.Generator().manual_seed(seed))
+    return (train.repeat(per_image, 1, 1, 1) + scale * noise).clamp(-1, 1)
+
+
+def test_cluster_representatives_find_tight_clusters_and_refuse_a_cloud():
+    from diffusers_memsep.memorization.model_score import _cluster_representatives
+
+    generator = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(3, 10, generator=generator)
+    points = centres.repeat_interleave(5, 0) + 0.01 * torch.randn(15, 10, generator=generator)
+    stability = torch.rand(15, generator=generator)
+    picked, gap = _cluster_representatives(points, stability, min_gap=2.0)
+    assert gap > 100 and len(picked) == 3
+    for cluster, index in enumerate(sorted(picked)):  # the most stable member of each cluster
+        assert index == 5 * cluster + int(stability[5 * cluster:5 * cluster + 5].argmax())
+    cloud = torch.randn(40, 50, generator=generator)  # no clusters: merge heights grow smoothly
+    assert _cluster_representatives(cloud, torch.rand(40, generator=generator), min_gap=2.0)[0] == []
+
+
+def test_extraction_recovers_the_training_images_and_applies_the_paper_rule_to_them():
+    from diffusers_memsep.memorization import memorization_report
+    from diffusers_memsep.memorization.model_score import THRESHOLDS, extract_training_images
+
+    images = load_digits_dataset()[0]
+    train, held_out = images[:4], images[100:164]
+    pipe = SamplingPipe(train, torch.cat([_copies(train, 16, 0.02), held_out]))  # half copies, half novel digits
+    extracted = extract_training_images(pipe, num_samples=96, repeats=4)
+    assert len(extracted.images) == 4 and extracted.num_stable == 24
+    nearest = torch.cdist(extracted.images.flatten(1), train.flatten(1))
+    assert sorted(nearest.argmin(1).tolist()) == [0, 1, 2, 3] and nearest.min(1).values.max() < 0.5
+
+    samples = torch.cat([_copies(train, 4, 0.02, seed=1), _copies(train, 4, 0.5, seed=2), images[300:324]])
+    result = memorization_score(pipe, samples, method="extraction", value_range="-11", extracted=extracted)
+    assert result.method == "extraction" and result.num_extracted == 4 and result.threshold == THRESHOLDS[
+        "extraction"]
+    # the score is the paper's 1/3 rule with the extracted images as the reference (log(d2 / d1), 0 at the ratio
+    # 1) plus half the re-noising margin log(0.025 / r), r the mean return distance of "renoise" with 16 draws
+    against_extracted = memorization_report(samples, extracted.images)
+    returns = memorization_score(pipe, samples, value_range="-11", repeats=16).score
+    expected = -against_extracted.distance_ratio.double().log() + 0.5 * (
+        math.log(0.025) - (-returns.double()).log())
+    torch.testing.assert_close(result.score.double(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(result.memorized, result.score >= math.log(9))
+    truth = memorization_report(samples, train).memorized  # against the real training images
+    assert truth.any() and (~truth).any()
+    assert roc_auc_score(truth.numpy(), result.score.numpy()) >= 0.95
+    # without a precomputed extraction, the same (seeded) extraction is made inside
+    again = memorization_score(pipe, samples, method="extraction", value_range="-11", num_samples=96, repeats=4)
+    reused = memorization_score(pipe, samples, method="extraction", value_range="-11", extracted=extracted,
+                                repeats=4)
+    torch.testing.assert_close(again.score, reused.score)
+
+
+def test_extraction_falls_back_to_renoise_when_the_model_copies_nothing_extractable():
+    from diffusers_memsep.memorization.model_score import THRESHOLDS, extract_training_images
+
+    images = load_digits_dataset()[0]
+    pipe = SamplingPipe(images[:4], images[200:264])  # its samples are novel digits only
+    extracted = extract_training_images(pipe, num_samples=64, repeats=2)
+    assert len(extracted.images) == 0 and extracted.bank_scores.shape == (64,)
+    result = memorization_score(pipe, images[:8], method="extraction", value_range="-11", extracted=extracted,
+                                threshold=5.0)
+    assert result.method == "renoise" and result.num_extracted == 0 and result.threshold == THRESHOLDS["renoise"]
+    assert result.score[:4].min() > result.score[4:].max()  # the training images are still the most stable
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"extracted": "images"}, "extracted must be what extract_training_images returned"),
+    ({"stable_fraction": 0.0}, "stable_fraction"),
+    ({"num_samples": 1}, "num_samples"),
+])
+def test_bad_arguments_of_extraction(kwargs, message):
+    images = load_digits_dataset()[0][:4]
+    pipe = SamplingPipe(images, images)
+    with pytest.raises(ValueError, match=message):
+        memorization_score(pipe, images, method="extraction", value_range="-11", **kwargs)

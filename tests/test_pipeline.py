@@ -248,6 +248,21 @@ def test_memorization_score_fields_with_and_without_reference():
     assert plain.memorization_score is None and plain.score_memorized is None
 
 
+def test_memorization_score_extraction_through_the_pipeline():
+    """``memorization_score="extraction"`` gives what ``memorization_score`` gives on the output (seeded from the
+    call's generator), and a model too young to copy falls back to renoise, with renoise's threshold."""
+    pipe = make_pipe()
+    options = {"num_samples": 12, "repeats": 2, "num_inference_steps": 2}
+    out = pipe(class_labels=[1, 7], num_inference_steps=4, output_type="pt",
+               generator=torch.Generator().manual_seed(3), memorization_score="extraction",
+               memorization_score_kwargs=options)
+    direct = memorization_score(pipe, out.images, class_labels=[1, 7], method="extraction",
+                                generator=score_generator(torch.Generator().manual_seed(3)), **options)
+    torch.testing.assert_close(out.memorization_score, direct.score)
+    assert torch.equal(out.score_memorized, direct.memorized)
+    assert direct.method == "renoise" and direct.num_extracted == 0  # a random model copies nothing
+
+
 def test_memorization_score_leaves_the_images_bit_identical():
     pipe = make_pipe()
     for generators in (lambda: torch.Generator().manual_seed(3),

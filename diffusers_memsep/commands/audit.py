@@ -41,11 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Samples per pipeline call; batch b is seeded seed + b, so the numbers "
                              "depend on it (not on the number of processes, which share the batches).")
     parser.add_argument("--score_method", default="renoise", choices=METHODS,
-                        help="Model-only score (renoise: stability under re-noising; cond_gap needs a conditional "
-                             "model).")
+                        help="Model-only score (renoise: stability under re-noising; extraction: the paper's 1/3 "
+                             "rule against training images extracted from the model, after sampling and scoring 256 "
+                             "images, see docs/results.md for where it is better and where it fails; cond_gap needs "
+                             "a conditional model).")
     parser.add_argument("--score_repeats", type=int, default=None,
-                        help="Re-noising draws of the score (renoise methods; default 4 for renoise: 32 was the most "
-                             "reliable measured, at 8 times the scoring cost).")
+                        help="Re-noising draws of the score (renoise methods and extraction; default 16 for "
+                             "extraction, 4 for renoise).")
     parser.add_argument("--copy_model", default=None,
                         help="A transformers AutoModel folder or Hub id (e.g. facebook/dinov2-small) as the copy "
                              "space; default: a contrastive network trained on the population, cached in "

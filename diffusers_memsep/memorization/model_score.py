@@ -1,7 +1,7 @@
 """Memorization scores from the model alone: is a sample a copy, when the training images cannot be seen?
 
 The paper's rule and the copy-detection space both need the training images at sampling time. A memorizing model
-betrays its copies by itself, and six such signals are implemented here (higher score = more likely a copy):
+betrays its copies by itself, and seven such signals are implemented here (higher score = more likely a copy):
 
 - ``"renoise"`` (stability under re-noising): the sample is noised to a middle level ``t`` several times, each time
   denoised back with DDIM; a copy of a training image falls back onto that image (the model's empirical-score
@@ -27,13 +27,34 @@ betrays its copies by itself, and six such signals are implemented here (higher 
   (``"renoise"``: about ten); at one level it ranks as ``"denoise_loss"`` does at that level (the ``x0`` residual is
   the noise-prediction error times ``(1 - alpha) / alpha``); the difference is the level, 0.2 T instead of
   0.02-0.1 T, where a novel sample is not yet denoised well by a memorizing model.
+- ``"extraction"`` (the paper's rule against training images recovered from the model): the model samples a bank of
+  images (256 by default); the quarter that is most stable under re-noising (``"renoise"`` with 16 draws; per class
+  for a class-conditional model) are taken for the model's copies, and clustering them (complete linkage, cut at the
+  widest gap between successive merge heights) leaves one image per training image the model reproduces
+  (:func:`extract_training_images`; in the spirit of the extraction attack of Carlini et al., USENIX Security 2023,
+  with the re-noising stability as the copy signal). A sample is then judged by the paper's 1/3 rule against these
+  extracted images, ``log(d_2 / d_1)`` with ``d_k`` its squared distance to the k-th nearest, plus half its own
+  re-noising margin ``log(r_0 / r)`` (``r`` its mean squared return distance with 16 draws, ``r_0 = 0.025`` that of
+  the ``"renoise"`` threshold); both terms are 0 at their rule's cut, and the score is flagged at ``log 9``, where the
+  paper's rule ``||x - x_(1)|| <= ||x - x_(2)|| / 3`` holds for a sample at the re-noising threshold. Why the rule:
+  a score of the distance to one training image (``"renoise"``) cannot see the second-nearest one, and the labels
+  depend on it: even the true distance to the nearest training image ranks the samples of the unconditional digits
+  below AUC 0.95 at 3,000 and 4,000 steps (``nearest_distance_auc`` of ``scripts/measure_model_score.py``). Why the
+  margin: a training image the clustering merged with a neighbour or missed leaves its copies without their own
+  reference, and their stability still marks them. When the bank holds no clear clusters (no gap of at least
+  ``min_gap`` between merge heights, or fewer than two clusters: the model copies too rarely to be extracted), the
+  score falls back to ``"renoise"`` with the same draws, and the output says so (``method``, ``num_extracted``).
 
 :func:`memorization_score` computes one of them for images (e.g. a ``MemSepPipeline`` output) and flags those at
 or above the method's documented threshold (:data:`THRESHOLDS`).
 
 Choices the paper leaves open, and why:
-- ``"renoise"`` is the default: it needs no class labels and it was the most reliable signal on the benchmark
-  (``scripts/measure_model_score.py``; table in docs/results.md);
+- ``"renoise"`` is the default of :func:`memorization_score` and of the pipeline's ``memorization_score=True``: it
+  needs no class labels and scores each sample alone, from its own generator, in a few model calls;
+  ``"extraction"`` reached AUC 0.95 on every checkpoint that copies of the reported run, where no other method did,
+  but failed on natural patches at their first copies in the other two runs (AUC down to 0.47, below ``"renoise"``;
+  ``scripts/measure_model_score.py``, docs/results.md), and it samples a bank per call unless ``extracted`` is
+  passed: an option, in the pipeline and in ``memsep audit`` (which extracts once per audit), not the default;
 - the number of draws is the main lever: on a development run (``scripts/measure_model_score.py --seed 1
   --development_variants``: other
   training images, initialisation and noise than the reported run) the smallest AUC of ``"renoise"`` at 0.2 T
@@ -79,6 +100,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,13 +108,15 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import BaseOutput
 
-__all__ = ["METHODS", "METHOD_OPTIONS", "THRESHOLDS", "MemorizationScoreOutput", "check_method_options",
-           "memorization_score", "score_generator", "to_model_space"]
+__all__ = ["METHODS", "METHOD_OPTIONS", "THRESHOLDS", "ExtractionOutput", "MemorizationScoreOutput",
+           "check_method_options", "extract_training_images", "memorization_score", "score_generator",
+           "to_model_space"]
 
-METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap", "renoise_levels", "fixed_point")
-#: Score at or above which a sample is flagged as a copy, per method (see "Choices" above).
+METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap", "renoise_levels", "fixed_point", "extraction")
+#: Score at or above which a sample is flagged as a copy, per method (see "Choices" above); ``"extraction"``'s is the
+#: paper's 1/3 rule itself (squared distances within a factor 9).
 THRESHOLDS = {"renoise": -0.025, "renoise_spread": -0.01, "denoise_loss": -0.25, "cond_gap": 0.02,
-              "renoise_levels": 3.9, "fixed_point": -0.0065}
+              "renoise_levels": 3.9, "fixed_point": -0.0065, "extraction": math.log(9)}
 
 
 @dataclass
@@ -102,13 +126,35 @@ class MemorizationScoreOutput(BaseOutput):
         score (`torch.Tensor` `[B]`): higher = more likely a copy of a training image.
         memorized (`torch.BoolTensor` `[B]`): ``score >= threshold``.
         threshold (`float`): the threshold used.
-        method (`str`): one of :data:`METHODS`.
+        method (`str`): one of :data:`METHODS`: the method that made the scores (``"renoise"`` where
+            ``"extraction"`` was asked for and fell back).
+        num_extracted (`int`, *optional*): with ``"extraction"``, how many training images were extracted (0: the
+            score fell back to ``"renoise"``).
     """
 
     score: torch.Tensor
     memorized: torch.Tensor
     threshold: float
     method: str
+    num_extracted: int | None = None
+
+
+@dataclass
+class ExtractionOutput(BaseOutput):
+    """
+    Args:
+        images (`torch.Tensor` `[K, C, H, W]`): the extracted training images in the model's space (``[-1, 1]``
+            pixels, or latents for a latent pipeline), the most stable bank sample of each cluster; ``K = 0`` when
+            nothing could be extracted.
+        bank_scores (`torch.Tensor` `[N]`): the ``"renoise"`` score of every bank sample.
+        num_stable (`int`): the bank samples clustered (the most stable ``stable_fraction``).
+        gap (`float`): the ratio of the two merge heights the clusters were cut between (1 when no merge happened).
+    """
+
+    images: torch.Tensor
+    bank_scores: torch.Tensor
+    num_stable: int
+    gap: float
 
 
 def _as_tensor(images) -> torch.Tensor:
@@ -278,13 +324,105 @@ def _renoise_spread(pipe, x, labels, generator, **kwargs):
     return _renoise(pipe, x, labels, generator, spread=True, **kwargs)
 
 
+def _cluster_representatives(points: torch.Tensor, stability: torch.Tensor, min_gap: float):
+    """One point per cluster of ``points`` (``[M, F]``): complete linkage on squared distances, cut between the two
+    successive merge heights with the largest ratio when that ratio is at least ``min_gap``; the representative of a
+    cluster is its most ``stability``-scored point. Returns (indices, ratio); no indices without such a gap."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    if len(points) < 2:
+        return [], 1.0
+    merges = linkage(points.double().numpy(), method="complete", metric="sqeuclidean")
+    heights = merges[:, 2][merges[:, 2] > 1e-12]  # exact duplicates are one image at any cut: not a gap
+    if len(heights) < 2:
+        return [], 1.0
+    ratios = heights[1:] / heights[:-1]
+    widest = int(np.argmax(ratios))
+    if ratios[widest] < min_gap:
+        return [], float(ratios[widest])
+    clusters = fcluster(merges, math.sqrt(heights[widest] * heights[widest + 1]), criterion="distance")
+    scores = stability.numpy()
+    representatives = [int(np.flatnonzero(clusters == c)[np.argmax(scores[clusters == c])])
+                       for c in np.unique(clusters)]
+    return representatives, float(ratios[widest])
+
+
+@torch.no_grad()
+def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float = 0.25, repeats: int = 16,
+                            num_inference_steps: int = 25, min_gap: float = 2.0, seed: int = 0,
+                            batch_size: int = 256) -> ExtractionOutput:
+    """Recover the training images a model reproduces, from the model alone (see ``"extraction"`` above).
+
+    The model samples ``num_samples`` images (class labels cycling over the classes for a class-conditional model,
+    the null class otherwise), each is scored by ``"renoise"`` with ``repeats`` draws, and the most stable
+    ``stable_fraction`` are clustered; one image per cluster comes back. Everything is seeded by ``seed``, so the
+    extraction of a model is reproducible and does not depend on the generator of the images being scored.
+
+    Choices the paper leaves open, and why: a fixed fraction of the bank rather than a score threshold, because the
+    scale of the re-noising score differs between models (see the thresholds above), and per class, because the
+    copies of some classes are less stable than others'; complete linkage, because single and average linkage chain
+    two close training images through the blends between them into one cluster, whose copies are then judged against
+    the wrong second neighbour; the widest gap of merge heights, because copies of one image sit far closer to each
+    other than two training images do. These, and the weight of the re-noising margin, were compared in probes on the
+    models of the reported and the development runs of ``scripts/measure_model_score.py`` (seeds 0 and 1); its run
+    with seed 2 (other training images, initialisation and noise) was measured only after the choice.
+    """
+    for name, value in (("num_samples", num_samples), ("repeats", repeats),
+                        ("num_inference_steps", num_inference_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"{name}={value!r}: pass an integer of at least 2.")
+    if not 0 < stable_fraction <= 1:
+        raise ValueError(f"stable_fraction={stable_fraction!r}: pass a fraction of the bank in (0, 1].")
+    conditional = pipe.config.get("label_dropout_prob") != 1 and pipe.num_classes > 1
+    labels = torch.arange(num_samples) % pipe.num_classes if conditional else None
+    generator = torch.Generator().manual_seed(int(seed))
+    bank = []
+    for start in range(0, num_samples, batch_size):
+        size = min(batch_size, num_samples - start)
+        chunk = None if labels is None else labels[start:start + size]
+        bank.append(pipe(class_labels=chunk, batch_size=None if chunk is not None else size,
+                         num_inference_steps=num_inference_steps, output_type="pt", generator=generator).images)
+    bank = torch.cat(bank)
+    scores = memorization_score(pipe, bank, class_labels=labels, method="renoise", repeats=repeats,
+                                generator=torch.Generator().manual_seed(int(seed) + 1)).score
+    space = to_model_space(pipe, bank).float().cpu()
+    # the most stable fraction of each class (of the bank, unconditionally): copies of some classes are less stable
+    # than others', and a global cut left one class without any on the conditional digits
+    groups = [torch.arange(num_samples)] if labels is None else [
+        (labels == c).nonzero().flatten() for c in range(pipe.num_classes)]
+    stable = torch.cat([group[scores[group].argsort(descending=True)[:math.ceil(stable_fraction * len(group))]]
+                        for group in groups if len(group)])
+    num_stable = len(stable)
+    picked, gap = _cluster_representatives(space[stable].flatten(1), scores[stable], min_gap)
+    images = space[stable[picked]] if len(picked) >= 2 else space[:0]
+    return ExtractionOutput(images=images, bank_scores=scores, num_stable=int(num_stable), gap=gap)
+
+
+#: Weight of the re-noising margin in the ``"extraction"`` score (see :func:`_extraction_score`).
+RENOISE_WEIGHT = 0.5
+
+
+def _extraction_score(x: torch.Tensor, extracted: torch.Tensor, renoise_score: torch.Tensor) -> torch.Tensor:
+    """The paper's 1/3 rule against the extracted images, ``log(d_2 / d_1)`` of squared distances, plus half the
+    sample's re-noising margin ``log(r_0 / r)`` (``r`` its mean squared return distance, ``-renoise_score``; ``r_0``
+    the ``"renoise"`` threshold's): both terms are 0 at their own rule's cut, so ``log 9`` stays the threshold."""
+    distances = torch.cdist(x.flatten(1).double().cpu(), extracted.flatten(1).double()).square()
+    nearest = distances.topk(2, dim=1, largest=False).values.clamp_min(1e-12)
+    rule = nearest[:, 1].log() - nearest[:, 0].log()
+    margin = math.log(-THRESHOLDS["renoise"]) - (-renoise_score.double().cpu()).clamp_min(1e-12).log()
+    return (rule + RENOISE_WEIGHT * margin).float()
+
+
 _FUNCTIONS = {"renoise": _renoise, "renoise_spread": _renoise_spread, "denoise_loss": _denoise_loss,
               "cond_gap": _cond_gap, "renoise_levels": _renoise_levels, "fixed_point": _fixed_point}
-#: The options (keyword arguments) each method takes: those of its function (``renoise_spread``: renoise's), read
-#: from the signatures so that the two cannot disagree.
+#: The options (keyword arguments) each method takes: those of its function (``renoise_spread``: renoise's;
+#: ``extraction``: :func:`extract_training_images`'s and ``extracted``, an :class:`ExtractionOutput` computed before),
+#: read from the signatures so that the two cannot disagree.
 METHOD_OPTIONS = {method: tuple(name for name in inspect.signature(
     _renoise if method == "renoise_spread" else function).parameters
     if name not in ("pipe", "x", "labels", "generator", "spread")) for method, function in _FUNCTIONS.items()}
+METHOD_OPTIONS["extraction"] = ("extracted", *(name for name in inspect.signature(extract_training_images).parameters
+                                               if name not in ("pipe", "batch_size")))
 
 
 def score_generator(generator: torch.Generator | list[torch.Generator] | None):
@@ -334,7 +472,9 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
         generator: seeds the noise (default seed 0); a list gives one CPU generator per image, so each image's score
             depends on its own generator only.
         method_kwargs: the method's options (:data:`METHOD_OPTIONS`), e.g. ``level``, ``steps``, ``repeats``,
-            ``iterations`` for ``"renoise"``; ``levels``, ``draws`` for ``"fixed_point"``.
+            ``iterations`` for ``"renoise"``; ``levels``, ``draws`` for ``"fixed_point"``; for ``"extraction"``,
+            those of :func:`extract_training_images` or ``extracted`` (its output, to score many batches against one
+            extraction). When ``"extraction"`` falls back to ``"renoise"``, ``threshold`` is the latter's default.
     """
     check_method_options(method, method_kwargs)
     x = to_model_space(pipe, images, value_range)
@@ -351,6 +491,29 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
             raise ValueError(f"{len(generator)} generators for {len(x)} images; pass one generator per image, or a "
                              "single torch.Generator.")
     generator = generator or torch.Generator().manual_seed(0)
+    num_extracted = None
+    if method == "extraction":
+        options = dict(method_kwargs)
+        extracted = options.pop("extracted", None)
+        if extracted is None:
+            extracted = extract_training_images(pipe, batch_size=batch_size, **options)
+        elif not isinstance(extracted, ExtractionOutput):
+            raise ValueError(f"extracted must be what extract_training_images returned, got "
+                             f"{type(extracted).__name__}.")
+        num_extracted = len(extracted.images)
+        if num_extracted >= 2:
+            if tuple(extracted.images.shape[1:]) != tuple(x.shape[1:]):
+                raise ValueError(f"the extracted images have shape {tuple(extracted.images.shape[1:])} but the images "
+                                 f"scored {tuple(x.shape[1:])}; extract with the same pipeline.")
+            returns = memorization_score(pipe, images, class_labels=class_labels, method="renoise",
+                                         generator=generator, value_range=value_range, batch_size=batch_size,
+                                         repeats=options.get("repeats", 16)).score
+            score = _extraction_score(x, extracted.images, returns)
+            threshold = THRESHOLDS["extraction"] if threshold is None else float(threshold)
+            return MemorizationScoreOutput(score=score, memorized=score >= threshold, threshold=threshold,
+                                           method="extraction", num_extracted=num_extracted)
+        # nothing to judge against: the model copies too rarely to be extracted; re-noising needs no reference
+        method, method_kwargs, threshold = "renoise", {"repeats": options.get("repeats", 16)}, None
     function = _FUNCTIONS[method]
     was_training = pipe.transformer.training
     pipe.transformer.eval()
@@ -368,4 +531,5 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
         pipe.transformer.train(was_training)
     score = torch.cat(scores)
     threshold = THRESHOLDS[method] if threshold is None else float(threshold)
-    return MemorizationScoreOutput(score=score, memorized=score >= threshold, threshold=threshold, method=method)
+    return MemorizationScoreOutput(score=score, memorized=score >= threshold, threshold=threshold, method=method,
+                                   num_extracted=num_extracted)

@@ -426,8 +426,10 @@ class MemSepPipeline(DiffusionPipeline):
                 ``generator`` as it was passed: the score is reproducible from the same seed, and the images are the
                 same whether it is on or off (the sampling noise is drawn as without it).
             memorization_score_kwargs: options of the score's method (``model_score.METHOD_OPTIONS``), e.g.
-                ``{"repeats": 32}``: 32 re-noising draws instead of 4, the most reliable variant measured (at 8
-                times the scoring cost).
+                ``{"repeats": 32}``: 32 re-noising draws instead of 4 (at 8 times the scoring cost).
+                ``"extraction"`` (the paper's 1/3 rule against training images extracted from the model, seeded by
+                its own ``seed`` option) samples and scores a bank of 256 images first, so for several calls extract
+                once and pass ``{"extracted": model_score.extract_training_images(pipe)}``.
 
         Restarts draw their noise from ``generator`` after the pass that flagged them: a single generator continues
         its stream (redrawn samples in batch order), a list of generators gives each sample its redraws from its own
