@@ -73,7 +73,7 @@ from .memorization.copy_detection import (
     wilson_interval,
 )
 from .memorization.metrics import memorization_report
-from .memorization.model_score import THRESHOLDS, check_method_options, extract_training_images
+from .memorization.model_score import THRESHOLDS, check_method_options, resolve_extraction
 from .utils import save_figure, write_text
 
 __all__ = ["AuditResult", "audit_pipeline", "write_audit", "MIN_CALIBRATION_IMAGES"]
@@ -160,16 +160,13 @@ def audit_pipeline(pipe, train_images: torch.Tensor | None = None, population: t
 
 def _extract_once(pipe, score_method: str, score_options: dict):
     """For ``"extraction"``, extract the training images once (every batch is then judged against the same ones;
-    seeded, so every process extracts the same); when nothing can be extracted, the audit scores with
-    ``"renoise"`` (the fallback of ``memorization_score``) and its threshold. Returns the method, its options and the
-    number of extracted images (None for other methods)."""
+    seeded, so every process extracts the same), or fall back to ``"renoise"`` and its threshold, as
+    :func:`~diffusers_memsep.memorization.model_score.resolve_extraction` decides. Returns the method, its options and
+    the number of extracted images (None for other methods)."""
     if score_method != "extraction":
         return score_method, score_options, None
-    options = {k: v for k, v in score_options.items() if k != "extracted"}
-    extracted = score_options.get("extracted") or extract_training_images(pipe, **options)
-    if len(extracted.images) < 2:
-        return "renoise", {"repeats": options.get("repeats", 16)}, 0
-    return "extraction", {**options, "extracted": extracted}, len(extracted.images)
+    method, options, extracted = resolve_extraction(pipe, score_options)
+    return method, options, 0 if extracted is None else len(extracted.images)
 
 
 def _measure(pipe, samples, scores, train_images, population, num_inference_steps, seed, batch_size, score_method,

@@ -136,7 +136,7 @@ def test_audit_with_the_extraction_score(stock_folder, tmp_path):
                             score_method="extraction", score_options={"extracted": extracted})
     score = result.numbers["model_score"]
     assert (score["method"], score["extracted_images"]) == ("extraction", 2)
-    assert score["threshold"] == THRESHOLDS["extraction"] and score["options"] == {}
+    assert score["threshold"] == THRESHOLDS["extraction"] and score["options"] == {"repeats": 16}  # draws used
     assert len(score["scores"]) == 4 and score["flagged"]["total"] == 4
 
 

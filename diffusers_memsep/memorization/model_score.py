@@ -109,8 +109,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import BaseOutput
 
 __all__ = ["METHODS", "METHOD_OPTIONS", "THRESHOLDS", "ExtractionOutput", "MemorizationScoreOutput",
-           "check_method_options", "extract_training_images", "memorization_score", "score_generator",
-           "to_model_space"]
+           "check_method_options", "extract_training_images", "memorization_score", "resolve_extraction",
+           "score_generator", "to_model_space"]
 
 METHODS = ("renoise", "renoise_spread", "denoise_loss", "cond_gap", "renoise_levels", "fixed_point", "extraction")
 #: Score at or above which a sample is flagged as a copy, per method (see "Choices" above); ``"extraction"``'s is the
@@ -398,6 +398,24 @@ def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float
     return ExtractionOutput(images=images, bank_scores=scores, num_stable=int(num_stable), gap=gap)
 
 
+def resolve_extraction(pipe, options: dict, batch_size: int = 256):
+    """What ``"extraction"`` with ``options`` scores with: ``("extraction", options, extracted)`` with the
+    extraction (``options["extracted"]``, or one made now), or ``("renoise", {"repeats": ...}, None)`` when fewer than
+    two images could be extracted (the fallback). ``options`` always come back with ``repeats`` (default 16), the
+    draws of the re-noising margin or of the fallback. :func:`memorization_score` and ``memsep audit`` (which
+    extracts once for all its batches) both decide through it."""
+    options = dict(options)
+    extracted = options.pop("extracted", None)
+    repeats = options.get("repeats", 16)
+    if extracted is None:
+        extracted = extract_training_images(pipe, batch_size=batch_size, **options)
+    elif not isinstance(extracted, ExtractionOutput):
+        raise ValueError(f"extracted must be what extract_training_images returned, got {type(extracted).__name__}.")
+    if len(extracted.images) < 2:  # the model copies too rarely to be extracted; re-noising needs no reference
+        return "renoise", {"repeats": repeats}, None
+    return "extraction", {"repeats": repeats, "extracted": extracted}, extracted
+
+
 #: Weight of the re-noising margin in the ``"extraction"`` score (see :func:`_extraction_score`).
 RENOISE_WEIGHT = 0.5
 
@@ -491,30 +509,17 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
             raise ValueError(f"{len(generator)} generators for {len(x)} images; pass one generator per image, or a "
                              "single torch.Generator.")
     generator = generator or torch.Generator().manual_seed(0)
-    num_extracted = None
-    if method == "extraction":
-        options = dict(method_kwargs)
-        extracted = options.pop("extracted", None)
+    extracted, asked_extraction = None, method == "extraction"
+    if asked_extraction:
+        method, method_kwargs, extracted = resolve_extraction(pipe, method_kwargs, batch_size)
         if extracted is None:
-            extracted = extract_training_images(pipe, batch_size=batch_size, **options)
-        elif not isinstance(extracted, ExtractionOutput):
-            raise ValueError(f"extracted must be what extract_training_images returned, got "
-                             f"{type(extracted).__name__}.")
-        num_extracted = len(extracted.images)
-        if num_extracted >= 2:
-            if tuple(extracted.images.shape[1:]) != tuple(x.shape[1:]):
-                raise ValueError(f"the extracted images have shape {tuple(extracted.images.shape[1:])} but the images "
-                                 f"scored {tuple(x.shape[1:])}; extract with the same pipeline.")
-            returns = memorization_score(pipe, images, class_labels=class_labels, method="renoise",
-                                         generator=generator, value_range=value_range, batch_size=batch_size,
-                                         repeats=options.get("repeats", 16)).score
-            score = _extraction_score(x, extracted.images, returns)
-            threshold = THRESHOLDS["extraction"] if threshold is None else float(threshold)
-            return MemorizationScoreOutput(score=score, memorized=score >= threshold, threshold=threshold,
-                                           method="extraction", num_extracted=num_extracted)
-        # nothing to judge against: the model copies too rarely to be extracted; re-noising needs no reference
-        method, method_kwargs, threshold = "renoise", {"repeats": options.get("repeats", 16)}, None
-    function = _FUNCTIONS[method]
+            threshold = None  # the fallback's own threshold: the asked one was meant for the extraction score
+        elif tuple(extracted.images.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(f"the extracted images have shape {tuple(extracted.images.shape[1:])} but the images "
+                             f"scored {tuple(x.shape[1:])}; extract with the same pipeline.")
+    # "extraction" scores with the rule against the extracted images plus the re-noising margin of the same loop
+    function = _FUNCTIONS["renoise" if method == "extraction" else method]
+    function_kwargs = {"repeats": method_kwargs["repeats"]} if method == "extraction" else method_kwargs
     was_training = pipe.transformer.training
     pipe.transformer.eval()
     try:
@@ -526,10 +531,13 @@ def memorization_score(pipe, images, class_labels=None, method: str = "renoise",
             if method == "cond_gap":
                 batch_labels = labels[chunk] if labels is not None else None
             chunk_generator = generator[chunk] if isinstance(generator, list) else generator
-            scores.append(function(pipe, x[chunk], batch_labels, chunk_generator, **method_kwargs).cpu())
+            scores.append(function(pipe, x[chunk], batch_labels, chunk_generator, **function_kwargs).cpu())
     finally:
         pipe.transformer.train(was_training)
     score = torch.cat(scores)
+    if extracted is not None:
+        score = _extraction_score(x, extracted.images, score)
     threshold = THRESHOLDS[method] if threshold is None else float(threshold)
+    num_extracted = (0 if extracted is None else len(extracted.images)) if asked_extraction else None
     return MemorizationScoreOutput(score=score, memorized=score >= threshold, threshold=threshold, method=method,
                                    num_extracted=num_extracted)
