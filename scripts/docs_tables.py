@@ -5,8 +5,9 @@
 - the study tables (remedies, frontier, budgets, pruning against random) and the README's table of quality budgets,
   from ``docs/study_report.md`` (the ``report.md`` of the full ``memsep study`` run);
 - the copy-detection tables, from ``docs/detection_results/detection_report.md`` (the ``report.md`` of
-  ``scripts/measure_detection.py``), and the model-only score table, the first table of
-  ``docs/detection_results/model_score/report.md`` (of ``scripts/measure_model_score.py``).
+  ``scripts/measure_detection.py``), and the model-only score tables, the first table of
+  ``docs/detection_results/model_score/report.md`` (of ``scripts/measure_model_score.py``) and the table of every
+  run, ``docs/detection_results/model_score/runs.md`` (its ``--summarize``).
 
 Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``; run ``python scripts/docs_tables.py``
 after replacing a report. ``tests/test_engine_rules.py`` checks that the committed tables equal what this prints.
@@ -190,12 +191,14 @@ def render_all(root: Path) -> dict[Path, str]:
     study = (root / "docs" / "study_report.md").read_text()
     detection = (root / "docs" / "detection_results" / "detection_report.md").read_text()
     model_score = (root / "docs" / "detection_results" / "model_score" / "report.md").read_text()
+    model_score_runs = (root / "docs" / "detection_results" / "model_score" / "runs.md").read_text()
     readme, results = root / "README.md", root / "docs" / "results.md"
     readme_text = replace_block(readme.read_text(), "demo table", demo_readme_table(demo))
     return {readme: replace_block(readme_text, "study budgets", budget_table(study)),
-            results: replace_block(replace_block(replace_block(replace_block(
+            results: replace_block(replace_block(replace_block(replace_block(replace_block(
                 results.read_text(), "demo table", demo_results_table(demo)), "study tables", study_tables(study)),
-                "detection tables", detection_tables(detection)), "model score table", first_table(model_score))}
+                "detection tables", detection_tables(detection)), "model score table", first_table(model_score)),
+                "model score runs", first_table(model_score_runs))}
 
 
 def main(argv=None) -> int:
@@ -205,7 +208,8 @@ def main(argv=None) -> int:
     root = Path(parser.parse_args(argv).repository)
     missing = [name for name in ("README.md", "docs/results.md", "docs/demo_summary.csv", "docs/study_report.md",
                                  "docs/detection_results/detection_report.md",
-                                 "docs/detection_results/model_score/report.md") if not (root / name).is_file()]
+                                 "docs/detection_results/model_score/report.md",
+                                 "docs/detection_results/model_score/runs.md") if not (root / name).is_file()]
     if missing:
         parser.error(f"{root} is not a checkout of this project (missing {', '.join(missing)}); pass the folder "
                      "that holds README.md and docs/.")

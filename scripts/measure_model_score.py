@@ -138,7 +138,7 @@ def bootstrap(scores, labels, function, rounds=500, seed=0):
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [None, None]
 
 
-def evaluate(pipe, data, num_samples, seed):
+def evaluate(pipe, data, num_samples, seed, variants=None):
     labels = None
     if data.labels is not None:
         labels = data.labels[torch.arange(num_samples) % len(data)]
@@ -151,7 +151,7 @@ def evaluate(pipe, data, num_samples, seed):
         nearest = torch.cdist(output.images.flatten(1) * 2 - 1, data.images.flatten(1)).min(1).values
         row["nearest_distance_auc"] = float(roc_auc_score(truth, -nearest.numpy()))
     for variant, (method, kwargs) in METHOD_VARIANTS.items():
-        if method == "cond_gap" and labels is None:
+        if (method == "cond_gap" and labels is None) or (variants and variant not in variants):
             continue
         start = time.perf_counter()
         result = memorization_score(pipe, output.images, class_labels=labels, method=method, **kwargs)
@@ -176,7 +176,7 @@ def evaluate(pipe, data, num_samples, seed):
 
 
 def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_samples: int,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, variants: list[str] | None = None) -> dict:
     spec = SETTINGS[name]
     steps = sorted(steps or spec["steps"])
     if any(step % steps[0] for step in steps):
@@ -204,10 +204,33 @@ def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_sa
         pipe = build_pipeline(snapshots[step], scheduler, data)
         pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        rows.append({"step": step, **evaluate(pipe, data, num_samples, seed=step + 100_000 * seed)})
+        rows.append({"step": step, **evaluate(pipe, data, num_samples, seed=step + 100_000 * seed,
+                                              variants=variants)})
         print(f"{name} step {step}: memorized {rows[-1]['memorized_share']:.2f}", file=sys.stderr)
     return {"setting": name, "num_train": len(data), "source": data.source, "model": spec["model"],
             "conditional": data.labels is not None, "train_seconds": round(train_seconds, 1), "checkpoints": rows}
+
+
+def merged_into(earlier: dict, result: dict, keep_as: str | None = None) -> dict:
+    """``result``'s columns written over the same setting's in ``earlier`` (a model_score.json), checkpoint by
+    checkpoint (with ``keep_as``, each replaced column stays as ``"VARIANT (keep_as)"``); refused unless the
+    checkpoints and their exact labels are the earlier run's (same models)."""
+    previous = next((r for r in earlier["results"] if r["setting"] == result["setting"]), None)
+    if previous is None:
+        raise SystemExit(f"--update: the earlier run has no setting {result['setting']!r}; measure it without "
+                         "--update.")
+    rows = {row["step"]: row for row in previous["checkpoints"]}
+    merged = copy.deepcopy(previous)
+    targets = {row["step"]: row for row in merged["checkpoints"]}
+    for row in result["checkpoints"]:
+        if row["step"] not in rows or rows[row["step"]]["memorized"] != row["memorized"]:
+            raise SystemExit(f"--update: {result['setting']} at step {row['step']} does not sample the earlier run's "
+                             "labels (another seed, settings or library version); measure without --update.")
+        methods = targets[row["step"]]["methods"]
+        if keep_as:
+            methods.update({f"{v} ({keep_as})": methods[v] for v in row["methods"] if v in methods})
+        methods.update(row["methods"])
+    return merged
 
 
 def _interval(value, interval) -> str:
@@ -243,6 +266,33 @@ def compact_table(results: list[dict]) -> list[str]:
     return lines
 
 
+SUMMARY_VARIANTS = ("renoise (t=0.2T)", "renoise (t=0.2T, 32 draws)", "renoise (t=0.2T, 16 draws, 2 iterations)",
+                    "extraction (first design)", "extraction")
+
+
+def runs_summary(runs: list[dict]) -> str:
+    """Per run (its seed) and method: the lowest and mean ROC AUC over the checkpoints that copy (some samples
+    copies, some not), how many reach 0.95, and the ones that do not."""
+    lines = ["| seed | method | checkpoints that copy | lowest AUC | mean AUC | AUC >= 0.95 | below 0.95 |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        arguments = run["arguments"]
+        seed = arguments.get("seed", arguments.get("updated", {}).get("seed"))
+        if seed is None:  # a rendered run: the seed of its first part
+            seed = arguments["runs"][0].get("seed", 0)
+        for variant in SUMMARY_VARIANTS:
+            cells = [(f"{result['setting']} {row['step']}", row["methods"][variant]["auc"])
+                     for result in run["results"] for row in result["checkpoints"]
+                     if "auc" in row["methods"].get(variant, {})]
+            if not cells:
+                continue
+            values = [auc for _, auc in cells]
+            below = ", ".join(f"{name} ({auc:.3f})" for name, auc in cells if auc < 0.95) or "-"
+            lines.append(f"| {seed} | {variant} | {len(cells)} | {min(values):.3f} | {np.mean(values):.3f} | "
+                         f"{sum(auc >= 0.95 for auc in values)} of {len(values)} | {below} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(results: list[dict], arguments: dict) -> str:
     lines = ["# Model-only memorization scores against the exact 1/3-rule labels", "",
              *compact_table(results), "",
@@ -250,8 +300,9 @@ def report(results: list[dict], arguments: dict) -> str:
              "FPR, with 95% bootstrap intervals (500 resamples of the samples); `thr` = TPR / FPR of the documented "
              "threshold. AUC is undefined (n/a) where the samples are all copies or all novel.", ""]
     for result in results:
+        order = list(METHOD_VARIANTS)  # then columns kept by --keep_as, by name
         variants = sorted({v for row in result["checkpoints"] for v in row["methods"]},
-                          key=list(METHOD_VARIANTS).index)
+                          key=lambda v: (order.index(v), "") if v in order else (len(order), v))
         lines += [f"## {result['setting']} ({'conditional' if result['conditional'] else 'unconditional'}, "
                   f"{result['num_train']} training images, {result['train_seconds']} s of training)", "",
                   "| step | memorized | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
@@ -286,9 +337,33 @@ def main(argv=None) -> int:
                         help="Measure nothing: write one report.md from model_score.json files of earlier runs.")
     parser.add_argument("--development_variants", action="store_true",
                         help="Also score the variants of DEVELOPMENT_VARIANTS (with --seed 1: the development run).")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                        help=f"Score only these columns (default: all): {', '.join(METHOD_VARIANTS)}.")
+    parser.add_argument("--update", default=None, metavar="JSON",
+                        help="Rescore into an earlier run's model_score.json (same --seed and settings): the measured "
+                             "columns replace its, every other column stays; refused unless the retrained models "
+                             "sample exactly the earlier labels.")
+    parser.add_argument("--keep_as", default=None, metavar="SUFFIX",
+                        help="With --update: keep the earlier run's values of each rescored column as a column "
+                             "'VARIANT (SUFFIX)', e.g. to compare two versions of a method on the same samples.")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="Measure nothing: write runs.md, the lowest and mean AUC of each run (model_score.json "
+                             "files, one per seed) over its checkpoints that copy.")
     args = parser.parse_args(argv)
+    if args.summarize:
+        summary = runs_summary([json.loads(Path(path).read_text()) for path in args.summarize])
+        write_text(Path(args.output_dir) / "runs.md", "# Model-only scores: every run, the checkpoints that copy\n\n"
+                   + summary + f"\nWritten by `python scripts/measure_model_score.py --summarize` on "
+                   f"{', '.join(args.summarize)}.\n")
+        print(summary)
+        return 0
     if args.development_variants:
         METHOD_VARIANTS.update(DEVELOPMENT_VARIANTS)
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(METHOD_VARIANTS))
+        if unknown:
+            raise SystemExit(f"unknown --variants {unknown}: choose among {list(METHOD_VARIANTS)}.")
+    earlier = json.loads(Path(args.update).read_text()) if args.update else None
     if args.render:
         loaded = [json.loads(Path(path).read_text()) for path in args.render]
         results = [result for run in loaded for result in run["results"]]
@@ -302,11 +377,21 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     arguments = {k: v for k, v in vars(args).items() if k != "output_dir"}
     results = []
+    if earlier is not None:
+        arguments = {**earlier["arguments"], "updated": arguments}
     for name in args.settings:
-        results.append(measure_setting(name, output_dir, args.steps, args.num_samples, args.seed))
-        write_text(output_dir / "model_score.json", json.dumps({"arguments": arguments, "results": results},
+        results.append(measure_setting(name, output_dir, args.steps, args.num_samples, args.seed, args.variants))
+        written = results
+        if earlier is not None:  # in place of the earlier run's first result of the setting, the others kept
+            results[-1] = merged_into(earlier, results[-1], args.keep_as)
+            merged = {r["setting"]: r for r in results}
+            written = [merged.pop(e["setting"], e) if e is next(x for x in earlier["results"]
+                                                                  if x["setting"] == e["setting"]) else e
+                       for e in earlier["results"]]
+        write_text(output_dir / "model_score.json", json.dumps({"arguments": arguments, "results": written},
                                                                indent=2) + "\n")
-        write_text(output_dir / "report.md", report(results, arguments))
+        write_text(output_dir / "report.md", report(written, arguments))
+    results = written
     print(report(results, arguments))
     return 0
 

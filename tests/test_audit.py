@@ -124,7 +124,7 @@ def test_audit_with_the_extraction_score(stock_folder, tmp_path):
                  "--score_repeats", "2"]) == 0
     score = json.loads((out / "audit.json").read_text())["model_score"]
     assert (score["method"], score["extracted_images"], score["threshold"]) == ("renoise", 0, THRESHOLDS["renoise"])
-    assert score["options"] == {"repeats": 2}
+    assert score["options"] == {"repeats": 2, "iterations": 2}  # the fallback iterates the re-noising map
 
     pipe = load_pipeline(str(stock_folder))
     pipe.set_progress_bar_config(disable=True)

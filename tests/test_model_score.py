@@ -120,7 +120,7 @@ def test_method_options_are_the_functions_keyword_arguments():
                               "denoise_loss": ("levels", "draws"), "cond_gap": ("levels", "draws"),
                               "renoise_levels": ("levels", "steps", "repeats"), "fixed_point": ("levels", "draws"),
                               "extraction": ("extracted", "num_samples", "stable_fraction", "repeats",
-                                             "num_inference_steps", "min_gap", "seed")}
+                                             "num_inference_steps", "min_gap", "blend_ratio", "seed")}
     assert set(METHOD_OPTIONS) == set(METHODS)
 
 
@@ -171,6 +171,72 @@ def test_cluster_representatives_find_tight_clusters_and_refuse_a_cloud():
         assert index == 5 * cluster + int(stability[5 * cluster:5 * cluster + 5].argmax())
     cloud = torch.randn(40, 50, generator=generator)  # no clusters: merge heights grow smoothly
     assert _cluster_representatives(cloud, torch.rand(40, generator=generator), min_gap=2.0)[0] == []
+
+
+def test_cluster_representatives_cut_a_merged_cluster_again():
+    """Two groups of three images far apart: the widest gap is between the groups, and each is cut again into its
+    images, one representative each. (Two images alone in their group would be kept as one: the paper's rule calls
+    each a copy of the other against the far group.)"""
+    from diffusers_memsep.memorization.model_score import _cluster_representatives
+
+    generator = torch.Generator().manual_seed(1)
+    groups = 100 * torch.randn(2, 20, generator=generator)
+    images = groups[[0, 0, 0, 1, 1, 1]] + 3 * torch.randn(6, 20, generator=generator)
+    points = images.repeat_interleave(6, 0) + 0.3 * torch.randn(36, 20, generator=generator)
+    picked, gap = _cluster_representatives(points, torch.rand(36, generator=generator), min_gap=2.0)
+    assert gap > 100 and sorted(torch.cdist(points[picked], images).argmin(1).tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+def test_cluster_representatives_keep_one_of_two_clusters_of_one_image():
+    """An image whose copies fall into two tight groups gives two clusters; the paper's rule calls one
+    representative a copy of the other, and the less stable one goes."""
+    from diffusers_memsep.memorization.model_score import _cluster_representatives
+
+    generator = torch.Generator().manual_seed(2)
+    centres = 10 * torch.randn(3, 20, generator=generator)
+    points = centres.repeat_interleave(6, 0) + 1e-4 * torch.randn(18, 20, generator=generator)
+    points[:3] += 0.1 * torch.randn(1, 20, generator=generator)  # image 0's copies in two tight groups
+    stability = torch.rand(18, generator=generator)
+    picked, _ = _cluster_representatives(points, stability, min_gap=2.0)
+    nearest = torch.cdist(points[picked], centres).argmin(1).tolist()
+    assert sorted(nearest) == [0, 1, 2] and picked[nearest.index(0)] == int(stability[:6].argmax())
+
+
+def test_blend_ratio_marks_a_blend_of_two_images():
+    from diffusers_memsep.memorization.model_score import _blend_ratio
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 64, generator=generator, dtype=torch.float64)
+    blend = 0.4 * images[0] + 0.6 * images[1] + 0.1 * torch.randn(64, generator=generator, dtype=torch.float64)
+    ratios = _blend_ratio(torch.cat([images, blend[None]]).numpy())
+    assert ratios[3] > 10 and ratios[:3].max() < 2
+
+
+def test_extraction_drops_a_stable_blend_and_finds_the_less_stable_image(monkeypatch):
+    """The two failures of a plain cut, built in: the model also reproduces a blend of its two training images (a
+    stable mode of its own), and the copies of one image are far less stable than those of the other (a textured
+    patch), so a bank-wide stable quarter holds none of them. Per family and with blends dropped, the two training
+    images are extracted; keeping blends (``blend_ratio=inf``) extracts the blend too."""
+    from diffusers_memsep.memorization.model_score import extract_training_images
+
+    images = load_digits_dataset()[0]
+    first, second = images[0], images[1]
+    blend = (0.5 * first + 0.5 * second + 0.05 * torch.randn(first.shape, generator=torch.Generator().manual_seed(3)))
+    modes = torch.stack([first, second, blend.clamp(-1, 1)])
+    bank = torch.cat([_copies(first[None], 40, 0.01), _copies(blend[None], 24, 0.01, seed=1),
+                      _copies(second[None], 24, 0.06, seed=2), _copies(second[None], 40, 0.3, seed=4)])
+    pipe = SamplingPipe(modes, bank)  # the denoiser holds the blend as a mode: it is as stable as a copy
+    extracted = extract_training_images(pipe, num_samples=128, repeats=4)
+    nearest = torch.cdist(extracted.images.flatten(1), modes.flatten(1)).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1]
+    kept = extract_training_images(pipe, num_samples=128, repeats=4, blend_ratio=math.inf)
+    assert 2 in torch.cdist(kept.images.flatten(1), modes.flatten(1)).argmin(1).tolist()
+    # without families (one bank-wide stable quarter) the second image is missed and the blend taken for it
+    from diffusers_memsep.memorization import model_score
+
+    monkeypatch.setattr(model_score, "MIN_FAMILY_SIZE", 10 ** 6)
+    plain = extract_training_images(pipe, num_samples=128, repeats=4)
+    assert sorted(torch.cdist(plain.images.flatten(1), modes.flatten(1)).argmin(1).tolist()) == [0, 2]
 
 
 def test_extraction_recovers_the_training_images_and_applies_the_paper_rule_to_them():
@@ -224,9 +290,33 @@ def test_extraction_falls_back_to_renoise_when_the_model_copies_nothing_extracta
     ({"extracted": "images"}, "extracted must be what extract_training_images returned"),
     ({"stable_fraction": 0.0}, "stable_fraction"),
     ({"num_samples": 1}, "num_samples"),
+    ({"blend_ratio": 1.0}, "blend_ratio"),
 ])
 def test_bad_arguments_of_extraction(kwargs, message):
     images = load_digits_dataset()[0][:4]
     pipe = SamplingPipe(images, images)
     with pytest.raises(ValueError, match=message):
         memorization_score(pipe, images, method="extraction", value_range="-11", **kwargs)
+
+
+def test_measure_script_update_replaces_columns_only_for_the_same_labels():
+    """``scripts/measure_model_score.py --update``: the rescored columns replace the earlier run's, the others stay,
+    and a retrained model that samples other labels is refused (nothing merged)."""
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "measure_model_score.py"))
+    earlier = {"arguments": {}, "results": [{"setting": "digits8", "checkpoints": [
+        {"step": 1000, "memorized": [True, False], "methods": {"a": {"auc": 0.5}, "b": {"auc": 0.6}}}]}]}
+    new = {"setting": "digits8", "checkpoints": [{"step": 1000, "memorized": [True, False],
+                                                 "methods": {"b": {"auc": 0.9}}}]}
+    merged = script["merged_into"](earlier, new)
+    assert merged["checkpoints"][0]["methods"] == {"a": {"auc": 0.5}, "b": {"auc": 0.9}}
+    assert earlier["results"][0]["checkpoints"][0]["methods"]["b"] == {"auc": 0.6}  # the earlier run untouched
+    kept = script["merged_into"](earlier, new, keep_as="old")["checkpoints"][0]["methods"]
+    assert kept == {"a": {"auc": 0.5}, "b": {"auc": 0.9}, "b (old)": {"auc": 0.6}}
+    new["checkpoints"][0]["memorized"] = [False, False]
+    with pytest.raises(SystemExit, match="does not sample the earlier run's labels"):
+        script["merged_into"](earlier, new)
+    with pytest.raises(SystemExit, match="no setting 'colour16'"):
+        script["merged_into"](earlier, {**new, "setting": "colour16"})
