@@ -212,6 +212,27 @@ def test_blend_ratio_marks_a_blend_of_two_images():
     assert ratios[3] > 10 and ratios[:3].max() < 2
 
 
+def test_blend_ratio_equals_brute_force_in_chunks(monkeypatch):
+    """The segments are taken a few pairs at a time (bounded memory for large images): same as one pair at a
+    time in plain loops."""
+    import numpy as np
+
+    from diffusers_memsep.memorization import model_score
+
+    points = np.random.default_rng(0).normal(size=(9, 30))
+    expected = []
+    for i in range(len(points)):
+        others, best = np.delete(points, i, 0), np.inf
+        for a in range(len(others)):
+            for b in range(a + 1, len(others)):
+                direction = others[b] - others[a]
+                along = np.clip((points[i] - others[a]) @ direction / (direction @ direction), 0, 1)
+                best = min(best, ((points[i] - others[a] - along * direction) ** 2).sum())
+        expected.append(((others - points[i]) ** 2).sum(1).min() / best)
+    monkeypatch.setattr(model_score, "SEGMENT_CHUNK_VALUES", 100)  # 3 pairs per chunk
+    np.testing.assert_allclose(model_score._blend_ratio(points), expected, rtol=1e-10)
+
+
 def test_extraction_drops_a_stable_blend_and_finds_the_less_stable_image(monkeypatch):
     """The two failures of a plain cut, built in: the model also reproduces a blend of its two training images (a
     stable mode of its own), and the copies of one image are far less stable than those of the other (a textured

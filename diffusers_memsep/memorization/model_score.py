@@ -377,17 +377,26 @@ def _copy_of_another(points: np.ndarray) -> np.ndarray:
     return nearest[:, 1] / np.maximum(nearest[:, 0], 1e-12)
 
 
+#: Values of the segments :func:`_blend_ratio` holds at a time (2**23 doubles: 64 MB, whatever the image size).
+SEGMENT_CHUNK_VALUES = 2 ** 23
+
+
 def _blend_ratio(points: np.ndarray) -> np.ndarray:
     """Per point, its squared distance to the nearest other point over its squared distance to the nearest segment
     between two other points: large for a blend of two images, about 1 for an image of its own."""
     points = torch.from_numpy(points)
     ratios = torch.ones(len(points), dtype=points.dtype)
+    pairs_per_chunk = max(1, SEGMENT_CHUNK_VALUES // points.shape[1])
     for i in range(len(points)):
         others = torch.cat([points[:i], points[i + 1:]])
         first, second = torch.triu_indices(len(others), len(others), 1)
-        start, direction = others[first], others[second] - others[first]
-        along = (((points[i] - start) * direction).sum(1) / direction.square().sum(1).clamp_min(1e-12)).clamp(0, 1)
-        to_segment = (points[i] - start - along[:, None] * direction).square().sum(1).min()
+        to_segment = torch.tensor(math.inf, dtype=points.dtype)
+        for chunk in range(0, len(first), pairs_per_chunk):
+            a, b = first[chunk:chunk + pairs_per_chunk], second[chunk:chunk + pairs_per_chunk]
+            start, direction = others[a], others[b] - others[a]
+            along = (((points[i] - start) * direction).sum(1) / direction.square().sum(1).clamp_min(1e-12)).clamp(0, 1)
+            nearest = (points[i] - start - along[:, None] * direction).square().sum(1).min()
+            to_segment = torch.minimum(to_segment, nearest)
         ratios[i] = (others - points[i]).square().sum(1).min() / to_segment.clamp_min(1e-12)
     return ratios.numpy()
 
