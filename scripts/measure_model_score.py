@@ -8,6 +8,10 @@ images (DDIM), each labelled memorized or not by the paper's rule against the tr
 method of :mod:`diffusers_memsep.memorization.model_score` without them. Reported per checkpoint: the memorized
 share, ROC AUC and TPR at 1% FPR with 95% bootstrap intervals, and the flags of the documented threshold
 (TPR/FPR). Writes ``report.md`` and ``model_score.json`` atomically (after every setting).
+
+``--variants`` scores some columns only; ``--update JSON`` retrains an earlier run's models, checks that they sample
+its exact labels and replaces only the rescored columns (``--keep_as SUFFIX`` keeps the earlier values beside);
+``--render`` and ``--summarize`` measure nothing and write one report of several runs, or the table of every run.
 """
 
 from __future__ import annotations
@@ -363,6 +367,8 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.variants) - set(METHOD_VARIANTS))
         if unknown:
             raise SystemExit(f"unknown --variants {unknown}: choose among {list(METHOD_VARIANTS)}.")
+    if args.keep_as and not args.update:
+        raise SystemExit("--keep_as keeps the columns of the run given by --update; pass --update JSON too.")
     earlier = json.loads(Path(args.update).read_text()) if args.update else None
     if args.render:
         loaded = [json.loads(Path(path).read_text()) for path in args.render]
@@ -384,10 +390,9 @@ def main(argv=None) -> int:
         written = results
         if earlier is not None:  # in place of the earlier run's first result of the setting, the others kept
             results[-1] = merged_into(earlier, results[-1], args.keep_as)
-            merged = {r["setting"]: r for r in results}
-            written = [merged.pop(e["setting"], e) if e is next(x for x in earlier["results"]
-                                                                  if x["setting"] == e["setting"]) else e
-                       for e in earlier["results"]]
+            written = list(earlier["results"])
+            for result in results:
+                written[next(i for i, e in enumerate(written) if e["setting"] == result["setting"])] = result
         write_text(output_dir / "model_score.json", json.dumps({"arguments": arguments, "results": written},
                                                                indent=2) + "\n")
         write_text(output_dir / "report.md", report(written, arguments))
