@@ -211,7 +211,9 @@ def measure_setting(name: str, output_dir: Path, steps: list[int] | None, num_sa
         rows.append({"step": step, **evaluate(pipe, data, num_samples, seed=step + 100_000 * seed,
                                               variants=variants)})
         print(f"{name} step {step}: memorized {rows[-1]['memorized_share']:.2f}", file=sys.stderr)
-    return {"setting": name, "num_train": len(data), "source": data.source, "model": spec["model"],
+    # the data folder relative to --output_dir: the run's files name no path of the machine that measured them
+    source = data.source.replace(str(output_dir), "OUTPUT_DIR")
+    return {"setting": name, "num_train": len(data), "source": source, "model": spec["model"],
             "conditional": data.labels is not None, "train_seconds": round(train_seconds, 1), "checkpoints": rows}
 
 

@@ -151,7 +151,7 @@ class ExtractionOutput(BaseOutput):
             pixels, or latents for a latent pipeline), the most stable bank sample of each cluster; ``K = 0`` when
             nothing could be extracted.
         bank_scores (`torch.Tensor` `[N]`): the ``"renoise"`` score of every bank sample.
-        num_stable (`int`): the bank samples clustered (the most stable ``stable_fraction``).
+        num_stable (`int`): the bank samples clustered (the most stable ``stable_fraction`` of each family).
         gap (`float`): the ratio of the two merge heights the clusters were cut between (1 when no merge happened).
     """
 
@@ -368,13 +368,13 @@ def _families(points: np.ndarray, min_gap: float, min_size: int):
     return best
 
 
-def _copy_of_another(points: np.ndarray) -> np.ndarray:
+def _copy_of_another(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per point, the paper's ratio ``d_2 / d_1`` of squared distances to the other points (``>= 9``: the 1/3 rule
-    calls it a copy of its nearest other point)."""
+    calls it a copy of its nearest other point), and the index of that nearest other point."""
     distances = ((points[:, None] - points[None]) ** 2).sum(2)
     np.fill_diagonal(distances, np.inf)
     nearest = np.sort(distances, 1)
-    return nearest[:, 1] / np.maximum(nearest[:, 0], 1e-12)
+    return nearest[:, 1] / np.maximum(nearest[:, 0], 1e-12), distances.argmin(1)
 
 
 #: Values of the segments :func:`_blend_ratio` holds at a time (2**23 doubles: 64 MB, whatever the image size).
@@ -421,11 +421,10 @@ def _cluster_representatives(points: torch.Tensor, stability: torch.Tensor, min_
         members += [inside] if inner is None else [inside[inner == c] for c in np.unique(inner)]
     picked = [int(m[np.argmax(scores[m])]) for m in members if len(m) >= min_size]
     while len(picked) >= 3:
-        copies = _copy_of_another(data[picked])
+        copies, nearest = _copy_of_another(data[picked])
         if copies.max() >= 9:
             i = int(copies.argmax())
-            j = int(np.argmin([((data[picked[i]] - data[p]) ** 2).sum() if k != i else np.inf
-                               for k, p in enumerate(picked)]))
+            j = int(nearest[i])
             picked.pop(i if scores[picked[i]] < scores[picked[j]] else j)
             continue
         blends = _blend_ratio(data[picked])
