@@ -438,6 +438,26 @@ def _cluster_representatives(points: torch.Tensor, stability: torch.Tensor, min_
 MIN_FAMILY_SIZE = 8
 
 
+def _extract_from_bank(space: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor | None, num_classes: int,
+                       stable_fraction: float, min_gap: float, blend_ratio: float):
+    """The clustering half of :func:`extract_training_images`, on a bank already sampled and scored: (indices of the
+    stable samples, positions in them of the representatives, ratio of the first cut)."""
+    flat = space.flatten(1).double().numpy()
+    # the most stable fraction of each class (of the bank, unconditionally), and within it of each family: copies of
+    # some classes and of some images (a textured patch) are less stable than others', and a global cut left one
+    # class, or one of two natural patches, without any
+    groups = [torch.arange(len(space))] if labels is None else [
+        (labels == c).nonzero().flatten() for c in range(num_classes)]
+    families = []
+    for group in groups:
+        split = _families(flat[group.numpy()], min_gap, MIN_FAMILY_SIZE)
+        families += [group] if split is None else [group[torch.from_numpy(split == f)] for f in np.unique(split)]
+    stable = torch.cat([family[scores[family].argsort(descending=True)[:math.ceil(stable_fraction * len(family))]]
+                        for family in families if len(family)])
+    picked, gap = _cluster_representatives(space[stable].flatten(1), scores[stable], min_gap, blend_ratio)
+    return stable, picked, gap
+
+
 @torch.no_grad()
 def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float = 0.25, repeats: int = 16,
                             num_inference_steps: int = 25, min_gap: float = 2.0, blend_ratio: float = 2.0,
@@ -489,21 +509,10 @@ def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float
     scores = memorization_score(pipe, bank, class_labels=labels, method="renoise", repeats=repeats,
                                 generator=torch.Generator().manual_seed(int(seed) + 1)).score
     space = to_model_space(pipe, bank).float().cpu()
-    flat = space.flatten(1).double().numpy()
-    # the most stable fraction of each class (of the bank, unconditionally), and within it of each family: copies of
-    # some classes and of some images (a textured patch) are less stable than others', and a global cut left one
-    # class, or one of two natural patches, without any
-    groups = [torch.arange(num_samples)] if labels is None else [
-        (labels == c).nonzero().flatten() for c in range(pipe.num_classes)]
-    families = []
-    for group in groups:
-        split = _families(flat[group.numpy()], min_gap, MIN_FAMILY_SIZE)
-        families += [group] if split is None else [group[torch.from_numpy(split == f)] for f in np.unique(split)]
-    stable = torch.cat([family[scores[family].argsort(descending=True)[:math.ceil(stable_fraction * len(family))]]
-                        for family in families if len(family)])
-    num_stable = len(stable)
-    picked, gap = _cluster_representatives(space[stable].flatten(1), scores[stable], min_gap, blend_ratio)
+    stable, picked, gap = _extract_from_bank(space, scores, labels, pipe.num_classes, stable_fraction, min_gap,
+                                             blend_ratio)
     images = space[stable[picked]] if len(picked) >= 2 else space[:0]
+    num_stable = len(stable)
     return ExtractionOutput(images=images, bank_scores=scores, num_stable=int(num_stable), gap=gap)
 
 
