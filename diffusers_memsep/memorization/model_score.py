@@ -512,8 +512,7 @@ def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float
     stable, picked, gap = _extract_from_bank(space, scores, labels, pipe.num_classes, stable_fraction, min_gap,
                                              blend_ratio)
     images = space[stable[picked]] if len(picked) >= 2 else space[:0]
-    num_stable = len(stable)
-    return ExtractionOutput(images=images, bank_scores=scores, num_stable=int(num_stable), gap=gap)
+    return ExtractionOutput(images=images, bank_scores=scores, num_stable=len(stable), gap=gap)
 
 
 def resolve_extraction(pipe, options: dict, batch_size: int = 256):
