@@ -31,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 
 from diffusers_memsep.builtin_data import colour_digits_folder, patches32_folder
 from diffusers_memsep.data import load_training_data
-from diffusers_memsep.memorization.model_score import THRESHOLDS, memorization_score
+from diffusers_memsep.memorization.model_score import THRESHOLDS, extract_training_images, memorization_score
 from diffusers_memsep.trainer import TrainingConfig, build_pipeline, make_dit, make_noise_scheduler, train_dit
 from diffusers_memsep.utils import write_text
 
@@ -65,6 +65,8 @@ METHOD_VARIANTS = {
     "renoise (t=0.2T, 16 draws, 2 iterations)": ("renoise", {"repeats": 16, "iterations": 2}),
     # the 1/3 rule against training images extracted from the model (falls back to renoise, 16 draws, when none are)
     "extraction": ("extraction", {}),
+    # the same bank clustered without the rescue of stable samples left alone (the design before it)
+    "extraction (without rescue)": ("extraction", {"rescue": False}),
 }
 
 
@@ -154,10 +156,15 @@ def evaluate(pipe, data, num_samples, seed, variants=None):
     if truth.any() and (~truth).any():  # the ceiling of a score that sees only the nearest training image
         nearest = torch.cdist(output.images.flatten(1) * 2 - 1, data.images.flatten(1)).min(1).values
         row["nearest_distance_auc"] = float(roc_auc_score(truth, -nearest.numpy()))
+    bank = None  # the extraction variants differ after the bank: it is sampled and scored once per checkpoint
     for variant, (method, kwargs) in METHOD_VARIANTS.items():
         if (method == "cond_gap" and labels is None) or (variants and variant not in variants):
             continue
         start = time.perf_counter()
+        if method == "extraction":
+            extracted = extract_training_images(pipe, from_extraction=bank, **kwargs)
+            bank = extracted if bank is None else bank
+            kwargs = {"extracted": extracted}
         result = memorization_score(pipe, output.images, class_labels=labels, method=method, **kwargs)
         scores = result.score.numpy().astype(np.float64)
         entry = {"seconds": round(time.perf_counter() - start, 2), "scored_by": result.method,
@@ -273,7 +280,7 @@ def compact_table(results: list[dict]) -> list[str]:
 
 
 SUMMARY_VARIANTS = ("renoise (t=0.2T)", "renoise (t=0.2T, 32 draws)", "renoise (t=0.2T, 16 draws, 2 iterations)",
-                    "extraction (first design)", "extraction")
+                    "extraction (first design)", "extraction (without rescue)", "extraction")
 
 
 def runs_summary(runs: list[dict]) -> str:

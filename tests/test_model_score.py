@@ -120,7 +120,8 @@ def test_method_options_are_the_functions_keyword_arguments():
                               "denoise_loss": ("levels", "draws"), "cond_gap": ("levels", "draws"),
                               "renoise_levels": ("levels", "steps", "repeats"), "fixed_point": ("levels", "draws"),
                               "extraction": ("extracted", "num_samples", "stable_fraction", "repeats",
-                                             "num_inference_steps", "min_gap", "blend_ratio", "seed")}
+                                             "num_inference_steps", "min_gap", "blend_ratio", "rescue", "seed",
+                                             "from_extraction")}
     assert set(METHOD_OPTIONS) == set(METHODS)
 
 
@@ -260,6 +261,31 @@ def test_extraction_drops_a_stable_blend_and_finds_the_less_stable_image(monkeyp
     assert sorted(torch.cdist(plain.images.flatten(1), modes.flatten(1)).argmin(1).tolist()) == [0, 2]
 
 
+def test_extraction_rescues_a_training_image_with_one_stable_copy(monkeypatch):
+    """Image 3's copies are all unstable but one, so the clustering leaves that one alone and drops it; the rescue
+    adds it back (the paper's rule calls its other copies in the bank its copies), and not a stable novel sample
+    alone in the bank, nor a spread copy of an extracted image."""
+    from diffusers_memsep.memorization import model_score
+
+    monkeypatch.setattr(model_score, "MIN_FAMILY_SIZE", 10 ** 6)  # one bank-wide stable quarter
+    images = load_digits_dataset()[0]
+    train = images[:4]
+    copies = _copies(train[:3], 20, 0.01)  # 20 tight copies of images 0-2, in the order 0, 1, 2, 0, 1, 2, ...
+    spread = train[0] + 0.3 * torch.randn(train[0].shape, generator=torch.Generator().manual_seed(2))
+    bank = torch.cat([copies, _copies(train[3:], 6, 0.05, seed=1), images[200:201], images[100:139], spread[None]])
+    scores = torch.cat([torch.full((24,), -0.001), torch.full((36,), -0.01),  # 8 copies of each image most stable
+                        torch.tensor([-0.002]), torch.full((5,), -0.5),  # one stable copy of image 3, 5 unstable
+                        torch.tensor([-0.0015]), torch.full((39,), -1.0), torch.tensor([-0.0012])])
+    found = {}
+    for rescue in (False, True):
+        stable, picked, _ = model_score._extract_from_bank(bank, scores, None, 1, 0.25, 2.0, 2.0, rescue)
+        found[rescue] = sorted(torch.cdist(bank[stable[picked]].flatten(1), train.flatten(1)).argmin(1).tolist())
+        assert {60, 66, 106} <= set(stable.tolist())  # image 3's copy, the novel sample and the spread copy
+        representatives = set(stable[picked].tolist())
+        assert 66 not in representatives and 106 not in representatives
+    assert found == {False: [0, 1, 2], True: [0, 1, 2, 3]}
+
+
 def test_extraction_recovers_the_training_images_and_applies_the_paper_rule_to_them():
     from diffusers_memsep.memorization import memorization_report
     from diffusers_memsep.memorization.model_score import THRESHOLDS, extract_training_images
@@ -292,6 +318,10 @@ def test_extraction_recovers_the_training_images_and_applies_the_paper_rule_to_t
     reused = memorization_score(pipe, samples, method="extraction", value_range="-11", extracted=extracted,
                                 repeats=4)
     torch.testing.assert_close(again.score, reused.score)
+    # the bank of an extraction clustered again (no new samples) gives the same images with the same options
+    reclustered = extract_training_images(pipe, from_extraction=extracted)
+    torch.testing.assert_close(reclustered.images, extracted.images)
+    assert torch.equal(reclustered.bank, extracted.bank) and extracted.bank.shape == (96, *train.shape[1:])
 
 
 def test_extraction_falls_back_to_renoise_when_the_model_copies_nothing_extractable():
@@ -312,6 +342,7 @@ def test_extraction_falls_back_to_renoise_when_the_model_copies_nothing_extracta
     ({"stable_fraction": 0.0}, "stable_fraction"),
     ({"num_samples": 1}, "num_samples"),
     ({"blend_ratio": 1.0}, "blend_ratio"),
+    ({"from_extraction": "bank"}, "from_extraction must be what extract_training_images returned"),
 ])
 def test_bad_arguments_of_extraction(kwargs, message):
     images = load_digits_dataset()[0][:4]

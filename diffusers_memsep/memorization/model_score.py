@@ -28,25 +28,26 @@ betrays its copies by itself, and seven such signals are implemented here (highe
   the noise-prediction error times ``(1 - alpha) / alpha``); the difference is the level, 0.2 T instead of
   0.02-0.1 T, where a novel sample is not yet denoised well by a memorizing model.
 - ``"extraction"`` (the paper's rule against training images recovered from the model): the model samples a bank of
-  images (256 by default); the quarter that is most stable under re-noising (``"renoise"`` with 16 draws; per class
-  for a class-conditional model, and per family, the groups the bank falls into at its widest gap) are taken for
-  the model's copies, and clustering them (complete linkage, cut at the widest gap between successive merge heights,
-  each cluster once more at its own) leaves one image per training image the model reproduces, after dropping a
-  representative the paper's rule calls a copy of another and one that is a blend of two others
+  images (256 by default); the quarter that is most stable under re-noising (``"renoise"`` with 16 draws; per class for
+  a class-conditional model, and per family, the groups the bank falls into at its widest gap) are taken for the
+  model's copies, and clustering them (complete linkage, cut at the widest gap between successive merge heights, each
+  cluster once more at its own) leaves one image per training image the model reproduces, after dropping a
+  representative the paper's rule calls a copy of another and one that is a blend of two others, and after adding back
+  a stable sample the clustering left alone whose less stable copies the bank holds (the rescue, :func:`_rescue_alone`)
   (:func:`extract_training_images`; in the spirit of the extraction attack of Carlini et al., USENIX Security 2023,
   with the re-noising stability as the copy signal). A sample is then judged by the paper's 1/3 rule against these
   extracted images, ``log(d_2 / d_1)`` with ``d_k`` its squared distance to the k-th nearest, plus half its own
-  re-noising margin ``log(r_0 / r)`` (``r`` its mean squared return distance with 16 draws, ``r_0 = 0.025`` that of
-  the ``"renoise"`` threshold); both terms are 0 at their rule's cut, and the score is flagged at ``log 9``, where the
-  paper's rule ``||x - x_(1)|| <= ||x - x_(2)|| / 3`` holds for a sample at the re-noising threshold. Why the rule:
-  a score of the distance to one training image (``"renoise"``) cannot see the second-nearest one, and the labels
-  depend on it: even the true distance to the nearest training image ranks the samples of the unconditional digits
-  below AUC 0.95 at 3,000 and 4,000 steps (``nearest_distance_auc`` of ``scripts/measure_model_score.py``). Why the
-  margin: a training image the clustering merged with a neighbour or missed leaves its copies without their own
-  reference, and their stability still marks them. When the bank holds no clear clusters (no gap of at least
-  ``min_gap`` between merge heights, or fewer than two clusters: the model copies too rarely to be extracted), the
-  score falls back to ``"renoise"`` with the same draws and the map iterated twice (:data:`FALLBACK_ITERATIONS`),
-  and the output says so (``method``, ``num_extracted``).
+  re-noising margin ``log(r_0 / r)`` (``r`` its mean squared return distance with 16 draws, ``r_0 = 0.025`` that of the
+  ``"renoise"`` threshold); both terms are 0 at their rule's cut, and the score is flagged at ``log 9``, where the
+  paper's rule ``||x - x_(1)|| <= ||x - x_(2)|| / 3`` holds for a sample at the re-noising threshold. Why the rule: a
+  score of the distance to one training image (``"renoise"``) cannot see the second-nearest one, and the labels depend
+  on it: even the true distance to the nearest training image ranks the samples of the unconditional digits below AUC
+  0.95 at 3,000 and 4,000 steps (``nearest_distance_auc`` of ``scripts/measure_model_score.py``). Why the margin: a
+  training image the clustering merged with a neighbour or missed leaves its copies without their own reference, and
+  their stability still marks them. When the bank holds no clear clusters (no gap of at least ``min_gap`` between merge
+  heights, or fewer than two clusters: the model copies too rarely to be extracted), the score falls back to
+  ``"renoise"`` with the same draws and the map iterated twice (:data:`FALLBACK_ITERATIONS`), and the output says so
+  (``method``, ``num_extracted``).
 
 :func:`memorization_score` computes one of them for images (e.g. a ``MemSepPipeline`` output) and flags those at
 or above the method's documented threshold (:data:`THRESHOLDS`).
@@ -153,12 +154,15 @@ class ExtractionOutput(BaseOutput):
         bank_scores (`torch.Tensor` `[N]`): the ``"renoise"`` score of every bank sample.
         num_stable (`int`): the bank samples clustered (the most stable ``stable_fraction`` of each family).
         gap (`float`): the ratio of the two merge heights the clusters were cut between (1 when no merge happened).
+        bank (`torch.Tensor` `[N, C, H, W]`): the bank itself, in the model's space (pass the output as
+            ``from_extraction`` to cluster it again with other options, without sampling it again).
     """
 
     images: torch.Tensor
     bank_scores: torch.Tensor
     num_stable: int
     gap: float
+    bank: torch.Tensor | None = None
 
 
 def _as_tensor(images) -> torch.Tensor:
@@ -439,7 +443,7 @@ MIN_FAMILY_SIZE = 8
 
 
 def _extract_from_bank(space: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor | None, num_classes: int,
-                       stable_fraction: float, min_gap: float, blend_ratio: float):
+                       stable_fraction: float, min_gap: float, blend_ratio: float, rescue: bool = True):
     """The clustering half of :func:`extract_training_images`, on a bank already sampled and scored: (indices of the
     stable samples, positions in them of the representatives, ratio of the first cut)."""
     flat = space.flatten(1).double().numpy()
@@ -455,13 +459,52 @@ def _extract_from_bank(space: torch.Tensor, scores: torch.Tensor, labels: torch.
     stable = torch.cat([family[scores[family].argsort(descending=True)[:math.ceil(stable_fraction * len(family))]]
                         for family in families if len(family)])
     picked, gap = _cluster_representatives(space[stable].flatten(1), scores[stable], min_gap, blend_ratio)
+    if rescue:
+        picked = _rescue_alone(flat, scores.numpy(), stable.numpy(), picked, blend_ratio)
     return stable, picked, gap
+
+
+#: A stable sample the clustering left alone stays a candidate unless an extracted image is this many times closer to
+#: it than the second-nearest one (squared distances: twice as close), see :func:`_rescue_alone`.
+EXPLAINED_RATIO = 4.0
+
+
+def _rescue_alone(flat: np.ndarray, scores: np.ndarray, stable: np.ndarray, picked: list[int],
+                  blend_ratio: float) -> list[int]:
+    """Add to the representatives ``picked`` (positions in ``stable``, indices of the bank ``flat``) the stable
+    samples the clustering left alone that the bank confirms as training images, most stable first.
+
+    A training image the model reproduces less often than the others can have a single copy among the stable
+    samples: its cluster of one is dropped (``min_size``), its other copies are in the bank but less stable, and the
+    extraction then lacks it twice over: its copies have no reference of their own, and the samples near its
+    neighbours are judged against the wrong second-nearest image. A stable sample is added when no representative
+    explains it (the nearest is less than :data:`EXPLAINED_RATIO` times closer than the second-nearest), the
+    paper's rule against the representatives and it calls at least one other bank sample its copy (a training image
+    the model reproduces comes back more than once, as in the clustering), and it is no blend of two
+    representatives (:func:`_blend_ratio` below ``blend_ratio``)."""
+    if len(picked) < 2:
+        return picked
+    points = torch.from_numpy(flat)
+    chosen = [int(stable[p]) for p in picked]
+    for position in sorted(set(range(len(stable))) - set(picked), key=lambda p: -scores[stable[p]]):
+        candidate = int(stable[position])
+        nearest = (points[chosen] - points[candidate]).square().sum(1).topk(2, largest=False).values
+        if nearest[1] >= EXPLAINED_RATIO * nearest[0]:
+            continue
+        trial = chosen + [candidate]
+        distances, owners = torch.cdist(points, points[trial]).square().topk(2, dim=1, largest=False)
+        copies = (owners[:, 0] == len(trial) - 1) & (distances[:, 1] >= 9 * distances[:, 0])
+        if int(copies.sum()) < 2 or _blend_ratio(flat[trial])[-1] >= blend_ratio:
+            continue
+        chosen, picked = trial, picked + [position]
+    return picked
 
 
 @torch.no_grad()
 def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float = 0.25, repeats: int = 16,
                             num_inference_steps: int = 25, min_gap: float = 2.0, blend_ratio: float = 2.0,
-                            seed: int = 0, batch_size: int = 256) -> ExtractionOutput:
+                            rescue: bool = True, seed: int = 0, from_extraction: ExtractionOutput | None = None,
+                            batch_size: int = 256) -> ExtractionOutput:
     """Recover the training images a model reproduces, from the model alone (see ``"extraction"`` above).
 
     The model samples ``num_samples`` images (class labels cycling over the classes for a class-conditional model,
@@ -486,7 +529,14 @@ def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float
     quarter, one cut) was chosen in probes on the models of the reported and the development runs of
     ``scripts/measure_model_score.py`` (seeds 0 and 1) and missed natural patches in the run with seed 2 (a blend
     extracted, a patch missed); families, the second cut and the two drops were designed on the models of seeds 1
-    and 2, and the runs with seeds 3 and 4 were measured only after that choice.
+    and 2, and the runs with seeds 3 and 4 were measured only after that choice. The rescue (``rescue=True``,
+    :func:`_rescue_alone`) was designed on cached checkpoints of seeds 0, 1, 3 and 4, where the unconditional digits
+    at 4,000 steps had lost one training image of eight to the minimum cluster size: that image left a single
+    sample among the stable ones; ``rescue=False`` gives the design before it.
+
+    ``from_extraction`` (an earlier output of this function for the same pipeline) clusters that bank again instead
+    of sampling one: ``num_samples``, ``repeats``, ``num_inference_steps`` and ``seed`` are then the earlier call's,
+    and the other options apply (how ``scripts/measure_model_score.py`` scores two designs on one bank).
     """
     for name, value in (("num_samples", num_samples), ("repeats", repeats),
                         ("num_inference_steps", num_inference_steps)):
@@ -497,22 +547,29 @@ def extract_training_images(pipe, num_samples: int = 256, stable_fraction: float
     if not blend_ratio > 1:
         raise ValueError(f"blend_ratio={blend_ratio!r}: pass a ratio above 1 (math.inf keeps every blend).")
     conditional = pipe.config.get("label_dropout_prob") != 1 and pipe.num_classes > 1
-    labels = torch.arange(num_samples) % pipe.num_classes if conditional else None
-    generator = torch.Generator().manual_seed(int(seed))
-    bank = []
-    for start in range(0, num_samples, batch_size):
-        size = min(batch_size, num_samples - start)
-        chunk = None if labels is None else labels[start:start + size]
-        bank.append(pipe(class_labels=chunk, batch_size=None if chunk is not None else size,
-                         num_inference_steps=num_inference_steps, output_type="pt", generator=generator).images)
-    bank = torch.cat(bank)
-    scores = memorization_score(pipe, bank, class_labels=labels, method="renoise", repeats=repeats,
-                                generator=torch.Generator().manual_seed(int(seed) + 1)).score
-    space = to_model_space(pipe, bank).float().cpu()
+    if from_extraction is not None:  # cluster an earlier bank again: its sampling options hold, not these
+        if not isinstance(from_extraction, ExtractionOutput) or from_extraction.bank is None:
+            raise ValueError("from_extraction must be what extract_training_images returned (with its bank), got "
+                             f"{type(from_extraction).__name__}.")
+        space, scores = from_extraction.bank, from_extraction.bank_scores
+        labels = torch.arange(len(space)) % pipe.num_classes if conditional else None
+    else:
+        labels = torch.arange(num_samples) % pipe.num_classes if conditional else None
+        generator = torch.Generator().manual_seed(int(seed))
+        bank = []
+        for start in range(0, num_samples, batch_size):
+            size = min(batch_size, num_samples - start)
+            chunk = None if labels is None else labels[start:start + size]
+            bank.append(pipe(class_labels=chunk, batch_size=None if chunk is not None else size,
+                             num_inference_steps=num_inference_steps, output_type="pt", generator=generator).images)
+        bank = torch.cat(bank)
+        scores = memorization_score(pipe, bank, class_labels=labels, method="renoise", repeats=repeats,
+                                    generator=torch.Generator().manual_seed(int(seed) + 1)).score
+        space = to_model_space(pipe, bank).float().cpu()
     stable, picked, gap = _extract_from_bank(space, scores, labels, pipe.num_classes, stable_fraction, min_gap,
-                                             blend_ratio)
+                                             blend_ratio, rescue)
     images = space[stable[picked]] if len(picked) >= 2 else space[:0]
-    return ExtractionOutput(images=images, bank_scores=scores, num_stable=len(stable), gap=gap)
+    return ExtractionOutput(images=images, bank_scores=scores, num_stable=len(stable), gap=gap, bank=space)
 
 
 def resolve_extraction(pipe, options: dict, batch_size: int = 256):
