@@ -150,8 +150,8 @@ class ExtractionOutput(BaseOutput):
     """
     Args:
         images (`torch.Tensor` `[K, C, H, W]`): the extracted training images in the model's space (``[-1, 1]``
-            pixels, or latents for a latent pipeline), the most stable bank sample of each cluster; ``K = 0`` when
-            nothing could be extracted.
+            pixels, or latents for a latent pipeline), the most stable bank sample of each cluster and each
+            rescued sample; ``K = 0`` when nothing could be extracted.
         bank_scores (`torch.Tensor` `[N]`): the ``"renoise"`` score of every bank sample.
         num_stable (`int`): the bank samples clustered (the most stable ``stable_fraction`` of each family).
         gap (`float`): the ratio of the two merge heights the clusters were cut between (1 when no merge happened).
