@@ -318,8 +318,11 @@ def test_extraction_recovers_the_training_images_and_applies_the_paper_rule_to_t
     reused = memorization_score(pipe, samples, method="extraction", value_range="-11", extracted=extracted,
                                 repeats=4)
     torch.testing.assert_close(again.score, reused.score)
-    # the bank of an extraction clustered again (no new samples) gives the same images with the same options
-    reclustered = extract_training_images(pipe, from_extraction=extracted)
+    # the bank of an extraction clustered again gives the same images with the same options, and samples nothing:
+    # a pipeline that can only sample novel digits (nothing to extract) is given the earlier bank
+    novel_only = SamplingPipe(train, held_out)
+    assert len(extract_training_images(novel_only, num_samples=96, repeats=4).images) == 0
+    reclustered = extract_training_images(novel_only, from_extraction=extracted)
     torch.testing.assert_close(reclustered.images, extracted.images)
     assert torch.equal(reclustered.bank, extracted.bank) and extracted.bank.shape == (96, *train.shape[1:])
 

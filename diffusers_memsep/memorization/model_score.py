@@ -114,6 +114,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import BaseOutput
 
+from .metrics import memorization_report
+
 __all__ = ["METHODS", "METHOD_OPTIONS", "THRESHOLDS", "ExtractionOutput", "MemorizationScoreOutput",
            "check_method_options", "extract_training_images", "memorization_score", "resolve_extraction",
            "score_generator", "to_model_space"]
@@ -491,12 +493,13 @@ def _rescue_alone(flat: np.ndarray, scores: np.ndarray, stable: np.ndarray, pick
     chosen = [int(stable[p]) for p in picked]
     for position in sorted(set(range(len(stable))) - set(picked), key=lambda p: -scores[stable[p]]):
         candidate = int(stable[position])
-        nearest = (points[chosen] - points[candidate]).square().sum(1).topk(2, largest=False).values
-        if nearest[1] >= EXPLAINED_RATIO * nearest[0]:
+        # the paper's rule at the looser distance ratio 1 / sqrt(EXPLAINED_RATIO): an extracted image explains it
+        if memorization_report(points[candidate][None], points[chosen],
+                               threshold=EXPLAINED_RATIO ** -0.5).memorized.item():
             continue
         trial = chosen + [candidate]
-        distances, owners = torch.cdist(points, points[trial]).square().topk(2, dim=1, largest=False)
-        copies = (owners[:, 0] == len(trial) - 1) & (distances[:, 1] >= 9 * distances[:, 0])
+        against = memorization_report(points, points[trial])  # the bank by the paper's rule, the candidate included
+        copies = against.memorized & (against.nearest_index == len(trial) - 1)
         if int(copies.sum()) < 2 or _blend_ratio(flat[trial])[-1] >= blend_ratio:
             continue
         chosen, picked = trial, picked + [position]
